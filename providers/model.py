@@ -1,0 +1,545 @@
+"""The pure core: virtual service model, validation and the desired-vs-live plan.
+
+Stdlib only. This module is also shipped to the director and runs inside the agent, so the
+plan that the agent applies is computed by exactly this code (no second implementation).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# Schedulers of the mainline kernel (net/netfilter/ipvs/ip_vs_*.c).
+SCHEDULERS = (
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+)  # fmt: skip
+PROTOCOLS = ("tcp", "udp")
+MAX_WEIGHT = 65535
+# Host key algorithms paramiko can verify.
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+)
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+# Input properties whose change means a different kernel object or director: replace.
+REPLACE_KEYS = ("director.host", "director.port", "vip", "port", "protocol")
+INPUT_KEYS = (
+    "director",
+    "vip",
+    "port",
+    "protocol",
+    "scheduler",
+    "persistenceSeconds",
+    "realServers",
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidSpec(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}")
+
+
+@dataclass(frozen=True)
+class RealServer:
+    address: str
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class Director:
+    host: str
+    host_key: str
+    port: int = 22
+    user: str = "root"
+    interface: str = "eth0"
+    proxy_command: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class VirtualServiceSpec:
+    vip: str
+    port: int
+    protocol: str
+    scheduler: str = "wlc"
+    persistence_seconds: int = 0
+    real_servers: tuple[RealServer, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return service_key(self.protocol, self.vip, self.port)
+
+
+def service_key(protocol: str, vip: str, port: int) -> str:
+    host = f"[{vip}]" if ":" in vip else vip
+    return f"{protocol}/{host}:{port}"
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _never_unknown(_value: object) -> bool:
+    return False
+
+
+class _Checker:
+    """Collects problems; each accessor returns the normalized value or None."""
+
+    def __init__(self, unknown: Callable[[object], bool]):
+        self.problems: list[Problem] = []
+        self.unknown = unknown
+
+    def fail(self, name: str, message: str) -> None:
+        self.problems.append(Problem(name, message))
+
+    def integer(self, name: str, value: object, lo: int, hi: int, what: str) -> int | None:
+        # gRPC delivers every number as a float: 80.0 is 80, 80.5 is an error.
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and float(value).is_integer() and lo <= value <= hi:
+            return int(value)
+        self.fail(name, f"{value!r} is not a valid {what}: use a whole number from {lo} to {hi}")
+        return None
+
+    def address(self, name: str, value: object, what: str):
+        try:
+            addr = ipaddress.ip_address(value) if isinstance(value, str) else None
+        except ValueError:
+            addr = None
+        if addr is None:
+            self.fail(name, f"{value!r} is not an IP address: give the {what} as IPv4 or IPv6")
+            return None
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+            self.fail(name, f"{value!r} cannot be a {what}: use a unicast address")
+            return None
+        return addr
+
+    def choice(self, name: str, value: object, allowed: tuple[str, ...]) -> str | None:
+        if isinstance(value, str) and value.lower() in allowed:
+            return value.lower()
+        self.fail(name, f"{value!r} is not supported: use one of {', '.join(allowed)}")
+        return None
+
+
+def parse_host_key(line: str) -> tuple[str, bytes]:
+    """Split an OpenSSH public key line ("type base64 [comment]"); raise ValueError if bad."""
+    parts = line.split() if isinstance(line, str) else []
+    if len(parts) >= 3 and parts[0] not in HOST_KEY_TYPES and parts[1] in HOST_KEY_TYPES:
+        parts = parts[1:]  # a known_hosts line: drop the host name column
+    if len(parts) < 2 or parts[0] not in HOST_KEY_TYPES:
+        raise ValueError("expected an OpenSSH public key line like 'ssh-ed25519 AAAAC3Nza...'")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        (n,) = struct.unpack(">I", blob[:4])
+        embedded = blob[4 : 4 + n].decode()
+    except (binascii.Error, struct.error, UnicodeDecodeError) as err:
+        raise ValueError(f"the key data is not valid base64 ({err})") from None
+    if embedded != parts[0]:
+        raise ValueError(f"the key data is a {embedded!r} key, not {parts[0]!r}")
+    return parts[0], blob
+
+
+def check_director(
+    props: object, unknown=_never_unknown, prefix="director"
+) -> tuple[Director | None, list[Problem]]:
+    c = _Checker(unknown)
+    if not isinstance(props, Mapping):
+        c.fail(prefix, f"{props!r} is not an object: give {{host, hostKey, port, user, interface}}")
+        return None, c.problems
+    values = {}
+    host = props.get("host")
+    if not unknown(host):
+        if not isinstance(host, str) or not (_is_ip(host) or _HOSTNAME.match(host)):
+            c.fail(
+                f"{prefix}.host",
+                f"{host!r} is not a host name or IP address: set the director's SSH address",
+            )
+        values["host"] = host
+    key = props.get("hostKey")
+    if not unknown(key):
+        try:
+            kind, blob = parse_host_key(key)
+            values["host_key"] = f"{kind} {base64.b64encode(blob).decode()}"
+        except ValueError as err:
+            c.fail(
+                f"{prefix}.hostKey",
+                f"{_short(key)} is not a pinned host key ({err}): copy it from 'ssh-keyscan -t ed25519 <director>' or /etc/ssh/ssh_host_ed25519_key.pub",
+            )
+    port = props.get("port", 22)
+    if not unknown(port):
+        values["port"] = c.integer(f"{prefix}.port", port, 1, 65535, "SSH port")
+    user = props.get("user", "root")
+    if not unknown(user):
+        if not isinstance(user, str) or not user or any(ch.isspace() for ch in user):
+            c.fail(
+                f"{prefix}.user", f"{user!r} is not a user name: set the SSH login user, e.g. root"
+            )
+        values["user"] = user
+    iface = props.get("interface", "eth0")
+    if not unknown(iface):
+        if not isinstance(iface, str) or not _IFNAME.match(iface):
+            c.fail(
+                f"{prefix}.interface",
+                f"{iface!r} is not a network interface name: use the director's NIC on the nodes' segment, e.g. eth0",
+            )
+        values["interface"] = iface
+    proxy = props.get("proxyCommand")
+    if proxy is not None and not unknown(proxy):
+        if not isinstance(proxy, str) or not proxy.strip():
+            c.fail(
+                f"{prefix}.proxyCommand",
+                f"{proxy!r} is not a command: remove it or give e.g. 'ssh -W %h:%p bastion'",
+            )
+        values["proxy_command"] = proxy
+    if c.problems or any(unknown(v) for v in props.values()):
+        return None, c.problems
+    return Director(**values), c.problems
+
+
+def check_virtual_service(props: Mapping, unknown=_never_unknown) -> list[Problem]:
+    return _parse(props, unknown)[1]
+
+
+def parse_virtual_service(props: Mapping) -> tuple[Director, VirtualServiceSpec]:
+    (director, spec), problems = _parse(props, _never_unknown)
+    if problems:
+        raise InvalidSpec(problems)
+    return director, spec
+
+
+def _parse(
+    props: Mapping, unknown
+) -> tuple[tuple[Director | None, VirtualServiceSpec | None], list[Problem]]:
+    director, problems = check_director(props.get("director"), unknown)
+    c = _Checker(unknown)
+    c.problems = problems
+    vip = props.get("vip")
+    vip_addr = None if unknown(vip) else c.address("vip", vip, "VIP")
+    port = props.get("port")
+    port = None if unknown(port) else c.integer("port", port, 1, 65535, "port")
+    protocol = props.get("protocol", "tcp")
+    protocol = None if unknown(protocol) else c.choice("protocol", protocol, PROTOCOLS)
+    scheduler = props.get("scheduler", "wlc")
+    scheduler = None if unknown(scheduler) else c.choice("scheduler", scheduler, SCHEDULERS)
+    persistence = props.get("persistenceSeconds", 0)
+    if not unknown(persistence):
+        persistence = c.integer(
+            "persistenceSeconds",
+            persistence,
+            0,
+            2**31 - 1,
+            "persistence timeout in seconds (0 = off)",
+        )
+    real_servers = _check_real_servers(c, props.get("realServers"), vip_addr)
+    if c.problems or any(unknown(v) for v in props.values()) or director is None:
+        return (director, None), c.problems
+    spec = VirtualServiceSpec(
+        vip=str(vip_addr),
+        port=port,
+        protocol=protocol,
+        scheduler=scheduler,
+        persistence_seconds=persistence,
+        real_servers=real_servers,
+    )
+    return (director, spec), c.problems
+
+
+def _check_real_servers(c: _Checker, value: object, vip_addr) -> tuple[RealServer, ...]:
+    if c.unknown(value):
+        return ()
+    if not isinstance(value, list | tuple) or not value:
+        c.fail(
+            "realServers",
+            f"{_short(value)} is not a list of real servers: give at least one {{address, weight}} (the Kubernetes nodes)",
+        )
+        return ()
+    out: list[RealServer] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        name = f"realServers[{i}]"
+        if c.unknown(item):
+            continue
+        if not isinstance(item, Mapping):
+            c.fail(name, f"{_short(item)} is not an object: give {{address, weight}}")
+            continue
+        raw = item.get("address")
+        addr = None if c.unknown(raw) else c.address(f"{name}.address", raw, "real server")
+        weight = item.get("weight", 1)
+        weight = (
+            None
+            if c.unknown(weight)
+            else c.integer(f"{name}.weight", weight, 0, MAX_WEIGHT, "weight")
+        )
+        if addr is None or weight is None:
+            continue
+        if vip_addr is not None and addr.version != vip_addr.version:
+            c.fail(
+                f"{name}.address",
+                f"{raw!r} is IPv{addr.version} but the VIP is IPv{vip_addr.version}: IPVS forwards within one family, use an IPv{vip_addr.version} node address",
+            )
+            continue
+        if vip_addr is not None and addr == vip_addr:
+            c.fail(f"{name}.address", f"{raw!r} is the VIP itself: list the nodes' own addresses")
+            continue
+        if str(addr) in seen:
+            c.fail(
+                f"{name}.address",
+                f"{raw!r} repeats realServers[{seen[str(addr)]}]: list each node once",
+            )
+            continue
+        seen[str(addr)] = i
+        out.append(RealServer(str(addr), weight))
+    return tuple(out)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "...'"
+
+
+# --- resource properties <-> spec -------------------------------------------------------------
+
+
+def director_props(d: Director) -> dict:
+    props = {
+        "host": d.host,
+        "port": d.port,
+        "user": d.user,
+        "hostKey": d.host_key,
+        "interface": d.interface,
+    }
+    if d.proxy_command is not None:
+        props["proxyCommand"] = d.proxy_command
+    return props
+
+
+def to_props(director: Director, spec: VirtualServiceSpec) -> dict:
+    """The normalized input properties (what `check` hands back to the engine)."""
+    return {
+        "director": director_props(director),
+        "vip": spec.vip,
+        "port": spec.port,
+        "protocol": spec.protocol,
+        "scheduler": spec.scheduler,
+        "persistenceSeconds": spec.persistence_seconds,
+        "realServers": [{"address": r.address, "weight": r.weight} for r in spec.real_servers],
+    }
+
+
+def changed_keys(olds: Mapping, news: Mapping) -> list[str]:
+    """Input properties that differ, director fields as 'director.<field>'; both normalized."""
+    changed = []
+    for key in INPUT_KEYS:
+        old, new = olds.get(key), news.get(key)
+        if key == "director":
+            old, new = old or {}, new or {}
+            changed += [
+                f"director.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+            ]
+        elif key == "realServers":
+            if _rs_set(old) != _rs_set(new):
+                changed.append(key)
+        elif old != new:
+            changed.append(key)
+    return changed
+
+
+def _rs_set(value) -> frozenset:
+    # Real servers are a set keyed by address: order in config is not a change.
+    return frozenset((r.get("address"), r.get("weight", 1)) for r in value or [])
+
+
+# --- live state and plan ----------------------------------------------------------------------
+
+FORWARDING = {0: "Masq", 1: "Local", 2: "Tunnel", 3: "Route"}
+ROUTE = 3  # IP_VS_CONN_F_DROUTE: direct routing, `ipvsadm -g`
+
+
+@dataclass(frozen=True)
+class LiveDest:
+    address: str
+    port: int
+    weight: int
+    forwarding: int = ROUTE
+
+
+@dataclass(frozen=True)
+class LiveService:
+    protocol: str
+    vip: str
+    port: int
+    scheduler: str
+    persistence_seconds: int
+    dests: tuple[LiveDest, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "protocol": self.protocol,
+            "vip": self.vip,
+            "port": self.port,
+            "scheduler": self.scheduler,
+            "persistenceSeconds": self.persistence_seconds,
+            "dests": [
+                {
+                    "address": d.address,
+                    "port": d.port,
+                    "weight": d.weight,
+                    "forwarding": d.forwarding,
+                }
+                for d in self.dests
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LiveService:
+        return cls(
+            protocol=data["protocol"],
+            vip=data["vip"],
+            port=int(data["port"]),
+            scheduler=data["scheduler"],
+            persistence_seconds=int(data["persistenceSeconds"]),
+            dests=tuple(
+                LiveDest(d["address"], int(d["port"]), int(d["weight"]), int(d["forwarding"]))
+                for d in data["dests"]
+            ),
+        )
+
+    @classmethod
+    def from_spec(cls, spec: VirtualServiceSpec) -> LiveService:
+        dests = tuple(LiveDest(r.address, spec.port, r.weight) for r in spec.real_servers)
+        return cls(
+            spec.protocol, spec.vip, spec.port, spec.scheduler, spec.persistence_seconds, dests
+        )
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel object change: the unit the agent applies and the benchmark counts."""
+
+    action: str  # add-service | set-service | del-service | add-dest | set-dest | del-dest
+    address: str | None = None  # the real server, for *-dest
+    weight: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"action": self.action, "address": self.address, "weight": self.weight}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Op:
+        return cls(data["action"], data.get("address"), data.get("weight"))
+
+    def describe(self, spec: VirtualServiceSpec) -> str:
+        svc = spec.key
+        if self.action.endswith("service"):
+            extra = (
+                f" {spec.scheduler} persistent {spec.persistence_seconds}"
+                if self.action != "del-service"
+                else ""
+            )
+            return f"{self.action} {svc}{extra}"
+        weight = f" weight {self.weight}" if self.weight is not None else ""
+        return f"{self.action} {svc} -> {self.address}{weight} Route"
+
+
+def plan(live: LiveService | None, desired: VirtualServiceSpec) -> list[Op]:
+    """The smallest list of kernel changes that turns `live` into `desired`.
+
+    New real servers are added before old ones are removed so a swap never leaves the
+    service without a destination.
+    """
+    if live is None:
+        return [Op("add-service")] + [
+            Op("add-dest", r.address, r.weight) for r in desired.real_servers
+        ]
+    ops: list[Op] = []
+    if (live.scheduler, live.persistence_seconds) != (
+        desired.scheduler,
+        desired.persistence_seconds,
+    ):
+        ops.append(Op("set-service"))
+    current = {d.address: d for d in live.dests}
+    wanted = {r.address: r for r in desired.real_servers}
+    for addr, rs in wanted.items():
+        dest = current.get(addr)
+        if dest is None:
+            ops.append(Op("add-dest", addr, rs.weight))
+        elif dest.port != desired.port:
+            # The port is part of a destination's identity: replace it.
+            ops += [Op("del-dest", addr), Op("add-dest", addr, rs.weight)]
+        elif (dest.weight, dest.forwarding) != (rs.weight, ROUTE):
+            ops.append(Op("set-dest", addr, rs.weight))
+    ops += [Op("del-dest", addr) for addr in current if addr not in wanted]
+    return ops
+
+
+def ipvsadm_lines(service: LiveService | VirtualServiceSpec) -> list[str]:
+    """The table as ipvsadm-like lines, e.g. 'TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1'."""
+    live = service if isinstance(service, LiveService) else LiveService.from_spec(service)
+    head = f"{live.protocol.upper()} {_hostport(live.vip, live.port)} {live.scheduler}"
+    if live.persistence_seconds:
+        head += f" persistent {live.persistence_seconds}"
+    dests = sorted(live.dests, key=lambda d: ipaddress.ip_address(d.address))
+    if not dests:
+        return [head]
+    return [
+        f"{head} -> {_hostport(d.address, d.port)} {FORWARDING.get(d.forwarding, d.forwarding)} {d.weight}"
+        for d in dests
+    ]
+
+
+def _hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def spec_to_dict(spec: VirtualServiceSpec) -> dict:
+    return {
+        "vip": spec.vip,
+        "port": spec.port,
+        "protocol": spec.protocol,
+        "scheduler": spec.scheduler,
+        "persistenceSeconds": spec.persistence_seconds,
+        "realServers": [{"address": r.address, "weight": r.weight} for r in spec.real_servers],
+    }
+
+
+def spec_from_dict(data: Mapping) -> VirtualServiceSpec:
+    return VirtualServiceSpec(
+        vip=data["vip"],
+        port=int(data["port"]),
+        protocol=data["protocol"],
+        scheduler=data["scheduler"],
+        persistence_seconds=int(data["persistenceSeconds"]),
+        real_servers=tuple(RealServer(r["address"], int(r["weight"])) for r in data["realServers"]),
+    )
