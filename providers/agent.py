@@ -1,0 +1,405 @@
+"""The on-director agent: the only code that talks to the kernel.
+
+Runs on the director (stdlib + pyroute2), started once per SSH connection by the transport.
+Protocol: one JSON document per line. It greets with {"ready": ...}, then answers each
+request {"id", "op", ...} with {"id", "ok": true, "result"} or {"id", "ok": false, "code",
+"error"}. Every change is made under an flock on the director, so parallel resources and
+other stacks cannot interleave, and ownership is recorded in a state file so that nothing
+ipvs-ingress did not create is ever changed or removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+from providers import model
+
+PROTOCOL_VERSION = 1
+MIN_PYROUTE2 = (0, 9, 5)
+RUN_DIR = "/run/ipvs-ingress" if os.path.isdir("/run") else "/tmp/ipvs-ingress"
+LOCK_PATH = os.path.join(RUN_DIR, "lock")
+STATE_PATH = "/var/lib/ipvs-ingress/state.json"
+LOCK_WAIT_SECONDS = 300
+IP_VS_SVC_F_PERSISTENT = 0x1
+PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+
+class AgentError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+class Kernel:
+    """IPVS, addresses and routes through pyroute2's netlink API (never ipvsadm output)."""
+
+    def __init__(self):
+        try:
+            import pyroute2
+            from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
+            from pyroute2.netlink.exceptions import NetlinkError
+        except ImportError as err:
+            raise AgentError(
+                "pyroute2-missing", f"python3 cannot import pyroute2 ({err})"
+            ) from None
+        version = getattr(pyroute2, "__version__", "0")
+        if _version_tuple(version) < MIN_PYROUTE2:
+            raise AgentError(
+                "pyroute2-old", f"pyroute2 {version} has no IPVS support (needs >= 0.9.5)"
+            )
+        self.version = version
+        self.IPVSService, self.IPVSDest, self.NetlinkError = IPVSService, IPVSDest, NetlinkError
+        self._IPVS = IPVS
+        self._ipvs = None
+        self.ipr = IPRoute()
+
+    # -- modules and sysctls --
+    def ensure_ipvs(self, scheduler: str) -> None:
+        for module in ("ip_vs", f"ip_vs_{scheduler}"):
+            if os.path.isdir(f"/sys/module/{module}"):
+                continue
+            proc = subprocess.run(["modprobe", module], capture_output=True, text=True)
+            if proc.returncode != 0 and module == "ip_vs" and not os.path.exists("/proc/net/ip_vs"):
+                detail = (proc.stderr or proc.stdout).strip().splitlines()
+                raise AgentError(
+                    "ipvs-missing",
+                    f"the kernel has no IPVS (modprobe ip_vs: {detail[-1] if detail else proc.returncode})",
+                )
+        if self._ipvs is None:
+            try:
+                self._ipvs = self._IPVS()
+            except Exception as err:  # the generic netlink family is absent
+                raise AgentError(
+                    "ipvs-missing", f"the kernel has no IPVS netlink family ({err})"
+                ) from None
+
+    @staticmethod
+    def ensure_forwarding(version: int) -> None:
+        path = (
+            "/proc/sys/net/ipv4/ip_forward"
+            if version == 4
+            else "/proc/sys/net/ipv6/conf/all/forwarding"
+        )
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w") as f:
+            f.write("1\n")
+
+    # -- interfaces, addresses, routes --
+    def ifindex(self, name: str) -> int:
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            raise AgentError("no-interface", f"interface {name!r} does not exist on the director")
+        return found[0]
+
+    def has_address(self, index: int, vip: str) -> bool:
+        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        for msg in self.ipr.addr("dump", index=index, family=family):
+            if msg.get("IFA_ADDRESS") == vip or msg.get("IFA_LOCAL") == vip:
+                return True
+        return False
+
+    def add_address(self, index: int, vip: str) -> None:
+        prefix = 128 if ":" in vip else 32
+        self.ipr.addr("add", index=index, address=vip, prefixlen=prefix)
+
+    def del_address(self, index: int, vip: str) -> None:
+        prefix = 128 if ":" in vip else 32
+        try:
+            self.ipr.addr("del", index=index, address=vip, prefixlen=prefix)
+        except self.NetlinkError as err:
+            if err.code != errno.EADDRNOTAVAIL:
+                raise
+
+    def route_via(self, address: str) -> tuple[int | None, str | None]:
+        """(output interface, gateway) the director would use to reach `address`."""
+        try:
+            msg = self.ipr.route("get", dst=address)[0]
+        except self.NetlinkError:
+            return None, None
+        return msg.get("RTA_OIF"), msg.get("RTA_GATEWAY")
+
+    # -- IPVS --
+    def _service_key(self, protocol: str, vip: str, port: int):
+        return self.IPVSService(addr=vip, port=port, protocol=PROTO_NUMBERS[protocol])
+
+    def _service_full(self, spec: model.VirtualServiceSpec):
+        flags = IP_VS_SVC_F_PERSISTENT if spec.persistence_seconds else 0
+        fields = dict(
+            addr=spec.vip,
+            port=spec.port,
+            protocol=PROTO_NUMBERS[spec.protocol],
+            sched_name=spec.scheduler,
+            timeout=spec.persistence_seconds,
+            flags={"flags": flags, "mask": 0xFFFFFFFF},
+        )
+        if ":" in spec.vip:
+            # The kernel wants a prefix length for IPv6 in a u32; pyroute2 encodes the
+            # attribute as an IPv4 address, whose bytes 80 00 00 00 read back as 128.
+            fields["netmask"] = "128.0.0.0"
+        return self.IPVSService(**fields)
+
+    def get_service(self, protocol: str, vip: str, port: int) -> model.LiveService | None:
+        key = self._service_key(protocol, vip, port)
+        try:
+            msgs = self._ipvs.service("get", service=key)
+        except self.NetlinkError as err:
+            if err.code in (errno.ESRCH, errno.ENOENT):
+                return None
+            raise
+        svc = msgs[0].get("IPVS_CMD_ATTR_SERVICE")
+        flags = (svc.get("IPVS_SVC_ATTR_FLAGS") or {}).get("flags", 0)
+        timeout = svc.get("IPVS_SVC_ATTR_TIMEOUT") or 0
+        dests = []
+        for msg in self._ipvs.dest("dump", service=key):
+            d = msg.get("IPVS_CMD_ATTR_DEST")
+            dests.append(
+                model.LiveDest(
+                    address=str(ipaddress.ip_address(d.get("IPVS_DEST_ATTR_ADDR"))),
+                    port=d.get("IPVS_DEST_ATTR_PORT"),
+                    weight=d.get("IPVS_DEST_ATTR_WEIGHT"),
+                    forwarding=d.get("IPVS_DEST_ATTR_FWD_METHOD") & 0x7,
+                )
+            )
+        return model.LiveService(
+            protocol=protocol,
+            vip=vip,
+            port=port,
+            scheduler=svc.get("IPVS_SVC_ATTR_SCHED_NAME"),
+            persistence_seconds=timeout if flags & IP_VS_SVC_F_PERSISTENT else 0,
+            dests=tuple(sorted(dests, key=lambda x: ipaddress.ip_address(x.address))),
+        )
+
+    def apply(self, spec: model.VirtualServiceSpec, op: model.Op) -> None:
+        # pyroute2 0.9.7: "update" sends DEL (it deletes); "set" is the real change command.
+        svc_key = self._service_key(spec.protocol, spec.vip, spec.port)
+        if op.action in ("add-service", "set-service"):
+            command = "add" if op.action == "add-service" else "set"
+            try:
+                self._ipvs.service(command, service=self._service_full(spec))
+            except self.NetlinkError as err:
+                if err.code == errno.ENOENT:
+                    raise AgentError(
+                        "no-scheduler",
+                        f"the kernel has no IPVS scheduler {spec.scheduler!r} (module ip_vs_{spec.scheduler})",
+                    ) from None
+                raise
+        elif op.action == "del-service":
+            self._ipvs.service("del", service=svc_key)
+        elif op.action in ("add-dest", "set-dest"):
+            dest = self.IPVSDest(
+                addr=op.address, port=spec.port, weight=op.weight, fwd_method=model.ROUTE
+            )
+            self._ipvs.dest("add" if op.action == "add-dest" else "set", service=svc_key, dest=dest)
+        elif op.action == "del-dest":
+            self._ipvs.dest(
+                "del", service=svc_key, dest=self.IPVSDest(addr=op.address, port=spec.port)
+            )
+        else:
+            raise AgentError("bad-request", f"unknown change {op.action!r}")
+
+
+class Ownership:
+    """What ipvs-ingress created on this director: services by key, addresses by VIP."""
+
+    def __init__(self, path: str = STATE_PATH):
+        self.path = path
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {}
+        self.services: dict = data.get("services", {})
+        self.addresses: dict = data.get("addresses", {})
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(
+                {"services": self.services, "addresses": self.addresses},
+                f,
+                indent=1,
+                sort_keys=True,
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def vip_in_use(self, vip: str) -> bool:
+        return any(entry.get("vip") == vip for entry in self.services.values())
+
+
+@contextmanager
+def director_lock(path: str = LOCK_PATH, wait: float = LOCK_WAIT_SECONDS):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AgentError(
+                        "busy", f"another ipvs-ingress run has held {path} for over {wait:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Agent:
+    def __init__(self, kernel: Kernel):
+        self.kernel = kernel
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        handler = {
+            "hello": self.hello,
+            "read": self.read,
+            "apply": self.reconcile,
+            "plan": self.reconcile,
+            "delete": self.delete,
+        }.get(op)
+        if handler is None:
+            raise AgentError("bad-request", f"unknown op {op!r}")
+        return handler(request)
+
+    def hello(self, _request: dict) -> dict:
+        return {"agent": PROTOCOL_VERSION, "pyroute2": self.kernel.version, "pid": os.getpid()}
+
+    def read(self, request: dict) -> dict:
+        protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
+        self.kernel.ensure_ipvs("wlc")
+        live = self.kernel.get_service(protocol, vip, port)
+        owned = model.service_key(protocol, vip, port) in Ownership().services
+        return {"live": live.to_dict() if live else None, "owned": owned}
+
+    def reconcile(self, request: dict) -> dict:
+        """Make the kernel hold exactly `spec`; with op "plan", only say what that would take."""
+        spec = model.spec_from_dict(request["spec"])
+        interface, dry_run = request["interface"], request["op"] == "plan"
+        with director_lock():
+            k = self.kernel
+            k.ensure_ipvs(spec.scheduler)
+            index = k.ifindex(interface)
+            # Every refusal comes before the first change, so a refused request changes nothing.
+            off_link = [
+                f"{rs.address} (via {gw or 'no route'})"
+                for rs in spec.real_servers
+                for oif, gw in [k.route_via(rs.address)]
+                if gw is not None or oif != index
+            ]
+            if off_link:
+                raise AgentError(
+                    "off-link",
+                    f"real server(s) {', '.join(off_link)} are not on-link on {interface}: direct routing rewrites only the MAC, so real servers must share the director's L2 segment",
+                )
+            owners = Ownership()
+            live = k.get_service(spec.protocol, spec.vip, spec.port)
+            if live is not None and spec.key not in owners.services:
+                raise AgentError(
+                    "foreign",
+                    f"{spec.key} already exists on the director and was not created by ipvs-ingress; remove it by hand (ipvsadm -D) or choose another VIP/port",
+                )
+            ops = model.plan(live, spec)
+            bind = not k.has_address(index, spec.vip)
+            if dry_run:
+                changes = ([f"bind {spec.vip} on {interface}"] if bind else []) + [
+                    o.describe(spec) for o in ops
+                ]
+                return {"changes": changes, "live": live.to_dict() if live else None}
+            k.ensure_forwarding(ipaddress.ip_address(spec.vip).version)
+            try:
+                if bind:
+                    k.add_address(index, spec.vip)
+                    owners.addresses[spec.vip] = {"interface": interface}
+                for op in ops:
+                    k.apply(spec, op)
+                    if op.action == "add-service":
+                        owners.services[spec.key] = {"vip": spec.vip, "interface": interface}
+            finally:
+                owners.save()
+            now = k.get_service(spec.protocol, spec.vip, spec.port)
+        return {
+            "live": now.to_dict() if now else None,
+            "changes": [o.describe(spec) for o in ops],
+            "touched": len(ops) + int(bind),
+        }
+
+    def delete(self, request: dict) -> dict:
+        protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
+        key = model.service_key(protocol, vip, port)
+        with director_lock():
+            owners = Ownership()
+            if key not in owners.services:
+                return {"deleted": False, "reason": "not managed by ipvs-ingress"}
+            k = self.kernel
+            k.ensure_ipvs("wlc")
+            entry = owners.services.pop(key)
+            removed_vip = False
+            try:
+                if k.get_service(protocol, vip, port) is not None:
+                    k.apply(model.VirtualServiceSpec(vip, port, protocol), model.Op("del-service"))
+                # The VIP goes only with the last managed service on it, and only if we bound it.
+                if vip in owners.addresses and not owners.vip_in_use(vip):
+                    iface = owners.addresses.pop(vip).get("interface", entry.get("interface"))
+                    k.del_address(k.ifindex(iface), vip)
+                    removed_vip = True
+            finally:
+                owners.save()
+        return {"deleted": True, "removedVip": removed_vip}
+
+
+def _emit(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    try:
+        agent = Agent(Kernel())
+    except AgentError as err:
+        _emit({"ready": False, "code": err.code, "error": str(err)})
+        return 1
+    _emit({"ready": True, "agent": PROTOCOL_VERSION, "pyroute2": agent.kernel.version})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        try:
+            _emit({"id": request.get("id"), "ok": True, "result": agent.handle(request)})
+        except AgentError as err:
+            _emit({"id": request.get("id"), "ok": False, "code": err.code, "error": str(err)})
+        except Exception as err:  # report, keep serving: one bad request must not kill the pool
+            _emit(
+                {
+                    "id": request.get("id"),
+                    "ok": False,
+                    "code": "internal",
+                    "error": f"{type(err).__name__}: {err}",
+                }
+            )
+    return 0

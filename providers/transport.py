@@ -1,0 +1,251 @@
+"""SSH to the director: pinned host key, key auth from the secret, one pooled agent per director.
+
+One paramiko connection and one agent process per director per provider process: Python plus
+pyroute2 takes seconds to start on a small director, so it must not start per operation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import itertools
+import json
+import logging
+import threading
+from pathlib import Path
+
+import paramiko
+
+from providers import model
+
+log = logging.getLogger("ipvs_ingress.transport")
+
+CONNECT_TIMEOUT = 15.0
+AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts
+REQUEST_TIMEOUT = 300.0  # includes waiting for the director lock held by another run
+# Sent as a tiny `python3 -c` program; it reads the agent's modules from the first stdin line.
+_BOOT = (
+    "import json,sys,types\n"
+    "for n,s in json.loads(sys.stdin.readline()):\n"
+    " m=types.ModuleType(n);m.__file__='<ipvs-ingress:'+n+'>';m.__path__=[];sys.modules[n]=m\n"
+    " exec(compile(s,m.__file__,'exec'),m.__dict__)\n"
+    "sys.exit(sys.modules['providers.agent'].main())\n"
+)
+_SOURCES = [
+    ("providers", ""),
+    ("providers.model", (Path(__file__).parent / "model.py").read_text()),
+    ("providers.agent", (Path(__file__).parent / "agent.py").read_text()),
+]
+_FIXES = {
+    "ipvs-missing": "use a kernel with CONFIG_IP_VS (Debian's stock kernel has it) or set director.bootstrap: true",
+    "pyroute2-missing": "install it on the director (pip install pyroute2==0.9.7) or set director.bootstrap: true",
+    "pyroute2-old": "upgrade it on the director (pip install pyroute2==0.9.7) or set director.bootstrap: true",
+    "no-interface": "set director.interface to the NIC on the nodes' segment (see 'ip -br link' on the director)",
+    "no-scheduler": "choose another scheduler or load the module on the director",
+}
+
+
+class DirectorError(Exception):
+    """An expected operational failure: shown to the user as one line, never a traceback."""
+
+
+def host_key_fingerprint(blob: bytes) -> str:
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def load_private_key(text: str) -> paramiko.PKey:
+    if not isinstance(text, str) or "PRIVATE KEY" not in text:
+        raise DirectorError(
+            "ipvs-ingress:sshPrivateKey is not a private key: set it with "
+            "'pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519'"
+        )
+    errors = []
+    for cls in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError) as err:
+            errors.append(f"{cls.__name__}: {err}")
+    raise DirectorError(
+        "ipvs-ingress:sshPrivateKey could not be read as an unencrypted ed25519, ECDSA or RSA key: "
+        "set an unencrypted OpenSSH private key with 'pulumi config set --secret sshPrivateKey < KEYFILE'"
+    )
+
+
+class AgentSession:
+    """One SSH connection to a director with one agent process on it; thread-safe."""
+
+    def __init__(self, director: model.Director, private_key: str):
+        self.director = director
+        self._pkey = load_private_key(private_key)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._client: paramiko.SSHClient | None = None
+        self._channel = None
+        self._out = None
+        self.handshakes = 0
+        self.agent_starts = 0
+
+    # -- connection --
+    def _connect(self) -> None:
+        d = self.director
+        kind, blob = model.parse_host_key(d.host_key)
+        client = paramiko.SSHClient()
+        # Only the pinned key is accepted: no known_hosts files, no trust on first use.
+        name = d.host if d.port == 22 else f"[{d.host}]:{d.port}"
+        client.get_host_keys().add(name, kind, paramiko.PKey.from_type_string(kind, blob))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        sock = paramiko.ProxyCommand(d.proxy_command.replace("%h", d.host).replace("%p", str(d.port))) if d.proxy_command else None  # fmt: skip
+        try:
+            client.connect(
+                d.host, port=d.port, username=d.user, pkey=self._pkey, sock=sock,
+                timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
+                allow_agent=False, look_for_keys=False,
+            )  # fmt: skip
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            raise DirectorError(
+                f"director {d.host}:{d.port} presented host key {host_key_fingerprint(err.key.asbytes())} "
+                f"but director.hostKey pins {host_key_fingerprint(blob)}: if the director was rebuilt, "
+                f"update director.hostKey from 'ssh-keyscan -t {kind.removeprefix('ssh-')} {d.host}' checked out of band; otherwise do not connect"
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            raise DirectorError(
+                f"director {d.label} refused the SSH key from ipvs-ingress:sshPrivateKey: add its public key "
+                f"to ~{d.user}/.ssh/authorized_keys on the director or fix director.user"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as err:
+            client.close()
+            reason = str(err) or type(err).__name__
+            if "host key" in reason.lower():
+                raise DirectorError(
+                    f"director {d.host}:{d.port} offers no {kind} host key, which director.hostKey pins: "
+                    f"set director.hostKey to one of the director's keys (ssh-keyscan {d.host})"
+                ) from None
+            raise DirectorError(
+                f"director {d.host}:{d.port} is unreachable ({reason.splitlines()[0]}): check director.host, "
+                f"director.port{' and director.proxyCommand' if d.proxy_command else ''}, and that sshd runs there"
+            ) from None
+        self.handshakes += 1
+        log.info("connected to director %s (handshake %d)", d.label, self.handshakes)
+        self._client = client
+        self._start_agent()
+
+    def _start_agent(self) -> None:
+        d = self.director
+        transport = self._client.get_transport()
+        transport.set_keepalive(30)
+        channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+        channel.settimeout(AGENT_START_TIMEOUT)
+        channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
+        channel.sendall((json.dumps(_SOURCES) + "\n").encode())
+        self._channel, self._out = channel, channel.makefile("rb")
+        greeting = self._read_line(f"starting the agent on director {d.host} (python3 -u -c ...)")
+        if not greeting.get("ready"):
+            code = greeting.get("code", "agent")
+            self.close()
+            raise DirectorError(
+                f"director {d.host}: {greeting.get('error')}: {_FIXES.get(code, 'see the director')}"
+            )
+        channel.settimeout(REQUEST_TIMEOUT)
+        self.agent_starts += 1
+        log.info("agent started on director %s (pyroute2 %s)", d.label, greeting.get("pyroute2"))
+
+    def _read_line(self, doing: str) -> dict:
+        try:
+            line = self._out.readline()
+        except TimeoutError:
+            self.close()
+            raise DirectorError(f"director {self.director.host} did not answer while {doing}: check its load and python3") from None  # fmt: skip
+        if not line:
+            detail = self._stderr_tail()
+            self.close()
+            raise ConnectionError(f"agent on director {self.director.host} exited while {doing}{': ' + detail if detail else ''}")  # fmt: skip
+        return json.loads(line)
+
+    def _stderr_tail(self) -> str:
+        try:
+            if self._channel is not None and self._channel.recv_stderr_ready():
+                return (
+                    self._channel.recv_stderr(4096)
+                    .decode(errors="replace")
+                    .strip()
+                    .splitlines()[-1]
+                )
+        except (OSError, IndexError):
+            pass
+        return ""
+
+    # -- requests --
+    def request(self, op: str, **fields) -> dict:
+        """Send one request; reconnect once if the pooled connection has gone away."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._channel is None or self._channel.closed:
+                        self._connect()
+                    return self._exchange(op, fields)
+                except ConnectionError:
+                    self.close()
+                    if attempt == 2:
+                        raise DirectorError(f"lost the connection to director {self.director.host} twice during {op}: check the director") from None  # fmt: skip
+        raise AssertionError("unreachable")
+
+    def _exchange(self, op: str, fields: dict) -> dict:
+        rid = next(self._ids)
+        try:
+            self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+        except OSError as err:
+            raise ConnectionError(str(err)) from None
+        reply = self._read_line(f"running {op}")
+        if reply.get("id") != rid:
+            self.close()
+            raise DirectorError(
+                f"agent on director {self.director.host} answered out of turn: retry"
+            )
+        if not reply.get("ok"):
+            code = reply.get("code", "agent")
+            fix = _FIXES.get(code)
+            raise DirectorError(
+                f"director {self.director.host}: {reply.get('error')}{': ' + fix if fix else ''}"
+            )
+        return reply["result"]
+
+    def close(self) -> None:
+        for thing in (self._channel, self._client):
+            try:
+                if thing is not None:
+                    thing.close()
+            except Exception:  # closing a dead connection must not mask the real error
+                pass
+        self._channel = self._client = self._out = None
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+class Pool:
+    """Agent sessions keyed by director and key; shared by all resources in the process."""
+
+    def __init__(self):
+        self._sessions: dict[tuple, AgentSession] = {}
+        self._lock = threading.Lock()
+
+    def session(self, director: model.Director, private_key: str) -> AgentSession:
+        key = (director.host, director.port, director.user, director.host_key, director.proxy_command,
+               hashlib.sha256(private_key.encode()).hexdigest())  # fmt: skip
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = AgentSession(director, private_key)
+            return self._sessions[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions.values():
+                s.close()
+            self._sessions.clear()
+
+
+POOL = Pool()
