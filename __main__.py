@@ -1,0 +1,31 @@
+"""ipvs-ingress: nginx behind VIPs that an IPVS director forwards to the nodes (Direct Routing)."""
+
+import pulumi
+
+from components.config import KEYS, SECRET_KEY, ConfigError, load, path
+from components.ingress import Ingress
+from components.web_app import WebApp
+
+config = pulumi.Config()
+try:
+    cfg = load({key: config.get_object(key) for key in KEYS})
+except (ConfigError, pulumi.ConfigTypeError) as err:
+    # One line naming the field, the value and the fix; a traceback would only hide it.
+    raise pulumi.RunError(str(err)) from None
+
+private_key = None
+if cfg.bootstrap:
+    private_key = config.get_secret(SECRET_KEY)
+    if private_key is None:
+        raise pulumi.RunError(
+            f"{path(SECRET_KEY)}: not set, and director.bootstrap needs it: run "
+            f"`pulumi config set --secret {SECRET_KEY} < ~/.ssh/id_ed25519`"
+        )
+
+web = WebApp(cfg.app.name, cfg, instance=f"{cfg.app.name}-{pulumi.get_stack()}")
+ingress = Ingress("ingress", cfg, service=web.service, private_key=private_key)
+
+pulumi.export("vips", [vip.address for vip in cfg.vips])
+pulumi.export("urls", list(cfg.urls))
+pulumi.export("virtualServices", ingress.ipvsadm)
+pulumi.export("service", web.service_name)

@@ -1,0 +1,63 @@
+"""The ingress: one IPVS virtual service per (VIP, port, protocol) on the director.
+
+The VirtualService resources carry no key material: the provider reads `sshPrivateKey` from the
+stack config itself, so the key never lands in their inputs, state or outputs. Only the optional
+bootstrap commands take the key, as a secret Output.
+"""
+
+from __future__ import annotations
+
+import pulumi
+
+from components.bootstrap import DirectorBootstrap
+from components.config import StackConfig
+from providers import model
+from providers.virtual_service import VirtualService
+
+
+def resource_name(spec: model.VirtualServiceSpec) -> str:
+    """A stable, readable name, e.g. vs-tcp-203-0-113-201-80 or vs-udp-2001-db8--1-53."""
+    vip = spec.vip.replace(".", "-").replace(":", "-")
+    return f"vs-{spec.protocol}-{vip}-{spec.port}"
+
+
+class Ingress(pulumi.ComponentResource):
+    bootstrap: DirectorBootstrap | None
+    virtual_services: list[VirtualService]
+    ipvsadm: pulumi.Output[list[str]]
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        service: pulumi.Resource,
+        private_key: pulumi.Input[str] | None = None,
+        opts: pulumi.ResourceOptions | None = None,
+    ):
+        super().__init__("ipvs-ingress:index:Ingress", name, None, opts)
+        # Send VIP traffic only once the Service (its externalIPs on every node) exists.
+        depends_on: list[pulumi.Resource] = [service]
+        self.bootstrap = None
+        if cfg.bootstrap:
+            if private_key is None:
+                raise ValueError("director.bootstrap needs the SSH private key")
+            self.bootstrap = DirectorBootstrap(
+                f"{name}-bootstrap",
+                cfg.director,
+                cfg.schedulers,
+                private_key,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            depends_on += self.bootstrap.commands
+        self.virtual_services = [
+            VirtualService(
+                resource_name(spec),
+                model.to_props(cfg.director, spec),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on),
+            )
+            for spec in cfg.virtual_services
+        ]
+        self.ipvsadm = pulumi.Output.all(*(vs.ipvsadm for vs in self.virtual_services)).apply(
+            lambda tables: [line for table in tables for line in table or []]
+        )
+        self.register_outputs({"virtualServices": self.ipvsadm})

@@ -1,0 +1,166 @@
+"""Run __main__.py under pulumi.runtime.set_mocks and record what it registers.
+
+No CLI, no plugins, no cluster, no director: the mock monitor answers every registration with
+the inputs it was given (plus a computed `ipvsadm` for virtual services), and records the raw
+request so tests can see parents, dependencies, options and secrets as the engine would.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import pytest
+from pulumi.runtime import mocks, settings
+
+from providers import model
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = "ipvs-ingress"
+VS_TYPE = "pulumi-python:dynamic/ipvs:VirtualService"
+HOST_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILE6ekFEGFpZ7fZ1ZLTl/3L2BjXlY/p5Zm1LMKDYsiGE "
+    "root@director-dev"
+)
+# Not a usable key: a recognizable marker that must never show up outside bootstrap commands.
+PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    "b3BlbnNzaC1rZXktdjEAAAAAtest-only-marker-9f3c1e\n"
+    "-----END OPENSSH PRIVATE KEY-----\n"
+)
+
+DEV_CONFIG: dict[str, Any] = {
+    "app": {"namespace": "web-dev", "image": "nginx:1.27.3", "replicas": 3},
+    "vips": [
+        {"address": "203.0.113.201", "ports": [{"port": 80, "protocol": "tcp"}]},
+        {
+            "address": "203.0.113.202",
+            "ports": [{"port": 80, "protocol": "tcp"}, {"port": 5353, "protocol": "udp"}],
+            "scheduler": "rr",
+            "persistenceSeconds": 60,
+        },
+        {"address": "2001:db8::201", "ports": [{"port": 80}]},
+    ],
+    "realServers": [
+        {"address": "203.0.113.11", "weight": 1},
+        {"address": "203.0.113.12", "weight": 3},
+        {"address": "2001:db8::11"},
+    ],
+    "director": {"host": "203.0.113.2", "hostKey": HOST_KEY},
+}
+
+
+def dev_config(**director: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(DEV_CONFIG)
+    cfg["director"].update(director)
+    return cfg
+
+
+@dataclass
+class Registration:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+    custom: bool
+    parent: str
+    dependencies: list[str]
+    delete_before_replace: bool
+    raw: str  # the serialized request object, secrets still wrapped
+
+
+@dataclass
+class Run:
+    resources: list[Registration] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def of_type(self, typ: str) -> list[Registration]:
+        return [r for r in self.resources if r.typ == typ]
+
+    def one(self, typ: str) -> Registration:
+        (found,) = self.of_type(typ)
+        return found
+
+
+class ProgramMocks(pulumi.runtime.Mocks):
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        state = dict(args.inputs)
+        if args.typ == VS_TYPE:
+            # What the provider returns after applying: the table read back from the kernel.
+            _, spec = model.parse_virtual_service(args.inputs)
+            state["ipvsadm"] = model.ipvsadm_lines(spec)
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+class RecordingMonitor(mocks.MockMonitor):
+    def __init__(self, run: Run):
+        super().__init__(ProgramMocks())
+        self.run = run
+
+    def RegisterResource(self, request):  # noqa: N802 (gRPC method name)
+        if request.type != "pulumi:pulumi:Stack":
+            from google.protobuf import json_format
+
+            self.run.resources.append(
+                Registration(
+                    typ=request.type,
+                    name=request.name,
+                    inputs=_ints(pulumi.runtime.rpc.deserialize_properties(request.object)),
+                    custom=request.custom,
+                    parent=request.parent,
+                    dependencies=list(request.dependencies),
+                    delete_before_replace=request.deleteBeforeReplace,
+                    raw=json_format.MessageToJson(request.object),
+                )
+            )
+        return super().RegisterResource(request)
+
+
+def _ints(value: Any) -> Any:
+    """Numbers cross the wire as doubles; give whole ones back as ints, as the engine does."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def run_program(values: dict[str, Any], private_key: str | None = None, stack: str = "dev") -> Run:
+    """Run __main__.py with `values` (bare keys) as the stack config; return what it did."""
+    config = {f"{PROJECT}:{k}": json.dumps(v) for k, v in values.items()}
+    if private_key is not None:
+        config[f"{PROJECT}:sshPrivateKey"] = private_key
+    run = Run()
+    settings.set_root_resource(None)  # a fresh Stack per run, so outputs never leak between runs
+    pulumi.runtime.set_mocks(
+        ProgramMocks(), project=PROJECT, stack=stack, preview=False, monitor=RecordingMonitor(run)
+    )
+    pulumi.runtime.set_all_config(config, [f"{PROJECT}:sshPrivateKey"])
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+        exported = settings.get_root_resource().outputs
+        return pulumi.Output.all(**exported).apply(run.outputs.update)
+
+    program()
+    return run
+
+
+@pytest.fixture(scope="module")
+def dev_run() -> Run:
+    return run_program(DEV_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def bootstrap_run() -> Run:
+    return run_program(dev_config(bootstrap=True), private_key=PRIVATE_KEY)
