@@ -221,8 +221,8 @@ class Kernel:
 class Ownership:
     """What ipvs-ingress created on this director: services by key, addresses by VIP."""
 
-    def __init__(self, path: str = STATE_PATH):
-        self.path = path
+    def __init__(self, path: str | None = None):
+        self.path = path = path or STATE_PATH
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -250,7 +250,8 @@ class Ownership:
 
 
 @contextmanager
-def director_lock(path: str = LOCK_PATH, wait: float = LOCK_WAIT_SECONDS):
+def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
+    path = path or LOCK_PATH
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         deadline = time.monotonic() + wait
