@@ -29,12 +29,16 @@ def props(**over):
 def test_parse_fills_defaults():
     director, spec = model.parse_virtual_service(props())
     assert director == model.Director(host="director.example.net", host_key=HOST_KEY)
-    assert spec == model.VirtualServiceSpec("203.0.113.201", 80, "tcp", "wlc", 0, (model.RealServer("203.0.113.11", 1),))
+    assert spec == model.VirtualServiceSpec(
+        "203.0.113.201", 80, "tcp", "wlc", 0, (model.RealServer("203.0.113.11", 1),)
+    )
     assert spec.key == "tcp/203.0.113.201:80"
 
 
 def test_ipv6_key_is_bracketed_and_address_normalized():
-    _, spec = model.parse_virtual_service(props(vip="2001:DB8::0:201", realServers=[{"address": "2001:db8::11"}]))
+    _, spec = model.parse_virtual_service(
+        props(vip="2001:DB8::0:201", realServers=[{"address": "2001:db8::11"}])
+    )
     assert spec.vip == "2001:db8::201" and spec.key == "tcp/[2001:db8::201]:80"
 
 
@@ -66,7 +70,9 @@ def test_missing_director_and_all_problems_reported_together():
     problems = model.check_virtual_service({"vip": "nope", "port": "80", "realServers": "x"})
     assert [p.field for p in problems] == ["director", "vip", "port", "realServers"]
     err = model.InvalidSpec(problems)
-    assert str(err).startswith("director: None is not an object") and str(err).endswith("(and 3 more)")
+    assert str(err).startswith("director: None is not an object") and str(err).endswith(
+        "(and 3 more)"
+    )
 
 
 @pytest.mark.parametrize("value", [True, "80", None, 65536, 1.5, float("nan")])
@@ -87,7 +93,9 @@ def test_vip_must_be_unicast(vip):
 
 def test_unknown_values_are_not_judged_during_preview():
     unknown = "??"
-    problems = model.check_virtual_service(props(vip=unknown, realServers=[unknown]), unknown=lambda v: v == unknown)
+    problems = model.check_virtual_service(
+        props(vip=unknown, realServers=[unknown]), unknown=lambda v: v == unknown
+    )
     assert problems == []
 
 
@@ -101,7 +109,9 @@ def test_arbitrary_scheduler_text_is_either_known_or_refused(name):
 
 
 def test_changed_keys_name_director_fields_and_ignore_real_server_order():
-    d, s = model.parse_virtual_service(props(realServers=[{"address": "203.0.113.11"}, {"address": "203.0.113.12"}]))
+    d, s = model.parse_virtual_service(
+        props(realServers=[{"address": "203.0.113.11"}, {"address": "203.0.113.12"}])
+    )
     old = model.to_props(d, s)
     new = model.to_props(dataclasses.replace(d, host="203.0.113.3", user="ops"), s)
     new["realServers"] = list(reversed(new["realServers"]))
@@ -121,10 +131,14 @@ def simulate(live: model.LiveService | None, spec: model.VirtualServiceSpec, ops
     for op in ops:
         if op.action == "add-service":
             assert svc is None, "add of an existing service"
-            svc = model.LiveService(spec.protocol, spec.vip, spec.port, spec.scheduler, spec.persistence_seconds)
+            svc = model.LiveService(
+                spec.protocol, spec.vip, spec.port, spec.scheduler, spec.persistence_seconds
+            )
         elif op.action == "set-service":
             assert svc is not None
-            svc = dataclasses.replace(svc, scheduler=spec.scheduler, persistence_seconds=spec.persistence_seconds)
+            svc = dataclasses.replace(
+                svc, scheduler=spec.scheduler, persistence_seconds=spec.persistence_seconds
+            )
         elif op.action == "add-dest":
             assert svc is not None and op.address not in dests, "add of an existing destination"
             dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
@@ -151,27 +165,38 @@ def spec_of(servers: dict, scheduler="wlc", persistence=0):
     st.booleans(),
     st.booleans(),
 )
-def test_plan_reaches_desired_state_with_the_fewest_changes(old, new, sched_old, sched_new, persist, exists, masq):
+def test_plan_reaches_desired_state_with_the_fewest_changes(
+    old, new, sched_old, sched_new, persist, exists, masq
+):
     desired = spec_of(new, sched_new, persist)
     live = None
     if exists:
         fwd = 0 if masq else model.ROUTE
         live = model.LiveService(
-            "tcp", "203.0.113.201", 80, sched_old, 0, tuple(model.LiveDest(a, 80, w, fwd) for a, w in old.items())
+            "tcp",
+            "203.0.113.201",
+            80,
+            sched_old,
+            0,
+            tuple(model.LiveDest(a, 80, w, fwd) for a, w in old.items()),
         )
     ops = model.plan(live, desired)
     result = simulate(live, desired, ops)
     assert model.plan(result, desired) == []  # converged
     assert model.ipvsadm_lines(result) == model.ipvsadm_lines(desired)
     if live is not None:
-        changed = {a for a in set(old) | set(new) if old.get(a) != new.get(a) or (masq and a in new)}
+        changed = {
+            a for a in set(old) | set(new) if old.get(a) != new.get(a) or (masq and a in new)
+        }
         service_change = int((sched_old, 0) != (sched_new, persist))
         assert len(ops) == len(changed) + service_change
 
 
 def test_a_single_weight_change_touches_one_object():
     live = model.LiveService.from_spec(spec_of({"203.0.113.11": 1, "203.0.113.12": 1}))
-    assert model.plan(live, spec_of({"203.0.113.11": 1, "203.0.113.12": 7})) == [model.Op("set-dest", "203.0.113.12", 7)]
+    assert model.plan(live, spec_of({"203.0.113.11": 1, "203.0.113.12": 7})) == [
+        model.Op("set-dest", "203.0.113.12", 7)
+    ]
 
 
 def test_swap_adds_before_it_removes():
@@ -182,13 +207,20 @@ def test_swap_adds_before_it_removes():
 
 def test_ipvsadm_lines_format():
     spec = model.VirtualServiceSpec(
-        "2001:db8::201", 443, "udp", "sh", 300, (model.RealServer("2001:db8::12", 2), model.RealServer("2001:db8::11"))
+        "2001:db8::201",
+        443,
+        "udp",
+        "sh",
+        300,
+        (model.RealServer("2001:db8::12", 2), model.RealServer("2001:db8::11")),
     )
     assert model.ipvsadm_lines(spec) == [
         "UDP [2001:db8::201]:443 sh persistent 300 -> [2001:db8::11]:443 Route 1",
         "UDP [2001:db8::201]:443 sh persistent 300 -> [2001:db8::12]:443 Route 2",
     ]
-    assert model.ipvsadm_lines(spec_of({"203.0.113.11": 1})) == ["TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1"]
+    assert model.ipvsadm_lines(spec_of({"203.0.113.11": 1})) == [
+        "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1"
+    ]
 
 
 def test_live_and_spec_round_trip_through_json_dicts():

@@ -1,0 +1,251 @@
+"""The agent's reconcile/delete rules on an in-memory kernel: ownership, refusals before any
+change, VIP release, the director lock and the JSON-lines protocol. The real kernel path is
+tested against the lab director (tests/lab)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import threading
+import time
+
+import pytest
+
+from providers import agent, model
+
+
+class MemoryKernel:
+    """Implements the Kernel interface the agent uses, on dicts; records every change."""
+
+    version = "test"
+
+    def __init__(self):
+        self.services: dict[str, model.LiveService] = {}
+        self.addresses: set[str] = set()
+        self.off_link: set[str] = set()
+        self.changes: list[str] = []
+
+    def ensure_ipvs(self, scheduler):
+        pass
+
+    def ensure_forwarding(self, version):
+        self.changes.append(f"forward{version}")
+
+    def ifindex(self, name):
+        if name != "eth0":
+            raise agent.AgentError(
+                "no-interface", f"interface {name!r} does not exist on the director"
+            )
+        return 2
+
+    def has_address(self, index, vip):
+        return vip in self.addresses
+
+    def add_address(self, index, vip):
+        self.addresses.add(vip)
+        self.changes.append(f"bind {vip}")
+
+    def del_address(self, index, vip):
+        self.addresses.discard(vip)
+        self.changes.append(f"unbind {vip}")
+
+    def route_via(self, address):
+        return (2, None) if address not in self.off_link else (2, "203.0.113.1")
+
+    def get_service(self, protocol, vip, port):
+        return self.services.get(model.service_key(protocol, vip, port))
+
+    def apply(self, spec, op):
+        self.changes.append(op.describe(spec))
+        svc = self.services.get(spec.key)
+        if op.action == "add-service":
+            assert svc is None
+            self.services[spec.key] = model.LiveService(
+                spec.protocol, spec.vip, spec.port, spec.scheduler, spec.persistence_seconds
+            )  # noqa: E501
+        elif op.action == "set-service":
+            self.services[spec.key] = dataclasses.replace(
+                svc, scheduler=spec.scheduler, persistence_seconds=spec.persistence_seconds
+            )  # noqa: E501
+        elif op.action == "del-service":
+            del self.services[spec.key]
+        else:
+            dests = {d.address: d for d in svc.dests}
+            if op.action == "del-dest":
+                del dests[op.address]
+            else:
+                dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
+            self.services[spec.key] = dataclasses.replace(svc, dests=tuple(dests.values()))
+
+
+@pytest.fixture
+def kernel(tmp_path, monkeypatch):
+    monkeypatch.setattr(agent, "STATE_PATH", str(tmp_path / "state.json"))
+    monkeypatch.setattr(agent, "LOCK_PATH", str(tmp_path / "run" / "lock"))
+    return MemoryKernel()
+
+
+def spec(vip="203.0.113.201", port=80, servers=(("203.0.113.11", 1), ("203.0.113.12", 1))):
+    rs = [{"address": a, "weight": w} for a, w in servers]
+    return {
+        "vip": vip,
+        "port": port,
+        "protocol": "tcp",
+        "scheduler": "wlc",
+        "persistenceSeconds": 0,
+        "realServers": rs,
+    }
+
+
+def apply(kernel, **kw):
+    return agent.Agent(kernel).handle({"op": "apply", "spec": spec(**kw), "interface": "eth0"})
+
+
+def test_apply_binds_vip_creates_service_and_reports_live_state(kernel):
+    result = apply(kernel)
+    assert kernel.changes[:2] == ["forward4", "bind 203.0.113.201"]
+    assert result["touched"] == 4  # VIP, service, two destinations
+    assert model.ipvsadm_lines(model.LiveService.from_dict(result["live"])) == [
+        "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
+        "TCP 203.0.113.201:80 wlc -> 203.0.113.12:80 Route 1",
+    ]
+    again = apply(kernel)
+    assert again["touched"] == 0 and again["changes"] == []
+
+
+def test_plan_is_a_dry_run(kernel):
+    result = agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"})
+    assert result["changes"][0] == "bind 203.0.113.201 on eth0"
+    assert "add-service tcp/203.0.113.201:80 wlc persistent 0" in result["changes"]
+    assert kernel.changes == [] and kernel.services == {}
+
+
+def test_foreign_service_is_refused_and_never_touched(kernel):
+    foreign = model.LiveService(
+        "tcp", "203.0.113.201", 80, "rr", 0, (model.LiveDest("203.0.113.99", 80, 1),)
+    )
+    kernel.services["tcp/203.0.113.201:80"] = foreign
+    with pytest.raises(agent.AgentError) as err:
+        apply(kernel)
+    assert err.value.code == "foreign" and "ipvsadm -D" in str(err.value)
+    deleted = agent.Agent(kernel).handle(
+        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
+    )
+    assert deleted == {"deleted": False, "reason": "not managed by ipvs-ingress"}
+    assert kernel.services["tcp/203.0.113.201:80"] == foreign and kernel.changes == []
+
+
+def test_off_link_real_server_is_refused_before_any_change(kernel):
+    kernel.off_link.add("203.0.113.12")
+    with pytest.raises(agent.AgentError) as err:
+        apply(kernel)
+    assert err.value.code == "off-link" and "203.0.113.12 (via 203.0.113.1)" in str(err.value)
+    assert kernel.changes == [] and kernel.addresses == set()
+
+
+def test_unknown_interface_is_refused(kernel):
+    with pytest.raises(agent.AgentError) as err:
+        agent.Agent(kernel).handle({"op": "apply", "spec": spec(), "interface": "eth9"})
+    assert err.value.code == "no-interface" and kernel.changes == []
+
+
+def test_vip_is_released_only_with_its_last_managed_service(kernel):
+    apply(kernel, port=80)
+    apply(kernel, port=443)
+    a = agent.Agent(kernel)
+    first = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80})
+    assert first == {"deleted": True, "removedVip": False} and "203.0.113.201" in kernel.addresses
+    second = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 443})
+    assert second == {"deleted": True, "removedVip": True} and kernel.addresses == set()
+    assert kernel.services == {}
+
+
+def test_a_vip_bound_by_someone_else_is_used_but_never_removed(kernel):
+    kernel.addresses.add("203.0.113.201")
+    apply(kernel)
+    agent.Agent(kernel).handle(
+        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
+    )
+    assert "203.0.113.201" in kernel.addresses and not any(
+        c.startswith("unbind") for c in kernel.changes
+    )
+
+
+def test_manual_drift_is_repaired_with_only_the_needed_changes(kernel):
+    apply(kernel)
+    svc = kernel.services["tcp/203.0.113.201:80"]
+    kernel.services["tcp/203.0.113.201:80"] = dataclasses.replace(
+        svc, dests=(model.LiveDest("203.0.113.11", 80, 9),)
+    )
+    kernel.changes.clear()
+    result = apply(kernel)
+    assert result["changes"] == [
+        "set-dest tcp/203.0.113.201:80 -> 203.0.113.11 weight 1 Route",
+        "add-dest tcp/203.0.113.201:80 -> 203.0.113.12 weight 1 Route",
+    ]
+
+
+def test_director_lock_serializes_holders(kernel):
+    order = []
+
+    def hold(name):
+        with agent.director_lock():
+            order.append(f"{name}+")
+            time.sleep(0.1)
+            order.append(f"{name}-")
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])
+
+
+def test_lock_wait_is_bounded_with_a_clear_error(kernel):
+    with agent.director_lock():
+        with pytest.raises(agent.AgentError) as err:
+            with agent.director_lock(wait=0.2):
+                pass
+    assert err.value.code == "busy"
+
+
+def test_json_lines_protocol_keeps_serving_after_errors(kernel, monkeypatch):
+    monkeypatch.setattr(agent, "Kernel", lambda: kernel)
+    requests = [
+        {"id": 1, "op": "hello"},
+        {"id": 2, "op": "nope"},
+        {"id": 3, "op": "apply", "spec": spec(), "interface": "eth0"},
+    ]  # noqa: E501
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in requests)))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert agent.main() == 0
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert lines[0]["ready"] is True
+    assert lines[1]["ok"] and lines[1]["result"]["agent"] == agent.PROTOCOL_VERSION
+    assert lines[2] == {"id": 2, "ok": False, "code": "bad-request", "error": "unknown op 'nope'"}
+    assert lines[3]["ok"] and lines[3]["result"]["touched"] == 4
+
+
+def test_missing_pyroute2_is_reported_in_the_greeting(monkeypatch):
+    def no_pyroute2():
+        raise agent.AgentError(
+            "pyroute2-missing", "python3 cannot import pyroute2 (No module named 'pyroute2')"
+        )
+
+    monkeypatch.setattr(agent, "Kernel", no_pyroute2)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert agent.main() == 1
+    assert json.loads(out.getvalue()) == {
+        "ready": False,
+        "code": "pyroute2-missing",
+        "error": "python3 cannot import pyroute2 (No module named 'pyroute2')",
+    }
+
+
+def test_version_comparison():
+    assert agent._version_tuple("0.9.7") >= agent.MIN_PYROUTE2 > agent._version_tuple("0.7.2")
+    assert agent._version_tuple("0.9.5.post1") >= agent.MIN_PYROUTE2
