@@ -1,0 +1,321 @@
+"""The director lab: an IPVS director VM and Kubernetes-node stand-ins in network namespaces.
+
+Topology (names unique to the run, so concurrent runs never collide; every packet stays inside
+namespaces this lab created):
+
+    lab-<id>        br0 203.0.113.1/24, tap0 (director VM eth0 203.0.113.2), v-cli, v-n1..
+    lab-<id>-cli    eth0 203.0.113.10                       (the client)
+    lab-<id>-n<i>   eth0 203.0.113.(10+i), DNAT VIP:port -> :8080, HTTP server saying "node<i>"
+
+The VIP is bound on no node: only the director answers ARP for it, as in the article.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import select
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.lab import capture, provision, state, vm
+
+NODE_PORT = 8080
+NODE_SERVER = Path(__file__).with_name("node_server.py")
+HOST_PYTHON = "/usr/bin/python3"  # stdlib only; fast to start, independent of any venv
+BOOT_TIMEOUT = 120.0
+
+_CLIENT = """
+import json, sys, urllib.request
+url, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore *_proxy
+out = []
+for _ in range(count):
+    try:
+        with opener.open(url, timeout=timeout) as reply:
+            out.append({"ok": True, "body": reply.read().decode().strip()})
+    except Exception as exc:
+        out.append({"ok": False, "error": repr(exc)})
+print(json.dumps(out))
+"""
+
+
+class LabError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        cmd = self.cmd if isinstance(self.cmd, str) else " ".join(map(str, self.cmd))
+        return (f"`{cmd}` exited {self.returncode}\nstdout: {self.stdout or ''}\n"
+                f"stderr: {self.stderr or ''}")
+
+
+def _run(argv: list[str], check: bool, timeout: float, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise LabError(proc.returncode, argv, proc.stdout, proc.stderr)
+    return proc
+
+
+class Lab:
+    director_ip = "203.0.113.2"
+    ssh_port = 22
+    ssh_user = "root"
+    interface = "eth0"
+    vip = "203.0.113.201"
+    bridge_ip = "203.0.113.1"
+    client_ip = "203.0.113.10"
+
+    def __init__(self, nodes: int = 2, artifacts: provision.Artifacts | None = None,
+                 persistent: bool = False) -> None:
+        if not 2 <= nodes <= 50:
+            raise ValueError("a lab has 2..50 nodes")
+        self.art = artifacts or provision.provision()
+        self.persistent = persistent
+        self.id = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.lab_ns = f"lab-{self.id}"
+        self.client_ns = f"{self.lab_ns}-cli"
+        self.node_ns = [f"{self.lab_ns}-n{i}" for i in range(1, nodes + 1)]
+        self.node_ips = [f"203.0.113.{10 + i}" for i in range(1, nodes + 1)]
+        self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
+        self.private_key_path = self.art.client_key
+        self.private_key_pem = self.art.client_key.read_text()
+        self.host_key_line = " ".join(
+            self.art.host_key.with_suffix(".pub").read_text().split()[:2])
+        self.proxy_command = f"ip netns exec {self.lab_ns} socat - TCP:%h:%p"
+        self.run_dir = self.art.cache / "runs" / self.id
+        self.known_hosts = self.run_dir / "known_hosts"
+        self.control_path = self.run_dir / "ssh.sock"
+        self.boot_seconds: float | None = None
+        self._state: state.RunState | None = None
+        self._creator = os.getpid()
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> Lab:
+        started = time.monotonic()
+        with provision.cache_lock(self.art.cache):
+            self.stale_cleaned = state.cleanup_stale(self.art.cache)
+        self.run_dir.mkdir(parents=True)
+        self._state = state.RunState(
+            id=self.id, dir=str(self.run_dir), owner=state.Proc.of(os.getpid(), "lab owner"),
+            persistent=self.persistent,
+            namespaces=[*self.node_ns, self.client_ns, self.lab_ns])
+        self._state.save()  # before anything exists, so a crash from here on is cleanable
+        if not self.persistent:
+            atexit.register(self.close)
+            self._install_signal_handlers()
+        try:
+            self._build_network()
+            self._start_servers()
+            self._boot_director()
+        except BaseException:
+            self.close()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        self._state.info = self.describe()
+        self._state.save()
+        return self
+
+    def adopt_by_vm(self) -> None:
+        """A lab left up by `python -m tests.lab up` lives exactly as long as its VM."""
+        self._state.owner = next(p for p in self._state.procs if p.what == "qemu")
+        self._state.save()
+
+    def close(self) -> None:
+        if self._closed or os.getpid() != self._creator or self._state is None:
+            return
+        self._closed = True
+        state.teardown(self._state)
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous = signal.getsignal(sig)
+
+            def handler(signum: int, frame: object, previous=previous) -> None:
+                self.close()
+                signal.signal(signum, previous)
+                os.kill(os.getpid(), signum)  # die (or go on) as we would have without a lab
+
+            signal.signal(sig, handler)
+
+    # -- topology -----------------------------------------------------------------------------
+
+    def _build_network(self) -> None:
+        ip = lambda ns, *args: _run(["ip", "-n", ns, *args], True, 30)  # noqa: E731
+        for ns in self._state.namespaces:
+            _run(["ip", "netns", "add", ns], True, 30)
+            ip(ns, "link", "set", "lo", "up")
+            # No IPv6 chatter (router solicitations, MLD) in captures.
+            self.in_ns(ns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                            "net.ipv6.conf.default.disable_ipv6=1"])
+        ip(self.lab_ns, "link", "add", "br0", "type", "bridge", "stp_state", "0",
+           "forward_delay", "0")
+        ip(self.lab_ns, "addr", "add", f"{self.bridge_ip}/24", "dev", "br0")
+        ip(self.lab_ns, "link", "set", "br0", "up")
+        # The tap exists before qemu, inside lab_ns, already on the bridge.
+        ip(self.lab_ns, "tuntap", "add", "dev", vm.TAP, "mode", "tap")
+        ip(self.lab_ns, "link", "set", vm.TAP, "master", "br0", "up")
+        hosts = [("cli", self.client_ns, self.client_ip)]
+        hosts += [(f"n{i}", ns, a) for i, (ns, a) in enumerate(zip(self.node_ns, self.node_ips), 1)]
+        for short, ns, addr in hosts:
+            # Created in lab_ns with the peer born in the host's namespace: no end in the root.
+            ip(self.lab_ns, "link", "add", f"v-{short}", "type", "veth",
+               "peer", "name", "eth0", "netns", ns)
+            ip(self.lab_ns, "link", "set", f"v-{short}", "master", "br0", "up")
+            ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            ip(ns, "link", "set", "eth0", "up")
+        self.expose(self.vip, 80)
+
+    def expose(self, vip: str, port: int, protocol: str = "tcp") -> None:
+        """kube-proxy's externalIPs stand-in: DNAT vip:port to the node's server (idempotent)."""
+        for ns, addr in zip(self.node_ns, self.node_ips, strict=True):
+            rule = ["PREROUTING", "-d", f"{vip}/32", "-p", protocol, "--dport", str(port),
+                    "-j", "DNAT", "--to-destination", f"{addr}:{NODE_PORT}"]
+            if self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-C", *rule], check=False).returncode:
+                self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+
+    def _start_servers(self) -> None:
+        for ns, name in zip(self.node_ns, self.node_names, strict=True):
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, HOST_PYTHON, str(NODE_SERVER), name, str(NODE_PORT)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True)
+            self._state.add_proc(proc.pid, f"http server {name}")
+            ready, _, _ = select.select([proc.stdout], [], [], 15)
+            line = proc.stdout.readline() if ready else ""
+            proc.stdout.close()
+            if line.strip() != "ready":
+                raise RuntimeError(f"http server in {ns} did not start: {line!r}")
+
+    def _boot_director(self) -> None:
+        self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
+        argv = vm.qemu_argv(self.art, self.run_dir, f"{self.director_ip}/24",
+                            f"ipvs-ingress-lab-{self.id}")
+        proc = vm.start(self.lab_ns, argv, self.run_dir)
+        self._state.add_proc(proc.pid, "qemu")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        vm.wait_console_ready(proc, self.run_dir, BOOT_TIMEOUT)
+        while True:  # sshd was started; wait until it accepts us
+            probe = self.director("true", check=False, timeout=15)
+            if probe.returncode == 0:
+                self._start_ssh_master()
+                return
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"no ssh to the director: {probe.stderr}\n"
+                                   f"{vm.serial_tail(self.run_dir)}")
+            time.sleep(0.3)
+
+    # -- running things -----------------------------------------------------------------------
+
+    def in_ns(self, ns: str, argv: list[str] | str, check: bool = True,
+              timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
+        return _run(["ip", "netns", "exec", ns, *cmd], check, timeout)
+
+    def ssh_argv(self, cmd: str) -> list[str]:
+        return [
+            "ip", "netns", "exec", self.lab_ns, "ssh", "-F", "/dev/null",
+            "-i", str(self.private_key_path), "-p", str(self.ssh_port),
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+            "-o", "LogLevel=ERROR", *self._ssh_master_opts(),
+            f"{self.ssh_user}@{self.director_ip}", cmd,
+        ]
+
+    def _ssh_master_opts(self) -> list[str]:
+        # Multiplexed over one master connection: a fresh ssh handshake costs ~1 s under TCG.
+        # Without the master's socket, ssh quietly connects directly.
+        if len(str(self.control_path)) > 100:  # sun_path limit
+            return []
+        return ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
+
+    def _start_ssh_master(self) -> None:
+        if not self._ssh_master_opts():
+            return
+        argv = self.ssh_argv("")[:-2]
+        argv[argv.index("ControlMaster=no")] = "ControlMaster=yes"
+        proc = subprocess.Popen([*argv, "-N", f"{self.ssh_user}@{self.director_ip}"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        self._state.add_proc(proc.pid, "ssh master")
+        deadline = time.monotonic() + 15
+        while not self.control_path.exists() and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("ssh master connection to the director did not come up")
+            time.sleep(0.05)
+
+    def director(self, cmd: str, check: bool = True,
+                 timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run a shell command on the director over real ssh with the pinned host key."""
+        return _run(self.ssh_argv(cmd), check, timeout)
+
+    def ipvsadm_ln(self) -> str:
+        return self.director("ipvsadm -Ln").stdout
+
+    def ipvsadm_sn(self) -> str:
+        return self.director("ipvsadm -Sn").stdout
+
+    def http_from_client(self, url: str, count: int, timeout: float = 3) -> list[str]:
+        """`count` sequential GETs from the client namespace; the body of each, or raise."""
+        proc = self.in_ns(self.client_ns, [HOST_PYTHON, "-c", _CLIENT, url, str(count),
+                                           str(timeout)], timeout=count * (timeout + 1) + 15)
+        results = json.loads(proc.stdout)
+        failed = [(i, r["error"]) for i, r in enumerate(results) if not r["ok"]]
+        if failed:
+            raise RuntimeError(f"{len(failed)}/{count} GETs of {url} failed: {failed[:5]}; "
+                               f"answers: {[r.get('body') for r in results]}")
+        return [r["body"] for r in results]
+
+    def mac_of(self, ns: str, iface: str = "eth0") -> str:
+        return json.loads(self.in_ns(ns, ["ip", "-j", "link", "show", iface]).stdout)[0][
+            "address"]
+
+    @contextmanager
+    def capture(self, ns: str, iface: str, bpf: str = "",
+                max_packets: int = 10000) -> Iterator[capture.Capture]:
+        """tcpdump on `iface` in `ns` for the duration of the block, at most `max_packets`."""
+        proc = capture.start(ns, iface, bpf, max_packets)
+        cap = capture.Capture(ns, iface, bpf)
+        tracked = self._state.add_proc(proc.pid, f"tcpdump {ns}/{iface}")
+        try:
+            yield cap
+        finally:
+            capture.stop(proc, cap)
+            self._state.procs.remove(tracked)
+            self._state.save()
+
+    def capture_on_director_tap(self, bpf: str = "",
+                                max_packets: int = 10000) -> capture.Capture:
+        """Everything on the wire between the director VM and the bridge."""
+        return self.capture(self.lab_ns, vm.TAP, bpf, max_packets)
+
+    def capture_on_client(self, bpf: str = "", max_packets: int = 10000) -> capture.Capture:
+        return self.capture(self.client_ns, "eth0", bpf, max_packets)
+
+    # -- for people ---------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id, "host": self.director_ip, "port": self.ssh_port,
+            "user": self.ssh_user, "keyPath": str(self.private_key_path),
+            "hostKey": self.host_key_line, "interface": self.interface,
+            "proxyCommand": self.proxy_command, "vip": self.vip,
+            "nodes": dict(zip(self.node_names, self.node_ips, strict=True)),
+            "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
+        }

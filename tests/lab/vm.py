@@ -1,0 +1,84 @@
+"""The director VM: qemu under TCG booting the Debian kernel with the host's root over 9p."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from tests.lab.initramfs import READY_MARKER
+from tests.lab.provision import Artifacts
+
+QEMU = "qemu-system-x86_64"
+MAC = "52:54:00:a0:00:02"
+TAP = "tap0"
+# Seen on the serial console when the VM will never get ready.
+_FATAL = ("Kernel panic", "stage1:", "stage2:", "internal-error")
+
+
+def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[str]:
+    # Values for stage 1 and 2 (see initramfs.py); the kernel ignores unknown parameters.
+    cmdline = " ".join([
+        "console=ttyS0", "panic=-1", "loglevel=4", "rdinit=/init",
+        f"lab_cache={art.cache}", f"lab_kver={art.kernel_version}", f"lab_addr={address}",
+        f"lab_pyroute2={art.pyroute2_dir}", f"lab_pysite={art.vm_site_packages}",
+    ])
+    return [
+        QEMU, "-name", name,
+        # /dev/kvm here cannot boot stock kernels; a 128 MB translation cache keeps RSS modest.
+        "-accel", "tcg,thread=single,tb-size=128", "-cpu", "max", "-M", "q35",
+        "-m", "320", "-smp", "1",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-serial", f"file:{run_dir / 'serial.log'}",
+        "-monitor", f"unix:{run_dir / 'monitor.sock'},server=on,wait=off",
+        # The ELF vmlinux boots through the PVH entry, skipping the slow in-guest xz.
+        "-kernel", str(art.vmlinux), "-initrd", str(art.initrd), "-append", cmdline,
+        "-fsdev", "local,id=hr,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=hr,mount_tag=hostroot",
+        "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+        "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+    ]
+
+
+def can_start() -> str | None:
+    """Why qemu cannot run here, or None."""
+    try:
+        subprocess.run([QEMU, "-version"], capture_output=True, check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{QEMU} cannot start: {exc}"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing (needed for the director VM's tap)"
+    return None
+
+
+def start(lab_ns: str, argv: list[str], run_dir: Path) -> subprocess.Popen:
+    log = open(run_dir / "qemu.log", "w")  # noqa: SIM115 (owned by the child from here on)
+    with log:
+        # `ip netns exec` execs qemu, so the PID is qemu's; its tap is created in lab_ns.
+        return subprocess.Popen(["ip", "netns", "exec", lab_ns, *argv],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+def serial_tail(run_dir: Path, lines: int = 40) -> str:
+    text = ""
+    for name in ("qemu.log", "serial.log"):
+        path = run_dir / name
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            text += f"--- {name}\n" + "\n".join(tail) + "\n"
+    return text
+
+
+def wait_console_ready(proc: subprocess.Popen, run_dir: Path, timeout: float) -> None:
+    """Wait for stage 2 to report that sshd was started."""
+    serial = run_dir / "serial.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+        if READY_MARKER in text:
+            return
+        if proc.poll() is not None or any(f in text for f in _FATAL):
+            raise RuntimeError(f"director VM failed to boot\n{serial_tail(run_dir)}")
+        time.sleep(0.2)
+    raise RuntimeError(f"director VM not ready after {timeout:.0f}s\n{serial_tail(run_dir)}")
