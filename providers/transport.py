@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -20,6 +21,14 @@ import paramiko
 from providers import model
 
 log = logging.getLogger("ipvs_ingress.transport")
+if os.environ.get("IPVS_INGRESS_LOG"):
+    # The engine swallows a dynamic provider's stderr: an operator (or the benchmark) asks for a
+    # file with the connection log, e.g. to confirm one SSH handshake per director per run.
+    logging.basicConfig(
+        filename=os.environ["IPVS_INGRESS_LOG"],
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+    )
 
 CONNECT_TIMEOUT = 15.0
 AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts

@@ -1,0 +1,278 @@
+"""The dynamic provider through the SDK's gRPC server against the real lab director.
+
+`ipvsadm -Ln` on the director is the independent oracle; the provider itself never parses it.
+Tests run in file order and share one provider process (one pooled SSH connection), as a
+`pulumi up` does.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+
+import grpc
+import pytest
+
+from tests.provider.grpc_client import ProviderServer
+
+pytestmark = pytest.mark.lab
+
+VIP = "203.0.113.201"
+FOREIGN = "TCP  203.0.113.250:8080 rr"
+
+
+def director_props(lab, **over) -> dict:
+    d = {
+        "host": lab.director_ip,
+        "port": lab.ssh_port,
+        "user": lab.ssh_user,
+        "hostKey": lab.host_key_line,
+        "interface": lab.interface,
+        "proxyCommand": lab.proxy_command,
+    }
+    return {**d, **over}
+
+
+def vs_props(lab, port=80, servers=None, **over) -> dict:
+    servers = (
+        servers if servers is not None else [{"address": ip, "weight": 1} for ip in lab.node_ips]
+    )
+    return {
+        "director": director_props(lab),
+        "vip": VIP,
+        "port": port,
+        "protocol": "tcp",
+        "realServers": servers,
+        **over,
+    }
+
+
+def oracle(lab, port=80) -> list[tuple[str, str, str]]:
+    """(real server, forwarding, weight) rows of VIP:port in `ipvsadm -Ln`."""
+    rows, inside = [], False
+    for line in lab.ipvsadm_ln().splitlines():
+        if line.startswith(("TCP", "UDP")):
+            inside = line.split()[1] == f"{VIP}:{port}"
+        elif inside and line.strip().startswith("->") and "RemoteAddress" not in line:
+            parts = line.split()
+            rows.append((parts[1], parts[2], parts[3]))
+    return sorted(rows)
+
+
+def vip_bound(lab) -> bool:
+    return f"{VIP}/32" in lab.director(f"ip -o addr show dev {lab.interface}").stdout
+
+
+@pytest.fixture(scope="module")
+def provider(lab, tmp_path_factory):
+    log = tmp_path_factory.mktemp("provider") / "transport.log"
+    lab.director("ipvsadm -C; rm -f /var/lib/ipvs-ingress/state.json")
+    # A service ipvs-ingress did not create: it must survive every operation below.
+    lab.director(
+        "modprobe ip_vs && ipvsadm -A -t 203.0.113.250:8080 -s rr && ipvsadm -a -t 203.0.113.250:8080 -r 203.0.113.11:8080 -g"
+    )  # noqa: E501
+    lab.expose(VIP, 80)
+    lab.expose(VIP, 443)
+    srv = ProviderServer(env={"IPVS_INGRESS_LOG": str(log)})
+    srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+    srv.log = log
+    yield srv
+    srv.close()
+    lab.director(
+        f"ipvsadm -C; ip addr del {VIP}/32 dev {lab.interface} 2>/dev/null; rm -f /var/lib/ipvs-ingress/state.json",
+        check=False,
+    )  # noqa: E501
+
+
+@pytest.fixture(scope="module")
+def created(lab, provider):
+    inputs, failures = provider.check(vs_props(lab))
+    assert failures == []
+    id_, outs = provider.create(inputs)
+    return id_, inputs, outs
+
+
+def test_create_realizes_dr_service_seen_by_ipvsadm(lab, created):
+    id_, _, outs = created
+    assert id_ == f"{lab.director_ip}:22/tcp/{VIP}:80"
+    assert oracle(lab) == [(f"{ip}:80", "Route", "1") for ip in sorted(lab.node_ips)]
+    assert outs["ipvsadm"] == [
+        f"TCP {VIP}:80 wlc -> {ip}:80 Route 1" for ip in sorted(lab.node_ips)
+    ]
+    assert outs["inSync"] is True
+    assert vip_bound(lab)
+    assert lab.director("cat /proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
+
+
+def test_requests_through_the_vip_reach_every_node(lab, created):
+    answers = lab.http_from_client(f"http://{VIP}/", 20)
+    assert len(answers) == 20 and set(answers) == set(lab.node_names)
+
+
+def test_no_key_material_in_outputs_or_serialized_provider(lab, provider, created):
+    _, _, outs = created
+    body = "".join(lab.private_key_pem.splitlines()[1:-1])[:40]
+    text = repr(outs) + provider.serialized
+    assert body not in text and "PRIVATE KEY" not in text
+
+
+def test_update_changes_weights_and_real_servers_in_place(lab, provider, created):
+    id_, inputs, _ = created
+    first, second = lab.node_ips[:2]
+    new, _ = provider.check(vs_props(lab, servers=[{"address": first, "weight": 5}]))
+    assert list(provider.diff(id_, inputs, new).replaces) == []
+    outs = provider.update(id_, inputs, new)
+    assert oracle(lab) == [(f"{first}:80", "Route", "5")]
+    assert outs["realServers"] == [{"address": first, "weight": 5}]
+    back = provider.update(id_, new, inputs)
+    assert oracle(lab) == sorted((f"{ip}:80", "Route", "1") for ip in lab.node_ips)
+    assert second in repr(back["ipvsadm"])
+
+
+def test_read_shows_manual_drift_and_update_repairs_it(lab, provider, created):
+    id_, inputs, outs = created
+    first, second = lab.node_ips[:2]
+    lab.director(
+        f"ipvsadm -e -t {VIP}:80 -r {first}:80 -g -w 9 && ipvsadm -d -t {VIP}:80 -r {second}:80"
+    )
+    rid, live = provider.read(id_, outs)
+    assert rid == id_
+    assert live["realServers"] == [{"address": first, "weight": 9}] and live["inSync"] is False
+    diff = provider.diff(id_, live, inputs)
+    assert diff.changes == diff.DIFF_SOME and list(diff.replaces) == []
+    repaired = provider.update(id_, live, inputs)
+    assert repaired["inSync"] is True
+    assert oracle(lab) == sorted((f"{ip}:80", "Route", "1") for ip in lab.node_ips)
+
+
+def test_read_of_a_deleted_service_reports_it_gone(lab, provider):
+    inputs, _ = provider.check(vs_props(lab, port=443))
+    id_, outs = provider.create(inputs)
+    lab.director(f"ipvsadm -D -t {VIP}:443")
+    rid, _ = provider.read(id_, outs)
+    assert rid == ""
+    provider.delete(id_, outs)  # deleting what is already gone is fine
+
+
+def test_parallel_resources_share_one_connection_and_agent(lab, provider, created):
+    ports = [8001, 8002, 8003, 8004]
+    results, errors = {}, []
+
+    def create(port):
+        try:
+            inputs, _ = provider.check(vs_props(lab, port=port))
+            results[port] = provider.create(inputs)
+        except grpc.RpcError as err:  # pragma: no cover - reported below
+            errors.append(err.details())
+
+    threads = [threading.Thread(target=create, args=(p,)) for p in ports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for port in ports:
+        assert oracle(lab, port) == sorted((f"{ip}:{port}", "Route", "1") for ip in lab.node_ips)
+        provider.delete(*results[port])
+        assert oracle(lab, port) == []
+    log = provider.log.read_text()
+    assert log.count("connected to director") == 1 and log.count("agent started") == 1
+
+
+def test_two_stacks_at_once_do_not_interleave(lab):
+    # Two provider processes = two `pulumi up` runs; the director's lock keeps state.json whole.
+    servers = [ProviderServer() for _ in range(2)]
+    try:
+        ids = []
+        for srv in servers:
+            srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+        done = []
+
+        def run(srv, port):
+            inputs, _ = srv.check(vs_props(lab, port=port))
+            done.append((srv, *srv.create(inputs)))
+
+        threads = [
+            threading.Thread(target=run, args=(s, p))
+            for s, p in zip(servers, (9001, 9002), strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(done) == 2
+        state = lab.director("cat /var/lib/ipvs-ingress/state.json").stdout
+        assert f"tcp/{VIP}:9001" in state and f"tcp/{VIP}:9002" in state
+        for srv, id_, outs in done:
+            srv.delete(id_, outs)
+            ids.append(id_)
+        assert oracle(lab, 9001) == [] and oracle(lab, 9002) == []
+    finally:
+        for srv in servers:
+            srv.close()
+
+
+def test_foreign_service_is_refused_and_left_alone(lab, provider):
+    inputs, _ = provider.check({**vs_props(lab, port=8080), "vip": "203.0.113.250"})
+    with pytest.raises(grpc.RpcError) as err:
+        provider.create(inputs)
+    msg = err.value.details()
+    assert "\n" not in msg and "was not created by ipvs-ingress" in msg and "ipvsadm -D" in msg
+    assert re.search(r"TCP\s+203\.0\.113\.250:8080 rr", lab.ipvsadm_ln())
+
+
+def test_off_link_real_server_is_refused_before_any_change(lab, provider):
+    before = lab.ipvsadm_sn()
+    inputs, _ = provider.check(
+        vs_props(lab, port=7000, servers=[{"address": "198.51.100.7", "weight": 1}])
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        provider.create(inputs)
+    assert "not on-link on eth0" in err.value.details() and "\n" not in err.value.details()
+    assert lab.ipvsadm_sn() == before
+
+
+def test_delete_leaves_no_trace_but_the_foreign_service(lab, provider, created):
+    id_, _, outs = created
+    provider.delete(id_, outs)
+    table = lab.ipvsadm_ln()
+    assert f"{VIP}:80" not in table
+    assert re.search(r"TCP\s+203\.0\.113\.250:8080 rr", table)
+    assert not vip_bound(lab)
+    assert "tcp/" not in lab.director("cat /var/lib/ipvs-ingress/state.json").stdout
+
+
+@pytest.mark.parametrize("case", ["host-key", "auth", "unreachable"])
+def test_connection_failures_are_one_line_with_the_fix(lab, case, tmp_path):
+    config_key = lab.private_key_pem
+    director = director_props(lab)
+    if case == "host-key":
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hk")], check=True
+        )
+        director["hostKey"] = (tmp_path / "hk.pub").read_text().split(" director")[0].strip()
+        expect = "presented host key SHA256:"
+    elif case == "auth":
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+        )
+        config_key = (tmp_path / "k").read_text()
+        expect = "refused the SSH key"
+    else:
+        director["host"] = "203.0.113.99"  # nobody there, inside the lab's own namespace
+        expect = "is unreachable"
+    srv = ProviderServer()
+    try:
+        srv.configure({"ipvs-ingress:sshPrivateKey": config_key})
+        inputs, _ = srv.check({**vs_props(lab, port=6000), "director": director})
+        with pytest.raises(grpc.RpcError) as err:
+            srv.create(inputs, timeout=120)
+        msg = err.value.details()
+        assert expect in msg and "\n" not in msg and "Traceback" not in msg
+        assert msg.startswith(f"director {director['host']}") or msg.startswith(
+            f"director root@{director['host']}"
+        )
+    finally:
+        srv.close()
+    assert f"{VIP}:6000" not in lab.ipvsadm_ln()
