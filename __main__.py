@@ -9,9 +9,12 @@ from components.web_app import WebApp
 config = pulumi.Config()
 try:
     cfg = load({key: config.get_object(key) for key in KEYS})
-except (ConfigError, pulumi.ConfigTypeError) as err:
+except ConfigError as err:
     # One line naming the field, the value and the fix; a traceback would only hide it.
     raise pulumi.RunError(str(err)) from None
+except pulumi.ConfigTypeError as err:
+    fix = "write it as YAML structure under config: in the stack file (see docs/program.md)"
+    raise pulumi.RunError(f"{err}: {fix}") from None
 
 private_key = None
 if cfg.bootstrap:

@@ -134,9 +134,18 @@ def _ints(value: Any) -> Any:
     return value
 
 
-def run_program(values: dict[str, Any], private_key: str | None = None, stack: str = "dev") -> Run:
-    """Run __main__.py with `values` (bare keys) as the stack config; return what it did."""
+def run_program(
+    values: dict[str, Any],
+    private_key: str | None = None,
+    stack: str = "dev",
+    raw: dict[str, str] | None = None,
+) -> Run:
+    """Run __main__.py with `values` (bare keys) as the stack config; return what it did.
+
+    `raw` sets config strings as-is (the engine hands structured values over as JSON text).
+    """
     config = {f"{PROJECT}:{k}": json.dumps(v) for k, v in values.items()}
+    config.update({f"{PROJECT}:{k}": v for k, v in (raw or {}).items()})
     if private_key is not None:
         config[f"{PROJECT}:sshPrivateKey"] = private_key
     run = Run()

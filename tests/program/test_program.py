@@ -1,0 +1,245 @@
+"""__main__.py under set_mocks: what it registers, with which inputs, and what it exports."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+
+from providers import model
+from tests.program.conftest import (
+    DEV_CONFIG,
+    HOST_KEY,
+    PRIVATE_KEY,
+    VS_TYPE,
+    dev_config,
+    run_program,
+)
+
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+SERVICE = "kubernetes:core/v1:Service"
+COMMAND = "command:remote:Command"
+PINNED_KEY = " ".join(HOST_KEY.split()[:2])  # the provider's normalized form: no comment
+KEY_MARKER = "test-only-marker-9f3c1e"
+
+
+def test_resource_types_and_names(dev_run):
+    names = {(r.typ, r.name) for r in dev_run.resources}
+    assert names == {
+        ("ipvs-ingress:index:WebApp", "nginx"),
+        ("ipvs-ingress:index:Ingress", "ingress"),
+        (DEPLOYMENT, "nginx"),
+        (SERVICE, "nginx"),
+        (VS_TYPE, "vs-tcp-203-0-113-201-80"),
+        (VS_TYPE, "vs-tcp-203-0-113-202-80"),
+        (VS_TYPE, "vs-udp-203-0-113-202-5353"),
+        (VS_TYPE, "vs-tcp-2001-db8--201-80"),
+    }
+
+
+def test_children_are_parented_to_their_component(dev_run):
+    for reg in dev_run.resources:
+        if reg.typ in (DEPLOYMENT, SERVICE):
+            assert reg.parent.endswith("ipvs-ingress:index:WebApp::nginx")
+        elif reg.typ == VS_TYPE:
+            assert reg.parent.endswith("ipvs-ingress:index:Ingress::ingress")
+        else:
+            assert reg.parent.endswith("pulumi:pulumi:Stack::ipvs-ingress-dev")
+
+
+def test_deployment_image_replicas_and_labels(dev_run):
+    dep = dev_run.one(DEPLOYMENT).inputs
+    assert dep["metadata"]["name"] == "nginx"
+    assert dep["metadata"]["namespace"] == "web-dev"
+    spec = dep["spec"]
+    assert spec["replicas"] == 3
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["image"] == "nginx:1.27.3"
+    assert container["ports"] == [{"name": "http", "containerPort": 80, "protocol": "TCP"}]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/", "port": "http"}
+    assert set(container["resources"]) == {"requests", "limits"}
+    labels = spec["template"]["metadata"]["labels"]
+    assert labels == {
+        "app.kubernetes.io/name": "nginx",
+        "app.kubernetes.io/instance": "nginx-dev",
+        "app.kubernetes.io/component": "web",
+        "app.kubernetes.io/part-of": "ipvs-ingress",
+        "app.kubernetes.io/managed-by": "pulumi",
+    }
+    # The selector picks the pods, and only by labels that never change.
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_service_external_ips_are_the_vips(dev_run):
+    svc = dev_run.one(SERVICE).inputs
+    assert svc["metadata"]["name"] == "nginx"
+    assert svc["spec"]["externalIPs"] == [v["address"] for v in DEV_CONFIG["vips"]]
+    assert svc["spec"]["ports"] == [
+        {"name": "tcp-80", "port": 80, "protocol": "TCP", "targetPort": 80},
+        {"name": "udp-5353", "port": 5353, "protocol": "UDP", "targetPort": 80},
+    ]
+    dep = dev_run.one(DEPLOYMENT).inputs
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
+    director = {
+        "host": "203.0.113.2",
+        "port": 22,
+        "user": "root",
+        "hostKey": PINNED_KEY,
+        "interface": "eth0",
+    }
+    v4 = [{"address": "203.0.113.11", "weight": 1}, {"address": "203.0.113.12", "weight": 3}]
+    expected = {
+        "vs-tcp-203-0-113-201-80": ("203.0.113.201", 80, "tcp", "wlc", 0, v4),
+        "vs-tcp-203-0-113-202-80": ("203.0.113.202", 80, "tcp", "rr", 60, v4),
+        "vs-udp-203-0-113-202-5353": ("203.0.113.202", 5353, "udp", "rr", 60, v4),
+        "vs-tcp-2001-db8--201-80": (
+            "2001:db8::201", 80, "tcp", "wlc", 0, [{"address": "2001:db8::11", "weight": 1}],
+        ),
+    }  # fmt: skip
+    found = dev_run.of_type(VS_TYPE)
+    assert sorted(r.name for r in found) == sorted(expected)
+    for reg in found:
+        vip, port, protocol, scheduler, persistence, real_servers = expected[reg.name]
+        inputs = {k: v for k, v in reg.inputs.items() if k in model.INPUT_KEYS}
+        assert inputs == {
+            "director": director,
+            "vip": vip,
+            "port": port,
+            "protocol": protocol,
+            "scheduler": scheduler,
+            "persistenceSeconds": persistence,
+            "realServers": real_servers,
+        }
+        # Everything else is the provider's own bookkeeping (its pickle, declared outputs).
+        assert set(reg.inputs) - set(model.INPUT_KEYS) <= {"__provider", "ipvsadm", "inSync"}
+
+
+def test_virtual_services_depend_on_the_service(dev_run):
+    service_urn = next(u for r in dev_run.of_type(VS_TYPE) for u in r.dependencies)
+    assert service_urn.endswith("kubernetes:core/v1:Service::nginx")
+    assert all(r.dependencies == [service_urn] for r in dev_run.of_type(VS_TYPE))
+
+
+def test_outputs(dev_run):
+    assert dev_run.outputs == {
+        "vips": ["203.0.113.201", "203.0.113.202", "2001:db8::201"],
+        "urls": [
+            "http://203.0.113.201:80",
+            "http://203.0.113.202:80",
+            "udp://203.0.113.202:5353",
+            "http://[2001:db8::201]:80",
+        ],
+        "virtualServices": [
+            "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
+            "TCP 203.0.113.201:80 wlc -> 203.0.113.12:80 Route 3",
+            "TCP 203.0.113.202:80 rr persistent 60 -> 203.0.113.11:80 Route 1",
+            "TCP 203.0.113.202:80 rr persistent 60 -> 203.0.113.12:80 Route 3",
+            "UDP 203.0.113.202:5353 rr persistent 60 -> 203.0.113.11:5353 Route 1",
+            "UDP 203.0.113.202:5353 rr persistent 60 -> 203.0.113.12:5353 Route 3",
+            "TCP [2001:db8::201]:80 wlc -> [2001:db8::11]:80 Route 1",
+        ],
+        "service": "web-dev/nginx",
+    }
+
+
+def test_no_bootstrap_commands_by_default(dev_run):
+    assert dev_run.of_type(COMMAND) == []
+    assert dev_run.of_type("ipvs-ingress:index:DirectorBootstrap") == []
+
+
+def test_bootstrap_commands_pin_the_host_key_and_keep_the_key_secret(bootstrap_run):
+    commands = bootstrap_run.of_type(COMMAND)
+    assert [c.name for c in commands] == [
+        "ingress-bootstrap-packages",
+        "ingress-bootstrap-kernel-modules",
+        "ingress-bootstrap-ip-forward",
+    ]
+    for cmd in commands:
+        assert cmd.parent.endswith("ipvs-ingress:index:DirectorBootstrap::ingress-bootstrap")
+        conn = cmd.inputs["connection"]
+        # A secret Output arrives wrapped: the whole connection is secret because the key is.
+        assert conn[pulumi.runtime.rpc._special_sig_key] == pulumi.runtime.rpc._special_secret_sig
+        conn = conn["value"]
+        assert conn["host"] == "203.0.113.2"
+        assert conn["hostKey"] == PINNED_KEY
+        assert conn["privateKey"] == PRIVATE_KEY
+        assert cmd.delete_before_replace
+    script = " ".join(c.inputs["create"] for c in commands)
+    for needle in ("ipvsadm", "python3-pip", "pyroute2==0.9.7", "ip_vs_wlc", "ip_vs_rr"):
+        assert needle in script
+    assert "net.ipv4.ip_forward" in script
+
+
+def test_virtual_services_wait_for_the_bootstrap(bootstrap_run):
+    command_urns = {u for r in bootstrap_run.of_type(VS_TYPE) for u in r.dependencies}
+    assert {u.rsplit("::", 1)[1] for u in command_urns} == {
+        "nginx",
+        "ingress-bootstrap-packages",
+        "ingress-bootstrap-kernel-modules",
+        "ingress-bootstrap-ip-forward",
+    }
+
+
+@pytest.mark.parametrize("fixture", ["dev_run", "bootstrap_run"])
+def test_key_material_only_in_bootstrap_connections(fixture, request):
+    run = request.getfixturevalue(fixture)
+    for reg in run.resources:
+        if reg.typ == COMMAND:
+            continue
+        assert KEY_MARKER not in reg.raw, reg.name
+        assert "PRIVATE KEY" not in reg.raw, reg.name
+    assert KEY_MARKER not in repr(run.outputs)
+
+
+def test_bootstrap_without_a_key_is_one_line():
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(dev_config(bootstrap=True))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("ipvs-ingress:sshPrivateKey: not set")
+    assert "pulumi config set --secret sshPrivateKey" in message
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda c: c["vips"][1]["ports"][1].update(port=70000),
+            "ipvs-ingress:vips[1].ports[1].port: 70000 is not a valid port",
+        ),
+        (
+            lambda c: c["director"].pop("hostKey"),
+            "ipvs-ingress:director.hostKey: None is not a pinned host key",
+        ),
+        (
+            lambda c: c.update(app={"image": "nginx:latest"}),
+            "ipvs-ingress:app.image: 'nginx:latest' is not a pinned image",
+        ),
+    ],
+)
+def test_config_errors_surface_as_one_line_run_errors(mutate, expected):
+    values = dev_config()
+    mutate(values)
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(values)
+    assert str(err.value).startswith(expected)
+    assert "\n" not in str(err.value)
+
+
+def test_unparseable_config_value_is_one_line():
+    with pytest.raises(pulumi.RunError) as err:
+        run_program({**DEV_CONFIG, "vips": "203.0.113.201"})
+    assert str(err.value).startswith("ipvs-ingress:vips: '203.0.113.201' is not a list of VIPs")
+
+
+def test_config_value_that_is_not_json_is_one_line():
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(DEV_CONFIG, raw={"app": "{name: nginx"})
+    assert str(err.value).startswith("Configuration 'ipvs-ingress:app' value '{name: nginx'")
+    assert str(err.value).endswith(
+        "write it as YAML structure under config: in the stack file (see docs/program.md)"
+    )
+    assert "\n" not in str(err.value)

@@ -1,0 +1,96 @@
+"""Pulumi.yaml and the example stacks: valid for Pulumi, parseable by the program, no secrets."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+import yaml
+
+from components.config import KEYS, SECRET_KEY, load_stack_file
+from providers.model import parse_host_key
+from tests.program.conftest import ROOT
+
+# Pulumi's project schema (sdk/go/common/workspace/project.json): the declaration keys and types.
+CONFIG_TYPES = {"string", "integer", "boolean", "array", "object"}
+DECLARATION_KEYS = {"type", "items", "description", "secret", "default", "value"}
+# RFC 5737 documentation ranges and RFC 3849 for IPv6.
+DOC_NETS = [
+    ipaddress.ip_network(n)
+    for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+]
+STACKS = sorted((ROOT / "stacks").glob("Pulumi.*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def project() -> dict:
+    return yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+
+
+def test_project_runtime_and_layout(project):
+    assert project["name"] == "ipvs-ingress"
+    assert project["runtime"] == {
+        "name": "python",
+        "options": {"toolchain": "pip", "virtualenv": "venv"},
+    }
+    assert project["stackConfigDir"] == "stacks"
+    assert (ROOT / project["stackConfigDir"]).is_dir()
+
+
+def test_config_declarations_are_typed_and_described(project):
+    config = project["config"]
+    assert set(config) == {*KEYS, SECRET_KEY}
+    for key, decl in config.items():
+        assert set(decl) <= DECLARATION_KEYS, key
+        assert decl["type"] in CONFIG_TYPES, key
+        assert decl["description"].strip(), key
+        if decl["type"] == "array":
+            assert decl["items"]["type"] in CONFIG_TYPES, key
+
+
+def test_private_key_is_a_secret_without_a_default(project):
+    decl = project["config"][SECRET_KEY]
+    assert decl == {"type": "string", "secret": True, "description": decl["description"]}
+
+
+def test_only_app_is_optional(project):
+    # Every other key has no sensible default: the engine then insists that a stack sets it.
+    assert {k for k, d in project["config"].items() if "default" in d} == {"app"}
+    assert project["config"]["app"]["default"] == {}
+
+
+def test_there_are_dev_and_prod_stacks():
+    assert [p.name for p in STACKS] == ["Pulumi.dev.yaml", "Pulumi.prod.yaml"]
+
+
+@pytest.mark.parametrize("path", STACKS, ids=lambda p: p.name)
+def test_stack_parses_through_the_config_layer(path):
+    config = yaml.safe_load(path.read_text())["config"]
+    cfg = load_stack_file(config)
+    assert cfg.vips and cfg.real_servers and cfg.virtual_services
+    assert parse_host_key(cfg.director.host_key)[0] == "ssh-ed25519"
+
+
+@pytest.mark.parametrize("path", STACKS, ids=lambda p: p.name)
+def test_stack_holds_no_secret(path):
+    text = path.read_text()
+    config = yaml.safe_load(text)["config"]
+    assert f"ipvs-ingress:{SECRET_KEY}" not in config
+    assert "secure:" not in text
+    assert "PRIVATE KEY" not in text
+    assert "encryptionsalt" not in text
+
+
+@pytest.mark.parametrize("path", STACKS, ids=lambda p: p.name)
+def test_stack_uses_documentation_addresses_only(path):
+    config = yaml.safe_load(path.read_text())["config"]
+    cfg = load_stack_file(config)
+    addresses = [v.address for v in cfg.vips] + [r.address for r in cfg.real_servers]
+    addresses.append(cfg.director.host)
+    for address in addresses:
+        ip = ipaddress.ip_address(address)
+        assert any(ip in net for net in DOC_NETS), address
+    # And nothing that looks like an address slipped in elsewhere (e.g. in a comment).
+    for literal in re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", path.read_text()):
+        assert any(ipaddress.ip_address(literal) in net for net in DOC_NETS), literal
