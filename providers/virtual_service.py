@@ -8,6 +8,7 @@ the pickled provider, never a resource input, and never an output.
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from typing import Any
@@ -28,6 +29,7 @@ from pulumi.dynamic import (
 from providers import model
 from providers.transport import POOL, DirectorError
 
+log = logging.getLogger("ipvs_ingress.provider")
 PRIVATE_KEY_CONFIG = "ipvs-ingress:sshPrivateKey"
 _UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"  # pulumi.runtime.rpc.UNKNOWN, during previews
 
@@ -65,18 +67,14 @@ class VirtualServiceProvider(ResourceProvider):
     # -- through the director --
     def create(self, props: dict[str, Any]) -> CreateResult:
         director, spec = model.parse_virtual_service(props)
-        result = self._session(director).request(
-            "apply", spec=model.spec_to_dict(spec), interface=director.interface
-        )
+        result = self._apply(director, spec)
         return CreateResult(
             f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result["live"])
         )
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         director, spec = model.parse_virtual_service(news)
-        result = self._session(director).request(
-            "apply", spec=model.spec_to_dict(spec), interface=director.interface
-        )
+        result = self._apply(director, spec)
         return UpdateResult(_outputs(director, spec, result["live"]))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -93,6 +91,20 @@ class VirtualServiceProvider(ResourceProvider):
         self._session(director).request(
             "delete", protocol=spec.protocol, vip=spec.vip, port=spec.port
         )
+
+    def _apply(self, director: model.Director, spec: model.VirtualServiceSpec) -> dict:
+        session = self._session(director)
+        result = session.request(
+            "apply", spec=model.spec_to_dict(spec), interface=director.interface
+        )
+        log.info(
+            "applied %s on %s: %d kernel change(s) %s",
+            spec.key,
+            director.label,
+            result["touched"],
+            result["changes"],
+        )
+        return result
 
     def _session(self, director: model.Director):
         key = getattr(self, "_private_key", None)
