@@ -94,3 +94,20 @@ def test_stack_uses_documentation_addresses_only(path):
     # And nothing that looks like an address slipped in elsewhere (e.g. in a comment).
     for literal in re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", path.read_text()):
         assert any(ipaddress.ip_address(literal) in net for net in DOC_NETS), literal
+
+
+def test_workflow_previews_every_stack_on_pull_requests_and_ups_on_main():
+    workflow = yaml.safe_load((ROOT / ".github/workflows/pulumi.yml").read_text())
+    stacks = [p.name.split(".")[1] for p in STACKS]
+    jobs = workflow["jobs"]
+    for job, command in (("preview", "preview"), ("up", "up")):
+        assert [m["stack"] for m in jobs[job]["strategy"]["matrix"]["include"]] == stacks
+        (step,) = [s for s in jobs[job]["steps"] if s.get("with", {}).get("command")]
+        assert step["with"]["command"] == command
+        assert step["with"]["stack-name"] == "${{ matrix.stack }}"
+    assert jobs["preview"]["steps"][-1]["with"]["comment-on-pr"] is True
+    assert "pull_request" in jobs["preview"]["if"]
+    assert "refs/heads/main" in jobs["up"]["if"]
+    # Every action pinned to an exact release.
+    uses = [s["uses"] for j in jobs.values() for s in j["steps"] if "uses" in s]
+    assert uses and all(re.fullmatch(r"[\w-]+/[\w-]+@v\d+\.\d+\.\d+", u) for u in uses), uses
