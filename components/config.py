@@ -116,35 +116,30 @@ def load(values: Mapping[str, Any]) -> StackConfig:
 
     Raises ConfigError naming every bad field with its path, the value and the fix.
     """
-    problems: list[Problem] = []
-    app = _app(values.get("app"), problems)
-    raw_vips = _vips(values.get("vips"), problems)
-    raw_rs = values.get("realServers")
-    if isinstance(raw_rs, list):
-        for k, item in enumerate(raw_rs):
+    report = _Report()
+    app = _app(report, values.get("app"))
+    vips = _vips(report, values.get("vips"))
+    real_servers = values.get("realServers")
+    if isinstance(real_servers, list):
+        for k, item in enumerate(real_servers):
             if isinstance(item, Mapping):
-                _object(f"{path('realServers')}[{k}]", item, ("address", "weight"), problems, "")
-    director, bootstrap = _director(values.get("director"), problems)
-    specs = _virtual_services(raw_vips, raw_rs, values.get("director"), problems)
-    problems = list(dict.fromkeys(problems))  # one VIP's checks repeat shared fields
-    if problems:
-        raise ConfigError(problems)
-    vips = tuple(
-        Vip(
-            address=specs[i][0].vip,
-            ports=tuple(VipPort(s.port, s.protocol) for s in specs[i]),
-            scheduler=specs[i][0].scheduler,
-            persistence_seconds=specs[i][0].persistence_seconds,
-        )
-        for i in range(len(raw_vips))
-    )
-    real_servers = tuple(
-        dict.fromkeys(rs for group in specs for s in group for rs in s.real_servers)
-    )
+                report.object(f"{path('realServers')}[{k}]", item, ("address", "weight"), "")
+    director, bootstrap = _director(report, values.get("director"))
+    specs = _virtual_services(report, vips, real_servers, values.get("director"))
+    if report.problems:
+        raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
         app=app,
-        vips=vips,
-        real_servers=real_servers,
+        vips=tuple(
+            Vip(
+                group[0].vip,
+                tuple(VipPort(s.port, s.protocol) for s in group),
+                group[0].scheduler,
+                group[0].persistence_seconds,
+            )
+            for group in specs
+        ),  # fmt: skip
+        real_servers=tuple(dict.fromkeys(r for g in specs for s in g for r in s.real_servers)),
         director=director,
         bootstrap=bootstrap,
         virtual_services=tuple(s for group in specs for s in group),
@@ -155,68 +150,59 @@ def load_stack_file(config: Mapping[str, Any]) -> StackConfig:
     """Parse the `config:` block of a stacks/Pulumi.<stack>.yaml file (namespaced keys)."""
     prefix = f"{PROJECT}:"
     ours = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
-    unknown = [k for k in ours if k not in (*KEYS, SECRET_KEY)]
-    if unknown:
-        raise ConfigError([_unknown_key(path(k), k, (*KEYS, SECRET_KEY)) for k in unknown])
+    report = _Report()
+    report.object(PROJECT, ours, (*KEYS, SECRET_KEY), "")
+    if report.problems:
+        raise ConfigError(
+            [Problem(p.field.replace(".", ":", 1), p.message) for p in report.problems]
+        )
     return load(ours)
 
 
 # --- sections ---------------------------------------------------------------------------------
 
 
-def _object(name: str, value: Any, known: Sequence[str], problems: list[Problem], shape: str):
-    """The mapping at `name`, or None after reporting; unknown keys are reported as typos."""
-    if not isinstance(value, Mapping):
-        problems.append(Problem(name, f"{_short(value)} is not an object: give {shape}"))
-        return None
-    for key in value:
-        if key not in known:
-            problems.append(_unknown_key(f"{name}.{key}", key, known))
-    return value
+class _Report:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.problems.append(Problem(field, message))
+
+    def object(self, name: str, value: Any, known: Sequence[str], shape: str) -> Mapping | None:
+        """The mapping at `name`, or None after reporting; unknown keys are reported as typos."""
+        if not isinstance(value, Mapping):
+            self.add(name, f"{_short(value)} is not an object: give {shape}")
+            return None
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), list(known), n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"use only {', '.join(known)}"
+                self.add(f"{name}.{key}", f"unknown key {key!r}: {fix}")
+        return value
+
+    def integer(self, name: str, value: Any, lo: int, hi: int, what: str) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
+            return value
+        self.add(name, f"{_short(value)} is not a valid {what}: use a whole number from {lo} to {hi}")  # fmt: skip
+        return lo
 
 
-def _unknown_key(name: str, key: Any, known: Sequence[str]) -> Problem:
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    fix = f"did you mean {close[0]!r}?" if close else f"use only {', '.join(known)}"
-    return Problem(name, f"unknown key {key!r}: {fix}")
-
-
-def _app(value: Any, problems: list[Problem]) -> App:
+def _app(report: _Report, value: Any) -> App:
     name = path("app")
-    raw = _object(
-        name,
-        {} if value is None else value,
-        list(APP_DEFAULTS),
-        problems,
-        "{name, namespace, image, replicas, containerPort}",
-    )  # noqa: E501
+    shape = "{name, namespace, image, replicas, containerPort}"
+    raw = report.object(name, {} if value is None else value, list(APP_DEFAULTS), shape)
     merged = {**APP_DEFAULTS, **(raw or {})}
     app_name, namespace, image = merged["name"], merged["namespace"], merged["image"]
+    label = "use lowercase letters, digits and '-', at most 63 characters"
     if not isinstance(app_name, str) or not _DNS1035.match(app_name):
-        problems.append(
-            Problem(
-                f"{name}.name",
-                f"{_short(app_name)} is not a Kubernetes Service name: use lowercase letters, digits and '-', starting with a letter, at most 63 characters",
-            )
-        )  # noqa: E501
+        report.add(f"{name}.name", f"{_short(app_name)} is not a Kubernetes Service name: {label}, starting with a letter")  # fmt: skip
     if not isinstance(namespace, str) or not _DNS1123.match(namespace):
-        problems.append(
-            Problem(
-                f"{name}.namespace",
-                f"{_short(namespace)} is not a namespace name: use lowercase letters, digits and '-', at most 63 characters",
-            )
-        )  # noqa: E501
+        report.add(f"{name}.namespace", f"{_short(namespace)} is not a namespace name: {label}")
     if not _pinned_image(image):
-        problems.append(
-            Problem(
-                f"{name}.image",
-                f"{_short(image)} is not a pinned image: give a tag or digest, e.g. nginx:1.27.3 (not :latest)",
-            )
-        )  # noqa: E501
-    replicas = _integer(f"{name}.replicas", merged["replicas"], 0, 1000, "replica count", problems)
-    port = _integer(
-        f"{name}.containerPort", merged["containerPort"], 1, 65535, "container port", problems
-    )  # noqa: E501
+        report.add(f"{name}.image", f"{_short(image)} is not a pinned image: give a tag or digest, e.g. nginx:1.27.3 (not :latest)")  # fmt: skip
+    replicas = report.integer(f"{name}.replicas", merged["replicas"], 0, 1000, "replica count")
+    port = report.integer(f"{name}.containerPort", merged["containerPort"], 1, 65535, "container port")  # fmt: skip
     return App(app_name, namespace, image, replicas, port)
 
 
@@ -229,143 +215,90 @@ def _pinned_image(image: Any) -> bool:
     return ":" in last and not last.endswith((":", ":latest"))
 
 
-def _integer(name: str, value: Any, lo: int, hi: int, what: str, problems: list[Problem]) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
-        return value
-    problems.append(
-        Problem(
-            name, f"{_short(value)} is not a valid {what}: use a whole number from {lo} to {hi}"
-        )
-    )  # noqa: E501
-    return lo
+# A VIP entry and its (index, port entry) pairs, structurally sound; values checked later.
+_RawVip = tuple[Mapping, list[tuple[int, Mapping]]]
 
 
-def _vips(value: Any, problems: list[Problem]) -> list[tuple[Mapping, list[Mapping]]]:
-    """Each VIP entry with its port entries; structural checks and duplicates only."""
+def _vips(report: _Report, value: Any) -> list[_RawVip]:
     name = path("vips")
     if not isinstance(value, list) or not value:
-        problems.append(
-            Problem(
-                name,
-                f"{_short(value)} is not a list of VIPs: give at least one {{address, ports: [{{port, protocol}}]}}",
-            )
-        )  # noqa: E501
+        report.add(name, f"{_short(value)} is not a list of VIPs: give at least one {{address, ports: [{{port, protocol}}]}}")  # fmt: skip
         return []
-    out: list[tuple[Mapping, list[Mapping]]] = []
-    seen_vip: dict[str, int] = {}
+    out: list[_RawVip] = []
+    seen: dict[str, int] = {}
     for i, item in enumerate(value):
         vname = f"{name}[{i}]"
-        raw = _object(
-            vname,
-            item,
-            ("address", "ports", *VIP_DEFAULTS),
-            problems,
-            "{address, ports, scheduler, persistenceSeconds}",
-        )  # noqa: E501
-        if raw is None:
-            out.append(({}, []))
-            continue
-        canonical = _canonical(raw.get("address"))
-        if canonical in seen_vip:
-            j = seen_vip[canonical]
-            problems.append(
-                Problem(
-                    f"{vname}.address",
-                    f"{raw.get('address')!r} repeats {name}[{j}].address: list its ports in one entry",
-                )
-            )  # noqa: E501
-        elif canonical is not None:
-            seen_vip[canonical] = i
-        ports = raw.get("ports")
-        if not isinstance(ports, list) or not ports:
-            problems.append(
-                Problem(
-                    f"{vname}.ports",
-                    f"{_short(ports)} is not a list of ports: give at least one {{port, protocol}}, e.g. [{{port: 80, protocol: tcp}}]",
-                )
-            )  # noqa: E501
-            out.append((raw, []))
-            continue
-        entries: list[Mapping] = []
-        seen_port: dict[tuple[Any, Any], int] = {}
-        for j, port in enumerate(ports):
-            pname = f"{vname}.ports[{j}]"
-            praw = _object(pname, port, ("port", "protocol"), problems, "{port, protocol}")
-            if praw is None:
-                continue
-            key = (praw.get("port"), str(praw.get("protocol", "tcp")).lower())
-            if key in seen_port:
-                problems.append(
-                    Problem(
-                        pname,
-                        f"{key[1]}/{key[0]} repeats {vname}.ports[{seen_port[key]}]: list each port once",
-                    )
-                )  # noqa: E501
-                continue
-            seen_port[key] = j
-            entries.append({**praw, "_index": j})
-        out.append((raw, entries))
+        shape = "{address, ports, scheduler, persistenceSeconds}"
+        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape) or {}
+        address = _canonical(raw.get("address"))
+        if address in seen:
+            report.add(f"{vname}.address", f"{raw['address']!r} repeats {name}[{seen[address]}].address: list its ports in one entry")  # fmt: skip
+        elif address is not None:
+            seen[address] = i
+        out.append((raw, _ports(report, vname, raw.get("ports")) if raw else []))
     return out
 
 
-def _director(value: Any, problems: list[Problem]) -> tuple[Director, bool]:
+def _ports(report: _Report, vname: str, value: Any) -> list[tuple[int, Mapping]]:
+    if not isinstance(value, list) or not value:
+        report.add(f"{vname}.ports", f"{_short(value)} is not a list of ports: give at least one {{port, protocol}}, e.g. [{{port: 80, protocol: tcp}}]")  # fmt: skip
+        return []
+    out: list[tuple[int, Mapping]] = []
+    seen: dict[tuple[Any, str], int] = {}
+    for j, item in enumerate(value):
+        pname = f"{vname}.ports[{j}]"
+        raw = report.object(pname, item, ("port", "protocol"), "{port, protocol}")
+        if raw is None:
+            continue
+        key = (raw.get("port"), str(raw.get("protocol", "tcp")).lower())
+        if key in seen:
+            report.add(pname, f"{key[1]}/{key[0]} repeats {vname}.ports[{seen[key]}]: list each port once")  # fmt: skip
+            continue
+        seen[key] = j
+        out.append((j, raw))
+    return out
+
+
+def _director(report: _Report, value: Any) -> tuple[Director, bool]:
     name = path("director")
     shape = "{host, hostKey, port, user, interface, bootstrap, proxyCommand}"
-    raw = _object(name, value, DIRECTOR_KEYS, problems, shape)
+    raw = report.object(name, value, DIRECTOR_KEYS, shape)
     if raw is None:
         return Director(host="", host_key=""), False
-    director, found = model.check_director(
-        {k: v for k, v in raw.items() if k != "bootstrap"}, prefix=name
-    )  # noqa: E501
-    problems.extend(found)
+    director, found = model.check_director(_ssh_fields(raw), prefix=name)
+    report.problems.extend(found)
     bootstrap = raw.get("bootstrap", False)
     if not isinstance(bootstrap, bool):
-        problems.append(
-            Problem(
-                f"{name}.bootstrap",
-                f"{_short(bootstrap)} is not a boolean: use true to prepare the director with pulumi-command, false if it is prepared already",
-            )
-        )  # noqa: E501
+        report.add(f"{name}.bootstrap", f"{_short(bootstrap)} is not a boolean: use true to prepare the director with pulumi-command, false if it is prepared already")  # fmt: skip
         bootstrap = False
     if bootstrap and raw.get("proxyCommand") is not None:
-        # pulumi-command's SSH connection can only hop through an SSH bastion, not run a command.
-        problems.append(
-            Problem(
-                f"{name}.bootstrap",
-                "true cannot go through director.proxyCommand (pulumi-command has no ProxyCommand): prepare the director by hand as docs/program.md shows and set bootstrap: false",
-            )
-        )  # noqa: E501
+        # pulumi-command's SSH connection can hop through an SSH bastion, not run a command.
+        report.add(f"{name}.bootstrap", "true cannot go through director.proxyCommand (pulumi-command has no ProxyCommand): prepare the director by hand as docs/program.md shows and set bootstrap: false")  # fmt: skip
     return director or Director(host="", host_key=""), bootstrap
 
 
+def _ssh_fields(director: Mapping) -> dict[str, Any]:
+    """The director as the VirtualService resource takes it: bootstrap is the program's own."""
+    return {k: v for k, v in director.items() if k != "bootstrap"}
+
+
 def _virtual_services(
-    vips: list[tuple[Mapping, list[Mapping]]],
-    raw_rs: Any,
-    raw_director: Any,
-    problems: list[Problem],
+    report: _Report, vips: list[_RawVip], real_servers: Any, director: Any
 ) -> list[list[VirtualServiceSpec]]:
     """Run the provider's own check on each (VIP, port); map its fields to config paths."""
     out: list[list[VirtualServiceSpec]] = []
     used: set[int] = set()
-    director = (
-        {k: v for k, v in raw_director.items() if k != "bootstrap"}
-        if isinstance(raw_director, Mapping)
-        else {}
-    )  # noqa: E501
+    director = _ssh_fields(director) if isinstance(director, Mapping) else {}
     for i, (vip, ports) in enumerate(vips):
-        rs, rs_index = _same_family(raw_rs, vip.get("address"))
-        if isinstance(raw_rs, list) and raw_rs and not rs:
-            problems.append(
-                Problem(
-                    f"{path('vips')}[{i}].address",
-                    f"{vip.get('address')!r} has no real server of its address family: add the nodes' IPv{_family(vip.get('address'))} addresses to {path('realServers')}",
-                )
-            )  # noqa: E501
+        rs, rs_index = _same_family(real_servers, vip.get("address"))
+        if isinstance(real_servers, list) and real_servers and not rs:
+            family = _family(vip["address"])
+            report.add(f"{path('vips')}[{i}].address", f"{vip['address']!r} has no real server of its address family: add the nodes' IPv{family} addresses to {path('realServers')}")  # fmt: skip
             out.append([])
             continue
         used.update(rs_index)
         group: list[VirtualServiceSpec] = []
-        for port in ports:
+        for j, port in ports:
             props = {
                 "director": director,
                 "vip": vip.get("address"),
@@ -374,31 +307,27 @@ def _virtual_services(
                 "scheduler": vip.get("scheduler", VIP_DEFAULTS["scheduler"]),
                 "persistenceSeconds": vip.get(
                     "persistenceSeconds", VIP_DEFAULTS["persistenceSeconds"]
-                ),  # noqa: E501
+                ),  # fmt: skip
                 "realServers": rs,
             }
             found = model.check_virtual_service(props)
-            problems.extend(
-                Problem(_config_field(p.field, i, port["_index"], rs_index), p.message)
+            report.problems.extend(
+                Problem(_config_field(p.field, i, j, rs_index), p.message)
                 for p in found
                 if not p.field.startswith("director")  # reported once by _director
             )
             if not found:
                 group.append(model.parse_virtual_service(props)[1])
         out.append(group)
-    if vips and isinstance(raw_rs, list):
-        problems.extend(
-            Problem(
-                f"{path('realServers')}[{k}].address",
-                f"{raw_rs[k]['address']!r} is IPv{_family(raw_rs[k]['address'])} but no VIP is: remove it or add a VIP of that family",
-            )  # noqa: E501
-            for k in range(len(raw_rs))
-            if k not in used
-        )
+    if vips and isinstance(real_servers, list):
+        for k in sorted(set(range(len(real_servers))) - used):
+            address = real_servers[k]["address"]
+            report.add(f"{path('realServers')}[{k}].address", f"{address!r} is IPv{_family(address)} but no VIP is: remove it or add a VIP of that family")  # fmt: skip
     return out
 
 
 def _config_field(field: str, i: int, j: int, rs_index: list[int]) -> str:
+    """A provider property path ("port", "realServers[1].weight") as a stack config path."""
     vip = f"{path('vips')}[{i}]"
     if field.startswith("realServers["):
         k, rest = field[len("realServers[") :].split("]", 1)
@@ -413,20 +342,22 @@ def _config_field(field: str, i: int, j: int, rs_index: list[int]) -> str:
     }.get(field, f"{vip}.{field}")
 
 
-def _same_family(raw_rs: Any, vip: Any) -> tuple[Any, list[int]]:
+def _same_family(real_servers: Any, vip: Any) -> tuple[Any, list[int]]:
     """The real servers a VIP forwards to: those of its family (dual-stack nodes list both).
 
     Entries that are not addresses at all stay in, so the provider's check reports them.
     """
+    if not isinstance(real_servers, list):
+        return real_servers, []
     family = _family(vip)
-    if not isinstance(raw_rs, list) or family is None:
-        return raw_rs, list(range(len(raw_rs))) if isinstance(raw_rs, list) else []
     keep = [
         k
-        for k, item in enumerate(raw_rs)
-        if not isinstance(item, Mapping) or _family(item.get("address")) in (None, family)
+        for k, item in enumerate(real_servers)
+        if family is None
+        or not isinstance(item, Mapping)
+        or _family(item.get("address")) in (None, family)
     ]
-    return [raw_rs[k] for k in keep], keep
+    return [real_servers[k] for k in keep], keep
 
 
 def _family(address: Any) -> int | None:
@@ -437,10 +368,8 @@ def _family(address: Any) -> int | None:
 
 
 def _canonical(address: Any) -> str | None:
-    try:
-        return str(ipaddress.ip_address(address)) if isinstance(address, str) else None
-    except ValueError:
-        return None
+    family = _family(address)
+    return str(ipaddress.ip_address(address)) if family else None
 
 
 def _short(value: Any) -> str:

@@ -53,13 +53,13 @@ def test_packages_install_only_what_is_missing():
     assert (
         "2>/dev/null || PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q pyroute2==0.9.7"
         in script
-    )  # noqa: E501
+    )
 
 
 @pytest.mark.parametrize(
     ("version", "ok"),
     [("0.9.7", True), ("0.9.5", True), ("0.9.4", False), ("0.7.12", False), ("1.0.0", True)],
-)  # noqa: E501
+)
 def test_pyroute2_version_check(version, ok, tmp_path):
     # Run the exact check against a fake installed distribution of that version.
     dist = tmp_path / f"pyroute2-{version}.dist-info"
@@ -68,5 +68,5 @@ def test_pyroute2_version_check(version, ok, tmp_path):
     check = bootstrap._PYROUTE2_CHECK
     result = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); {check}"]
-    )  # noqa: E501
+    )
     assert (result.returncode == 0) is ok

@@ -67,7 +67,7 @@ def test_addresses_and_case_are_normalized():
         lambda v: v["vips"][0].update(
             address="2001:DB8:0::1", ports=[{"port": 53, "protocol": "UDP"}]
         ),
-    )  # noqa: E501
+    )
     values["realServers"] = [{"address": "2001:db8:0:0::11"}]
     cfg = load(values)
     assert cfg.vips[0].address == "2001:db8::1"
@@ -87,119 +87,119 @@ def test_proxy_command_is_kept():
         (
             lambda v: v["vips"][0]["ports"].append({"port": 80.5}),
             "ipvs-ingress:vips[0].ports[1].port: 80.5 is not a valid port: use a whole number from 1 to 65535",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0]["ports"][0].update(protocol="sctp"),
             "ipvs-ingress:vips[0].ports[0].protocol: 'sctp' is not supported: use one of tcp, udp",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(scheduler="round-robin"),
             "ipvs-ingress:vips[0].scheduler: 'round-robin' is not supported: use one of rr, wrr",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(persistenceSeconds=-5),
             "ipvs-ingress:vips[0].persistenceSeconds: -5 is not a valid persistence timeout",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(address="203.0.113.300"),
             "ipvs-ingress:vips[0].address: '203.0.113.300' is not an IP address",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"].append({"address": "203.0.113.201", "ports": [{"port": 443}]}),
             "ipvs-ingress:vips[1].address: '203.0.113.201' repeats ipvs-ingress:vips[0].address",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0]["ports"].append({"port": 80, "protocol": "tcp"}),
             "ipvs-ingress:vips[0].ports[1]: tcp/80 repeats ipvs-ingress:vips[0].ports[0]: list each port once",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(ports=[]),
             "ipvs-ingress:vips[0].ports: [] is not a list of ports",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(vips=[]),
             "ipvs-ingress:vips: [] is not a list of VIPs: give at least one",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(adress="203.0.113.9"),
             "ipvs-ingress:vips[0].adress: unknown key 'adress': did you mean 'address'?",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["realServers"].append({"address": "203.0.113.11"}),
             "ipvs-ingress:realServers[1].address: '203.0.113.11' repeats realServers[0]",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["realServers"][0].update(weight=70000),
             "ipvs-ingress:realServers[0].weight: 70000 is not a valid weight: use a whole number from 0 to 65535",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["realServers"][0].update(wieght=2),
             "ipvs-ingress:realServers[0].wieght: unknown key 'wieght': did you mean 'weight'?",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["realServers"].append({"address": "2001:db8::11"}),
             "ipvs-ingress:realServers[1].address: '2001:db8::11' is IPv6 but no VIP is",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(realServers=[{"address": "203.0.113.201"}]),
             "ipvs-ingress:realServers[0].address: '203.0.113.201' is the VIP itself",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(realServers=[]),
             "ipvs-ingress:realServers: [] is not a list of real servers",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["vips"][0].update(address="2001:db8::1"),
             "ipvs-ingress:vips[0].address: '2001:db8::1' has no real server of its address family",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["director"].update(hostKey="ssh-ed25519 AAAA"),
             "ipvs-ingress:director.hostKey: 'ssh-ed25519 AAAA' is not a pinned host key",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["director"].update(port="22"),
             "ipvs-ingress:director.port: '22' is not a valid SSH port",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["director"].update(interface="eth 0"),
             "ipvs-ingress:director.interface: 'eth 0' is not a network interface name",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["director"].update(bootstrap="yes"),
             "ipvs-ingress:director.bootstrap: 'yes' is not a boolean",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v["director"].update(bootstrap=True, proxyCommand="nc %h %p"),
             "ipvs-ingress:director.bootstrap: true cannot go through director.proxyCommand",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(director="203.0.113.2"),
             "ipvs-ingress:director: '203.0.113.2' is not an object",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"name": "Web_App"}),
             "ipvs-ingress:app.name: 'Web_App' is not a Kubernetes Service name",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"namespace": "-web"}),
             "ipvs-ingress:app.namespace: '-web' is not a namespace name",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"image": "nginx"}),
             "ipvs-ingress:app.image: 'nginx' is not a pinned image: give a tag or digest",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"replicas": True}),
             "ipvs-ingress:app.replicas: True is not a valid replica count",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"containerPort": 0}),
             "ipvs-ingress:app.containerPort: 0 is not a valid container port",
-        ),  # noqa: E501
+        ),
         (
             lambda v: v.update(app={"replica": 3}),
             "ipvs-ingress:app.replica: unknown key 'replica': did you mean 'replicas'?",
-        ),  # noqa: E501
+        ),
     ],
 )
 def test_bad_input_names_field_value_and_fix(change, expected):
@@ -212,7 +212,7 @@ def test_bad_input_names_field_value_and_fix(change, expected):
 def test_several_problems_are_all_named_on_one_line():
     values = with_change(
         MINIMAL, lambda v: v["vips"][0].update(scheduler="x", persistenceSeconds=-1)
-    )  # noqa: E501
+    )
     values["realServers"][0]["weight"] = -1
     values["app"] = {"replicas": -1}
     message = error_for(values)
@@ -262,7 +262,7 @@ def test_any_valid_config_yields_one_spec_per_vip_and_port(vips, scheduler, weig
                 "address": a,
                 "ports": [{"port": p, "protocol": q} for p, q in ps],
                 "scheduler": scheduler,
-            }  # noqa: E501
+            }
             for a, ps in vips
         ],
         "realServers": real_servers,
