@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import signal
@@ -67,11 +68,12 @@ def start(ns: str, iface: str, bpf: str, max_packets: int) -> subprocess.Popen:
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stderr], [], [], 0.2)
         if ready:
-            line = proc.stderr.readline()
-            seen += line
-            if "listening on" in line:
+            # Raw reads: a buffered readline could swallow the line select() waits for.
+            chunk = os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+            seen += chunk
+            if "listening on" in seen:
                 return proc
-            if not line:
+            if not chunk:
                 break
     proc.kill()
     proc.wait()

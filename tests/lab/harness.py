@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from tests.lab import capture, provision, state, vm
@@ -97,7 +97,9 @@ class Lab:
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def start(self) -> Lab:
+    def start(self, wait_ready: bool = True) -> Lab:
+        """Build the namespaces, start the servers and the VM; with `wait_ready`, until ssh
+        to the director works (teardown tests skip that wait)."""
         started = time.monotonic()
         with provision.cache_lock(self.art.cache):
             self.stale_cleaned = state.cleanup_stale(self.art.cache)
@@ -113,7 +115,7 @@ class Lab:
         try:
             self._build_network()
             self._start_servers()
-            self._boot_director()
+            self._boot_director(wait_ready)
         except BaseException:
             self.close()
             raise
@@ -169,8 +171,9 @@ class Lab:
         # The tap exists before qemu, inside lab_ns, already on the bridge.
         ip(self.lab_ns, "tuntap", "add", "dev", vm.TAP, "mode", "tap")
         ip(self.lab_ns, "link", "set", vm.TAP, "master", "br0", "up")
+        nodes = zip(self.node_ns, self.node_ips, strict=True)
         hosts = [("cli", self.client_ns, self.client_ip)]
-        hosts += [(f"n{i}", ns, a) for i, (ns, a) in enumerate(zip(self.node_ns, self.node_ips), 1)]
+        hosts += [(f"n{i}", ns, addr) for i, (ns, addr) in enumerate(nodes, 1)]
         for short, ns, addr in hosts:
             # Created in lab_ns with the peer born in the host's namespace: no end in the root.
             ip(self.lab_ns, "link", "add", f"v-{short}", "type", "veth",
@@ -191,7 +194,8 @@ class Lab:
     def _start_servers(self) -> None:
         for ns, name in zip(self.node_ns, self.node_names, strict=True):
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, HOST_PYTHON, str(NODE_SERVER), name, str(NODE_PORT)],
+                ["ip", "netns", "exec", ns, HOST_PYTHON, str(NODE_SERVER), name, str(NODE_PORT),
+                 self.id],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 text=True, start_new_session=True)
             self._state.add_proc(proc.pid, f"http server {name}")
@@ -201,12 +205,14 @@ class Lab:
             if line.strip() != "ready":
                 raise RuntimeError(f"http server in {ns} did not start: {line!r}")
 
-    def _boot_director(self) -> None:
+    def _boot_director(self, wait_ready: bool) -> None:
         self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
         argv = vm.qemu_argv(self.art, self.run_dir, f"{self.director_ip}/24",
                             f"ipvs-ingress-lab-{self.id}")
         proc = vm.start(self.lab_ns, argv, self.run_dir)
         self._state.add_proc(proc.pid, "qemu")
+        if not wait_ready:
+            return
         deadline = time.monotonic() + BOOT_TIMEOUT
         vm.wait_console_ready(proc, self.run_dir, BOOT_TIMEOUT)
         while True:  # sshd was started; wait until it accepts us
@@ -301,12 +307,25 @@ class Lab:
             self._state.save()
 
     def capture_on_director_tap(self, bpf: str = "",
-                                max_packets: int = 10000) -> capture.Capture:
+                                max_packets: int = 10000) -> AbstractContextManager[capture.Capture]:
         """Everything on the wire between the director VM and the bridge."""
         return self.capture(self.lab_ns, vm.TAP, bpf, max_packets)
 
-    def capture_on_client(self, bpf: str = "", max_packets: int = 10000) -> capture.Capture:
+    def capture_on_client(self, bpf: str = "",
+                          max_packets: int = 10000) -> AbstractContextManager[capture.Capture]:
         return self.capture(self.client_ns, "eth0", bpf, max_packets)
+
+    # -- teardown evidence --------------------------------------------------------------------
+
+    def footprint(self) -> dict:
+        """What this lab holds right now, in a form `leftovers` can check after teardown."""
+        return {
+            "id": self.id, "run_dir": str(self.run_dir),
+            "namespaces": list(self._state.namespaces),
+            "netns": [list(_ns_key(state.NETNS_DIR / ns)) for ns in self._state.namespaces
+                      if state.namespace_exists(ns)],
+            "procs": [vars(p) for p in self._state.procs],
+        }
 
     # -- for people ---------------------------------------------------------------------------
 
@@ -319,3 +338,30 @@ class Lab:
             "nodes": dict(zip(self.node_names, self.node_ips, strict=True)),
             "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
         }
+
+
+def _ns_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def leftovers(footprint: dict) -> list[str]:
+    """Everything of a torn-down lab that still exists (empty when teardown was complete)."""
+    found = [f"namespace {ns}" for ns in footprint["namespaces"] if state.namespace_exists(ns)]
+    found += [f"{p['what']} (pid {p['pid']})" for p in footprint["procs"]
+              if state.Proc(**p).alive()]
+    # A process can keep a deleted namespace (and the tap or veths in it) alive.
+    held = {tuple(k) for k in footprint["netns"]}
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            key = _ns_key(proc_dir / "ns" / "net")
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if state.start_time(int(proc_dir.name)) is None:
+            continue
+        if key in held or footprint["id"] in cmdline:
+            found.append(f"pid {proc_dir.name}: {cmdline.strip()}")
+    if Path(footprint["run_dir"]).exists():
+        found.append(f"run directory {footprint['run_dir']}")
+    return found

@@ -1,7 +1,8 @@
 """A Kubernetes node's backend stand-in: answers every GET with the node's name.
 
 Run inside a node namespace with the host's stdlib-only python3:
-``node_server.py <name> <port>``. Prints ``ready`` once listening, then keeps quiet.
+``node_server.py <name> <port> <lab id>`` (the id only marks the process as the lab's).
+Prints ``ready`` once listening, then keeps quiet.
 """
 
 import os

@@ -1,0 +1,68 @@
+"""Shared pytest setup: the director lab session fixture (tests/lab) and its marker.
+
+The lab is only built for tests that request the `lab` fixture; other suites never pay for it.
+Provisioning and boot times are printed when the lab comes up and again in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+_TIMINGS = pytest.StashKey[list[str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "lab: needs the qemu director lab (root, qemu)")
+    config.stash[_TIMINGS] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m "not lab"` deselects everything that would build the lab.
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if config.stash.get(_TIMINGS, None):
+        terminalreporter.section("director lab")
+        for line in config.stash[_TIMINGS]:
+            terminalreporter.write_line(line)
+
+
+def _say(request: pytest.FixtureRequest, line: str) -> None:
+    request.config.stash[_TIMINGS].append(line)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(f"\n[lab] {line}", flush=True)
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest):
+    """A booted director lab shared by the session (see tests/lab/harness.py)."""
+    if os.geteuid() != 0:
+        reason = "director lab needs root (network namespaces, tap, iptables)"
+        _say(request, f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    from tests.lab import provision, vm
+    from tests.lab.harness import Lab
+
+    art = provision.provision()  # installs apt packages on a fresh machine
+    _say(request, f"provisioning: {art.elapsed:.1f}s (cache {art.cache})")
+    reason = vm.can_start()
+    if reason:
+        _say(request, f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    started = time.monotonic()
+    the_lab = Lab(artifacts=art).start()
+    _say(request, f"boot (namespaces + director VM + sshd): {the_lab.boot_seconds:.1f}s; "
+                  f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request")
+    if the_lab.stale_cleaned:
+        _say(request, f"cleaned stale labs of earlier runs: {the_lab.stale_cleaned}")
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
