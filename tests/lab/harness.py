@@ -89,7 +89,7 @@ class Lab:
         self.proxy_command = f"ip netns exec {self.lab_ns} socat - TCP:%h:%p"
         self.run_dir = self.art.cache / "runs" / self.id
         self.known_hosts = self.run_dir / "known_hosts"
-        self.control_path = self.run_dir / "ssh.sock"
+        self.control_path = self.run_dir / "ssh.sock"  # see _ssh_master_opts
         self.boot_seconds: float | None = None
         self._state: state.RunState | None = None
         self._creator = os.getpid()
@@ -233,23 +233,10 @@ class Lab:
         return _run(["ip", "netns", "exec", ns, *cmd], check, timeout)
 
     def ssh_argv(self, cmd: str) -> list[str]:
-        return [
-            "ip", "netns", "exec", self.lab_ns, "ssh", "-F", "/dev/null",
-            "-i", str(self.private_key_path), "-p", str(self.ssh_port),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
-            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-            "-o", "LogLevel=ERROR", *self._ssh_master_opts(),
-            f"{self.ssh_user}@{self.director_ip}", cmd,
-        ]
+        return ssh_argv(self.describe(), cmd)
 
     def _ssh_master_opts(self) -> list[str]:
-        # Multiplexed over one master connection: a fresh ssh handshake costs ~1 s under TCG.
-        # Without the master's socket, ssh quietly connects directly.
-        if len(str(self.control_path)) > 100:  # sun_path limit
-            return []
-        return ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
+        return _ssh_master_opts(Path(self.describe()["runDir"]))
 
     def _start_ssh_master(self) -> None:
         if not self._ssh_master_opts():
@@ -272,6 +259,7 @@ class Lab:
         return _run(self.ssh_argv(cmd), check, timeout)
 
     def ipvsadm_ln(self) -> str:
+        """The independent oracle. Note ipvsadm loads ip_vs itself when it is missing."""
         return self.director("ipvsadm -Ln").stdout
 
     def ipvsadm_sn(self) -> str:
@@ -337,7 +325,31 @@ class Lab:
             "proxyCommand": self.proxy_command, "vip": self.vip,
             "nodes": dict(zip(self.node_names, self.node_ips, strict=True)),
             "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
+            "runDir": str(self.run_dir), "knownHosts": str(self.known_hosts),
         }
+
+
+def _ssh_master_opts(run_dir: Path) -> list[str]:
+    # Multiplexed over one master connection: a fresh ssh handshake costs ~1 s under TCG.
+    # Without the master's socket, ssh quietly connects directly.
+    control_path = run_dir / "ssh.sock"
+    if len(str(control_path)) > 100:  # sun_path limit
+        return []
+    return ["-o", "ControlMaster=no", "-o", f"ControlPath={control_path}"]
+
+
+def ssh_argv(info: dict, cmd: str) -> list[str]:
+    """ssh to the director of the lab `info` describes, from inside its lab namespace."""
+    return [
+        "ip", "netns", "exec", info["namespaces"]["lab"], "ssh", "-F", "/dev/null",
+        "-i", info["keyPath"], "-p", str(info["port"]),
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={info['knownHosts']}",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
+        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+        "-o", "LogLevel=ERROR", *_ssh_master_opts(Path(info["runDir"])),
+        f"{info['user']}@{info['host']}", cmd,
+    ]
 
 
 def _ns_key(path: Path) -> tuple[int, int]:

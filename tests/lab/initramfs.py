@@ -55,7 +55,7 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays the overlay's (writable): the lab cache may live under the host's /tmp.
 {_PARSE_CMDLINE}
 hostname director
 # modprobe needs the unpacked tree; the host itself has no /lib/modules.

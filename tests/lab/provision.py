@@ -60,6 +60,9 @@ def cache_dir() -> Path:
     # The path travels on the kernel command line and into shell scripts.
     if any(c.isspace() for c in str(path)):
         raise ValueError(f"lab cache path must not contain whitespace: {path}")
+    # The VM sees the cache through the host's root; these are its own mounts there.
+    if path.parts[1:2] in (("run",), ("proc",), ("sys",), ("dev",)):
+        raise ValueError(f"lab cache must not live under /{path.parts[1]}: {path}")
     return path
 
 
@@ -160,6 +163,7 @@ def ensure_pyroute2(cache: Path) -> Path:
         # Byte-compile with the VM's interpreter: the VM sees this folder read-only, and
         # compiling pyroute2 on every import under TCG costs seconds.
         _run([str(VM_PYTHON), "-m", "compileall", "-q", str(work)])
+        work.chmod(0o755)  # mkdtemp made it private
         work.rename(target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""A director lab for people: ``python -m tests.lab up|status|down`` (as root).
+
+``up`` boots a lab that stays up after the command returns (its state lives under the lab cache)
+and prints how to reach the director and how to point a stack at it; ``status`` shows it again;
+``down`` tears it down. Everything runs inside the lab's own network namespaces, so the
+director is reached through the printed ProxyCommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+from tests.lab import harness, provision, state
+
+
+def _persistent(cache) -> list[state.RunState]:
+    return [r for r in state.runs(cache) if r.persistent]
+
+
+def _print_info(info: dict) -> None:
+    director = {k: info[k] for k in ("host", "port", "user", "hostKey", "interface",
+                                     "proxyCommand")}
+    ns = info["namespaces"]
+    ssh = ["ssh", "-i", info["keyPath"], "-o", f"UserKnownHostsFile={info['knownHosts']}",
+           "-o", "StrictHostKeyChecking=yes", "-o", f"ProxyCommand={info['proxyCommand']}",
+           f"{info['user']}@{info['host']}", "ipvsadm -Ln"]
+    nodes = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
+    print(f"""director lab {info['id']} is up
+  director     {info['user']}@{info['host']}:{info['port']} (interface {info['interface']})
+  private key  {info['keyPath']}
+  host key     {info['hostKey']}
+  ProxyCommand {info['proxyCommand']}
+  nodes        {nodes} (each DNATs {info['vip']}:80 to its :{harness.NODE_PORT})
+  namespaces   lab {ns['lab']}, client {ns['client']}
+
+Try it (as root; the director is only reachable through the lab's namespace):
+  {shlex.join(ssh)}
+  ip netns exec {ns['client']} curl -s http://{info['vip']}/
+
+Point a stack at it:
+  pulumi config set ipvs-ingress:director {shlex.quote(json.dumps(director))}
+  pulumi config set --secret ipvs-ingress:sshPrivateKey < {shlex.quote(info['keyPath'])}
+""")
+
+
+def up(nodes: int) -> int:
+    art = provision.provision()
+    print(f"provisioning: {art.elapsed:.1f}s", file=sys.stderr)
+    for run in _persistent(art.cache):
+        if run.owner.alive():
+            print("a lab is already up (`down` first for a fresh one)\n", file=sys.stderr)
+            _print_info(run.info)
+            return 0
+    lab = harness.Lab(nodes=nodes, artifacts=art, persistent=True).start()
+    lab.adopt_by_vm()
+    print(f"boot: {lab.boot_seconds:.1f}s", file=sys.stderr)
+    _print_info(lab.describe())
+    return 0
+
+
+def status() -> int:
+    labs = _persistent(provision.cache_dir())
+    if not labs:
+        print("no lab is up (start one with `python -m tests.lab up`)")
+        return 1
+    code = 0
+    for run in labs:
+        if not run.owner.alive():
+            print(f"lab {run.id}: its VM is gone; `down` removes the rest")
+            code = 1
+            continue
+        # ipvsadm would load ip_vs itself; leave that to the product's agent.
+        show = "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi"
+        probe = subprocess.run(harness.ssh_argv(run.info, show), capture_output=True,
+                               text=True, timeout=30)
+        _print_info(run.info)
+        if probe.returncode == 0:
+            print(f"IPVS on the director:\n{probe.stdout}")
+        else:
+            print(f"ssh to the director failed: {probe.stderr.strip()}")
+            code = 1
+    return code
+
+
+def down() -> int:
+    cache = provision.cache_dir()
+    labs = _persistent(cache)
+    for run in labs:
+        state.teardown(run)
+        print(f"lab {run.id} is down")
+    stale = state.cleanup_stale(cache)  # test runs that died without cleaning up
+    if stale:
+        print(f"also removed stale labs: {', '.join(stale)}")
+    if not labs and not stale:
+        print("no lab was up")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="boot a lab that stays up").add_argument(
+        "--nodes", type=int, default=2, help="node namespaces (default 2)")
+    sub.add_parser("status", help="show the running lab and its IPVS table")
+    sub.add_parser("down", help="tear the lab down")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("the lab needs root (network namespaces, tap, iptables)")
+    if args.command == "up":
+        return up(args.nodes)
+    return status() if args.command == "status" else down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
