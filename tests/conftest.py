@@ -51,7 +51,8 @@ def lab(request: pytest.FixtureRequest):
     from tests.lab.harness import Lab
 
     art = provision.provision()  # installs apt packages on a fresh machine
-    _say(request, f"provisioning: {art.elapsed:.1f}s (cache {art.cache})")
+    _say(request, f"provisioning: {art.elapsed:.1f}s (budget 120 s on a fresh machine; "
+                  f"cache {art.cache})")
     reason = vm.can_start()
     if reason:
         _say(request, f"SKIPPED: {reason}")
@@ -59,7 +60,8 @@ def lab(request: pytest.FixtureRequest):
     started = time.monotonic()
     the_lab = Lab(artifacts=art).start()
     _say(request, f"boot (namespaces + director VM + sshd): {the_lab.boot_seconds:.1f}s; "
-                  f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request")
+                  f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request "
+                  "(budget 30 s with a warm cache)")
     if the_lab.stale_cleaned:
         _say(request, f"cleaned stale labs of earlier runs: {the_lab.stale_cleaned}")
     try:

@@ -91,6 +91,7 @@ class Lab:
         self.known_hosts = self.run_dir / "known_hosts"
         self.control_path = self.run_dir / "ssh.sock"  # see _ssh_master_opts
         self.boot_seconds: float | None = None
+        self.stale_cleaned: list[str] = []  # ids of dead runs' labs removed by start()
         self._state: state.RunState | None = None
         self._creator = os.getpid()
         self._closed = False

@@ -92,14 +92,16 @@ def _tmp_sibling(final: Path) -> Path:
 
 
 def ensure_packages() -> None:
-    """Install the apt packages on a fresh machine (a no-op when present)."""
-    if shutil.which("qemu-system-x86_64") and shutil.which("ipvsadm") and shutil.which("socat"):
-        return
+    """Install the apt packages on a fresh machine (the script is a no-op when present)."""
     _run(["sh", str(LAB_DEPS)])
 
 
 def kernel_package() -> str:
-    out = _run(["apt-cache", "depends", "linux-image-amd64"])
+    try:
+        out = _run(["apt-cache", "depends", "linux-image-amd64"])
+    except RuntimeError:  # no package lists yet (a fresh image)
+        _run(["apt-get", "update", "-qq"])
+        out = _run(["apt-cache", "depends", "linux-image-amd64"])
     for line in out.splitlines():
         name = line.strip().removeprefix("Depends:").strip()
         # Standard flavour only: -cloud-amd64 lacks 9p.

@@ -34,8 +34,11 @@ def dr_service(lab):
         f" && ipvsadm -A -t {lab.vip}:80 -s wlc && {dests}")
     yield
     # Back to the state the VM booted in, so later (provider) tests start clean.
+    # Unloading is best effort (fails while anything else holds ip_vs); when it works the
+    # product's agent gets to load ip_vs itself, as on a fresh director.
     lab.director(f"ipvsadm -C && ip addr del {lab.vip}/32 dev {lab.interface}"
-                 " && sysctl -qw net.ipv4.ip_forward=0 && modprobe -r ip_vs_wlc ip_vs")
+                 " && sysctl -qw net.ipv4.ip_forward=0"
+                 " && { modprobe -r ip_vs_wlc ip_vs 2>/dev/null || true; }")
     assert lab.ipvsadm_sn().strip() == ""
 
 
