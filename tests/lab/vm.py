@@ -27,7 +27,7 @@ def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[st
         QEMU, "-name", name,
         # /dev/kvm here cannot boot stock kernels; a 128 MB translation cache keeps RSS modest.
         "-accel", "tcg,thread=single,tb-size=128", "-cpu", "max", "-M", "q35",
-        "-m", "320", "-smp", "1",
+        "-m", "256", "-smp", "1",  # python3 + pyroute2 use ~35 MB of it
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{run_dir / 'serial.log'}",
         "-monitor", f"unix:{run_dir / 'monitor.sock'},server=on,wait=off",
