@@ -51,17 +51,22 @@ def lab(request: pytest.FixtureRequest):
     from tests.lab.harness import Lab
 
     art = provision.provision()  # installs apt packages on a fresh machine
-    _say(request, f"provisioning: {art.elapsed:.1f}s (budget 120 s on a fresh machine; "
-                  f"cache {art.cache})")
+    _say(
+        request,
+        f"provisioning: {art.elapsed:.1f}s (budget 120 s on a fresh machine; cache {art.cache})",
+    )
     reason = vm.can_start()
     if reason:
         _say(request, f"SKIPPED: {reason}")
         pytest.skip(reason)
     started = time.monotonic()
     the_lab = Lab(artifacts=art).start()
-    _say(request, f"boot (namespaces + director VM + sshd): {the_lab.boot_seconds:.1f}s; "
-                  f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request "
-                  "(budget 30 s with a warm cache)")
+    _say(
+        request,
+        f"boot (namespaces + director VM + sshd): {the_lab.boot_seconds:.1f}s; "
+        f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request "
+        "(budget 30 s with a warm cache)",
+    )
     if the_lab.stale_cleaned:
         _say(request, f"cleaned stale labs of earlier runs: {the_lab.stale_cleaned}")
     try:

@@ -23,28 +23,39 @@ def _persistent(cache) -> list[state.RunState]:
 
 
 def _print_info(info: dict) -> None:
-    director = {k: info[k] for k in ("host", "port", "user", "hostKey", "interface",
-                                     "proxyCommand")}
+    director = {
+        k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")
+    }
     ns = info["namespaces"]
-    ssh = ["ssh", "-i", info["keyPath"], "-o", f"UserKnownHostsFile={info['knownHosts']}",
-           "-o", "StrictHostKeyChecking=yes", "-o", f"ProxyCommand={info['proxyCommand']}",
-           f"{info['user']}@{info['host']}", "ipvsadm -Ln"]
+    ssh = [
+        "ssh",
+        "-i",
+        info["keyPath"],
+        "-o",
+        f"UserKnownHostsFile={info['knownHosts']}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"ProxyCommand={info['proxyCommand']}",
+        f"{info['user']}@{info['host']}",
+        "ipvsadm -Ln",
+    ]
     nodes = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
-    print(f"""director lab {info['id']} is up
-  director     {info['user']}@{info['host']}:{info['port']} (interface {info['interface']})
-  private key  {info['keyPath']}
-  host key     {info['hostKey']}
-  ProxyCommand {info['proxyCommand']}
-  nodes        {nodes} (each DNATs {info['vip']}:80 to its :{harness.NODE_PORT})
-  namespaces   lab {ns['lab']}, client {ns['client']}
+    print(f"""director lab {info["id"]} is up
+  director     {info["user"]}@{info["host"]}:{info["port"]} (interface {info["interface"]})
+  private key  {info["keyPath"]}
+  host key     {info["hostKey"]}
+  ProxyCommand {info["proxyCommand"]}
+  nodes        {nodes} (each DNATs {info["vip"]}:80 to its :{harness.NODE_PORT})
+  namespaces   lab {ns["lab"]}, client {ns["client"]}
 
 Try it (as root; the director is only reachable through the lab's namespace):
   {shlex.join(ssh)}
-  ip netns exec {ns['client']} curl -s http://{info['vip']}/
+  ip netns exec {ns["client"]} curl -s http://{info["vip"]}/
 
 Point a stack at it:
   pulumi config set ipvs-ingress:director {shlex.quote(json.dumps(director))}
-  pulumi config set --secret ipvs-ingress:sshPrivateKey < {shlex.quote(info['keyPath'])}
+  pulumi config set --secret ipvs-ingress:sshPrivateKey < {shlex.quote(info["keyPath"])}
 """)
 
 
@@ -76,8 +87,9 @@ def status() -> int:
             continue
         # ipvsadm would load ip_vs itself; leave that to the product's agent.
         show = "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi"
-        probe = subprocess.run(harness.ssh_argv(run.info, show), capture_output=True,
-                               text=True, timeout=30)
+        probe = subprocess.run(
+            harness.ssh_argv(run.info, show), capture_output=True, text=True, timeout=30
+        )
         _print_info(run.info)
         if probe.returncode == 0:
             print(f"IPVS on the director:\n{probe.stdout}")
@@ -102,11 +114,15 @@ def down() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="boot a lab that stays up").add_argument(
-        "--nodes", type=int, default=2, help="node namespaces (default 2)")
+        "--nodes", type=int, default=2, help="node namespaces (default 2)"
+    )
     sub.add_parser("status", help="show the running lab and its IPVS table")
     sub.add_parser("down", help="tear the lab down")
     args = parser.parse_args(argv)

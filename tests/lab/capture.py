@@ -34,8 +34,9 @@ def parse(line: str) -> Packet | None:
     if m is None:
         return None
     port = lambda v: int(v) if v else None  # noqa: E731
-    return Packet(m["src_mac"], m["dst_mac"], m["src"], port(m["sport"]), m["dst"],
-                  port(m["dport"]))
+    return Packet(
+        m["src_mac"], m["dst_mac"], m["src"], port(m["sport"]), m["dst"], port(m["dport"])
+    )
 
 
 @dataclass
@@ -58,10 +59,25 @@ class Capture:
 
 
 def start(ns: str, iface: str, bpf: str, max_packets: int) -> subprocess.Popen:
-    argv = ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-t", "-n", "-e", "-l",
-            "-c", str(max_packets), bpf]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "tcpdump",
+        "-i",
+        iface,
+        "-t",
+        "-n",
+        "-e",
+        "-l",
+        "-c",
+        str(max_packets),
+        bpf,
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     # Traffic sent before tcpdump attached its filter would be missed silently.
     deadline = time.monotonic() + 10
     seen = ""

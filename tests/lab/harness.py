@@ -50,8 +50,10 @@ print(json.dumps(out))
 class LabError(subprocess.CalledProcessError):
     def __str__(self) -> str:
         cmd = self.cmd if isinstance(self.cmd, str) else " ".join(map(str, self.cmd))
-        return (f"`{cmd}` exited {self.returncode}\nstdout: {self.stdout or ''}\n"
-                f"stderr: {self.stderr or ''}")
+        return (
+            f"`{cmd}` exited {self.returncode}\nstdout: {self.stdout or ''}\n"
+            f"stderr: {self.stderr or ''}"
+        )
 
 
 def _run(argv: list[str], check: bool, timeout: float, **kw) -> subprocess.CompletedProcess:
@@ -70,8 +72,9 @@ class Lab:
     bridge_ip = "203.0.113.1"
     client_ip = "203.0.113.10"
 
-    def __init__(self, nodes: int = 2, artifacts: provision.Artifacts | None = None,
-                 persistent: bool = False) -> None:
+    def __init__(
+        self, nodes: int = 2, artifacts: provision.Artifacts | None = None, persistent: bool = False
+    ) -> None:
         if not 2 <= nodes <= 50:
             raise ValueError("a lab has 2..50 nodes")
         self.art = artifacts or provision.provision()
@@ -84,8 +87,7 @@ class Lab:
         self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
         self.private_key_path = self.art.client_key
         self.private_key_pem = self.art.client_key.read_text()
-        self.host_key_line = " ".join(
-            self.art.host_key.with_suffix(".pub").read_text().split()[:2])
+        self.host_key_line = " ".join(self.art.host_key.with_suffix(".pub").read_text().split()[:2])
         self.proxy_command = f"ip netns exec {self.lab_ns} socat - TCP:%h:%p"
         self.run_dir = self.art.cache / "runs" / self.id
         self.known_hosts = self.run_dir / "known_hosts"
@@ -106,9 +108,12 @@ class Lab:
             self.stale_cleaned = state.cleanup_stale(self.art.cache)
         self.run_dir.mkdir(parents=True)
         self._state = state.RunState(
-            id=self.id, dir=str(self.run_dir), owner=state.Proc.of(os.getpid(), "lab owner"),
+            id=self.id,
+            dir=str(self.run_dir),
+            owner=state.Proc.of(os.getpid(), "lab owner"),
             persistent=self.persistent,
-            namespaces=[*self.node_ns, self.client_ns, self.lab_ns])
+            namespaces=[*self.node_ns, self.client_ns, self.lab_ns],
+        )
         self._state.save()  # before anything exists, so a crash from here on is cleanable
         if not self.persistent:
             atexit.register(self.close)
@@ -163,10 +168,27 @@ class Lab:
             _run(["ip", "netns", "add", ns], True, 30)
             ip(ns, "link", "set", "lo", "up")
             # No IPv6 chatter (router solicitations, MLD) in captures.
-            self.in_ns(ns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                            "net.ipv6.conf.default.disable_ipv6=1"])
-        ip(self.lab_ns, "link", "add", "br0", "type", "bridge", "stp_state", "0",
-           "forward_delay", "0")
+            self.in_ns(
+                ns,
+                [
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )
+        ip(
+            self.lab_ns,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        )
         ip(self.lab_ns, "addr", "add", f"{self.bridge_ip}/24", "dev", "br0")
         ip(self.lab_ns, "link", "set", "br0", "up")
         # The tap exists before qemu, inside lab_ns, already on the bridge.
@@ -177,8 +199,19 @@ class Lab:
         hosts += [(f"n{i}", ns, addr) for i, (ns, addr) in enumerate(nodes, 1)]
         for short, ns, addr in hosts:
             # Created in lab_ns with the peer born in the host's namespace: no end in the root.
-            ip(self.lab_ns, "link", "add", f"v-{short}", "type", "veth",
-               "peer", "name", "eth0", "netns", ns)
+            ip(
+                self.lab_ns,
+                "link",
+                "add",
+                f"v-{short}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            )
             ip(self.lab_ns, "link", "set", f"v-{short}", "master", "br0", "up")
             ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             ip(ns, "link", "set", "eth0", "up")
@@ -187,18 +220,42 @@ class Lab:
     def expose(self, vip: str, port: int, protocol: str = "tcp") -> None:
         """kube-proxy's externalIPs stand-in: DNAT vip:port to the node's server (idempotent)."""
         for ns, addr in zip(self.node_ns, self.node_ips, strict=True):
-            rule = ["PREROUTING", "-d", f"{vip}/32", "-p", protocol, "--dport", str(port),
-                    "-j", "DNAT", "--to-destination", f"{addr}:{NODE_PORT}"]
+            rule = [
+                "PREROUTING",
+                "-d",
+                f"{vip}/32",
+                "-p",
+                protocol,
+                "--dport",
+                str(port),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                f"{addr}:{NODE_PORT}",
+            ]
             if self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-C", *rule], check=False).returncode:
                 self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-A", *rule])
 
     def _start_servers(self) -> None:
         for ns, name in zip(self.node_ns, self.node_names, strict=True):
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, HOST_PYTHON, str(NODE_SERVER), name, str(NODE_PORT),
-                 self.id],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, start_new_session=True)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    HOST_PYTHON,
+                    str(NODE_SERVER),
+                    name,
+                    str(NODE_PORT),
+                    self.id,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
             self._state.add_proc(proc.pid, f"http server {name}")
             ready, _, _ = select.select([proc.stdout], [], [], 15)
             line = proc.stdout.readline() if ready else ""
@@ -208,8 +265,9 @@ class Lab:
 
     def _boot_director(self, wait_ready: bool) -> None:
         self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
-        argv = vm.qemu_argv(self.art, self.run_dir, f"{self.director_ip}/24",
-                            f"ipvs-ingress-lab-{self.id}")
+        argv = vm.qemu_argv(
+            self.art, self.run_dir, f"{self.director_ip}/24", f"ipvs-ingress-lab-{self.id}"
+        )
         proc = vm.start(self.lab_ns, argv, self.run_dir)
         self._state.add_proc(proc.pid, "qemu")
         if not wait_ready:
@@ -222,14 +280,16 @@ class Lab:
                 self._start_ssh_master()
                 return
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"no ssh to the director: {probe.stderr}\n"
-                                   f"{vm.serial_tail(self.run_dir)}")
+                raise RuntimeError(
+                    f"no ssh to the director: {probe.stderr}\n{vm.serial_tail(self.run_dir)}"
+                )
             time.sleep(0.3)
 
     # -- running things -----------------------------------------------------------------------
 
-    def in_ns(self, ns: str, argv: list[str] | str, check: bool = True,
-              timeout: float = 60) -> subprocess.CompletedProcess:
+    def in_ns(
+        self, ns: str, argv: list[str] | str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         cmd = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
         return _run(["ip", "netns", "exec", ns, *cmd], check, timeout)
 
@@ -244,9 +304,13 @@ class Lab:
             return
         argv = self.ssh_argv("")[:-2]
         argv[argv.index("ControlMaster=no")] = "ControlMaster=yes"
-        proc = subprocess.Popen([*argv, "-N", f"{self.ssh_user}@{self.director_ip}"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [*argv, "-N", f"{self.ssh_user}@{self.director_ip}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self._state.add_proc(proc.pid, "ssh master")
         deadline = time.monotonic() + 15
         while not self.control_path.exists() and proc.poll() is None:
@@ -254,8 +318,9 @@ class Lab:
                 raise RuntimeError("ssh master connection to the director did not come up")
             time.sleep(0.05)
 
-    def director(self, cmd: str, check: bool = True,
-                 timeout: float = 60) -> subprocess.CompletedProcess:
+    def director(
+        self, cmd: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         """Run a shell command on the director over real ssh with the pinned host key."""
         return _run(self.ssh_argv(cmd), check, timeout)
 
@@ -268,22 +333,27 @@ class Lab:
 
     def http_from_client(self, url: str, count: int, timeout: float = 3) -> list[str]:
         """`count` sequential GETs from the client namespace; the body of each, or raise."""
-        proc = self.in_ns(self.client_ns, [HOST_PYTHON, "-c", _CLIENT, url, str(count),
-                                           str(timeout)], timeout=count * (timeout + 1) + 15)
+        proc = self.in_ns(
+            self.client_ns,
+            [HOST_PYTHON, "-c", _CLIENT, url, str(count), str(timeout)],
+            timeout=count * (timeout + 1) + 15,
+        )
         results = json.loads(proc.stdout)
         failed = [(i, r["error"]) for i, r in enumerate(results) if not r["ok"]]
         if failed:
-            raise RuntimeError(f"{len(failed)}/{count} GETs of {url} failed: {failed[:5]}; "
-                               f"answers: {[r.get('body') for r in results]}")
+            raise RuntimeError(
+                f"{len(failed)}/{count} GETs of {url} failed: {failed[:5]}; "
+                f"answers: {[r.get('body') for r in results]}"
+            )
         return [r["body"] for r in results]
 
     def mac_of(self, ns: str, iface: str = "eth0") -> str:
-        return json.loads(self.in_ns(ns, ["ip", "-j", "link", "show", iface]).stdout)[0][
-            "address"]
+        return json.loads(self.in_ns(ns, ["ip", "-j", "link", "show", iface]).stdout)[0]["address"]
 
     @contextmanager
-    def capture(self, ns: str, iface: str, bpf: str = "",
-                max_packets: int = 10000) -> Iterator[capture.Capture]:
+    def capture(
+        self, ns: str, iface: str, bpf: str = "", max_packets: int = 10000
+    ) -> Iterator[capture.Capture]:
         """tcpdump on `iface` in `ns` for the duration of the block, at most `max_packets`."""
         proc = capture.start(ns, iface, bpf, max_packets)
         cap = capture.Capture(ns, iface, bpf)
@@ -295,13 +365,15 @@ class Lab:
             self._state.procs.remove(tracked)
             self._state.save()
 
-    def capture_on_director_tap(self, bpf: str = "",
-                                max_packets: int = 10000) -> AbstractContextManager[capture.Capture]:
+    def capture_on_director_tap(
+        self, bpf: str = "", max_packets: int = 10000
+    ) -> AbstractContextManager[capture.Capture]:
         """Everything on the wire between the director VM and the bridge."""
         return self.capture(self.lab_ns, vm.TAP, bpf, max_packets)
 
-    def capture_on_client(self, bpf: str = "",
-                          max_packets: int = 10000) -> AbstractContextManager[capture.Capture]:
+    def capture_on_client(
+        self, bpf: str = "", max_packets: int = 10000
+    ) -> AbstractContextManager[capture.Capture]:
         return self.capture(self.client_ns, "eth0", bpf, max_packets)
 
     # -- teardown evidence --------------------------------------------------------------------
@@ -309,10 +381,14 @@ class Lab:
     def footprint(self) -> dict:
         """What this lab holds right now, in a form `leftovers` can check after teardown."""
         return {
-            "id": self.id, "run_dir": str(self.run_dir),
+            "id": self.id,
+            "run_dir": str(self.run_dir),
             "namespaces": list(self._state.namespaces),
-            "netns": [list(_ns_key(state.NETNS_DIR / ns)) for ns in self._state.namespaces
-                      if state.namespace_exists(ns)],
+            "netns": [
+                list(_ns_key(state.NETNS_DIR / ns))
+                for ns in self._state.namespaces
+                if state.namespace_exists(ns)
+            ],
             "procs": [vars(p) for p in self._state.procs],
         }
 
@@ -320,13 +396,19 @@ class Lab:
 
     def describe(self) -> dict:
         return {
-            "id": self.id, "host": self.director_ip, "port": self.ssh_port,
-            "user": self.ssh_user, "keyPath": str(self.private_key_path),
-            "hostKey": self.host_key_line, "interface": self.interface,
-            "proxyCommand": self.proxy_command, "vip": self.vip,
+            "id": self.id,
+            "host": self.director_ip,
+            "port": self.ssh_port,
+            "user": self.ssh_user,
+            "keyPath": str(self.private_key_path),
+            "hostKey": self.host_key_line,
+            "interface": self.interface,
+            "proxyCommand": self.proxy_command,
+            "vip": self.vip,
             "nodes": dict(zip(self.node_names, self.node_ips, strict=True)),
             "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
-            "runDir": str(self.run_dir), "knownHosts": str(self.known_hosts),
+            "runDir": str(self.run_dir),
+            "knownHosts": str(self.known_hosts),
         }
 
 
@@ -342,14 +424,38 @@ def _ssh_master_opts(run_dir: Path) -> list[str]:
 def ssh_argv(info: dict, cmd: str) -> list[str]:
     """ssh to the director of the lab `info` describes, from inside its lab namespace."""
     return [
-        "ip", "netns", "exec", info["namespaces"]["lab"], "ssh", "-F", "/dev/null",
-        "-i", info["keyPath"], "-p", str(info["port"]),
-        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={info['knownHosts']}",
-        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-        "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
-        "-o", "LogLevel=ERROR", *_ssh_master_opts(Path(info["runDir"])),
-        f"{info['user']}@{info['host']}", cmd,
+        "ip",
+        "netns",
+        "exec",
+        info["namespaces"]["lab"],
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-i",
+        info["keyPath"],
+        "-p",
+        str(info["port"]),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={info['knownHosts']}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=5",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "LogLevel=ERROR",
+        *_ssh_master_opts(Path(info["runDir"])),
+        f"{info['user']}@{info['host']}",
+        cmd,
     ]
 
 
@@ -361,8 +467,9 @@ def _ns_key(path: Path) -> tuple[int, int]:
 def leftovers(footprint: dict) -> list[str]:
     """Everything of a torn-down lab that still exists (empty when teardown was complete)."""
     found = [f"namespace {ns}" for ns in footprint["namespaces"] if state.namespace_exists(ns)]
-    found += [f"{p['what']} (pid {p['pid']})" for p in footprint["procs"]
-              if state.Proc(**p).alive()]
+    found += [
+        f"{p['what']} (pid {p['pid']})" for p in footprint["procs"] if state.Proc(**p).alive()
+    ]
     # A process can keep a deleted namespace (and the tap or veths in it) alive.
     held = {tuple(k) for k in footprint["netns"]}
     for proc_dir in Path("/proc").glob("[0-9]*"):

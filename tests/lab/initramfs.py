@@ -136,8 +136,7 @@ class _Cpio:
         self.ino = 1
 
     def add(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
-        fields = [self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1],
-                  len(name) + 1, 0]
+        fields = [self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
         self.ino += 1
         self.data += b"070701" + b"".join(b"%08X" % f for f in fields)
         self.data += name.encode() + b"\0"

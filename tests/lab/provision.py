@@ -160,8 +160,20 @@ def ensure_pyroute2(cache: Path) -> Path:
         return target
     work = _tmp_sibling(target)
     try:
-        _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-              "--no-deps", "--target", str(work), PYROUTE2])
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                str(work),
+                PYROUTE2,
+            ]
+        )
         # Byte-compile with the VM's interpreter: the VM sees this folder read-only, and
         # compiling pyroute2 on every import under TCG costs seconds.
         _run([str(VM_PYTHON), "-m", "compileall", "-q", str(work)])
@@ -223,10 +235,18 @@ def provision() -> Artifacts:
         _write_if_changed(stage2, initramfs.STAGE2, 0o755)
         _write_if_changed(sshd_config, initramfs.sshd_config(host_key))
     return Artifacts(
-        cache=cache, kernel_version=version, kernel_tree=tree, vmlinux=vmlinux, initrd=initrd,
-        stage2=stage2, sshd_config=sshd_config, pyroute2_dir=pyroute2_dir,
+        cache=cache,
+        kernel_version=version,
+        kernel_tree=tree,
+        vmlinux=vmlinux,
+        initrd=initrd,
+        stage2=stage2,
+        sshd_config=sshd_config,
+        pyroute2_dir=pyroute2_dir,
         vm_site_packages=vm_site_packages(),
-        client_key=client_key, host_key=host_key, elapsed=time.monotonic() - started,
+        client_key=client_key,
+        host_key=host_key,
+        elapsed=time.monotonic() - started,
     )
 
 

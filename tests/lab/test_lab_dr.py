@@ -31,14 +31,17 @@ def dr_service(lab):
     lab.director(
         "modprobe ip_vs && modprobe ip_vs_wlc && sysctl -qw net.ipv4.ip_forward=1"
         f" && ip addr add {lab.vip}/32 dev {lab.interface}"
-        f" && ipvsadm -A -t {lab.vip}:80 -s wlc && {dests}")
+        f" && ipvsadm -A -t {lab.vip}:80 -s wlc && {dests}"
+    )
     yield
     # Back to the state the VM booted in, so later (provider) tests start clean.
     # Unloading is best effort (fails while anything else holds ip_vs); when it works the
     # product's agent gets to load ip_vs itself, as on a fresh director.
-    lab.director(f"ipvsadm -C && ip addr del {lab.vip}/32 dev {lab.interface}"
-                 " && sysctl -qw net.ipv4.ip_forward=0"
-                 " && { modprobe -r ip_vs_wlc ip_vs 2>/dev/null || true; }")
+    lab.director(
+        f"ipvsadm -C && ip addr del {lab.vip}/32 dev {lab.interface}"
+        " && sysctl -qw net.ipv4.ip_forward=0"
+        " && { modprobe -r ip_vs_wlc ip_vs 2>/dev/null || true; }"
+    )
     assert lab.ipvsadm_sn().strip() == ""
 
 
@@ -67,8 +70,10 @@ def test_requests_reach_every_node(lab, dr_service):
 def test_replies_bypass_the_director(lab, dr_service):
     vm_mac = lab.director(f"cat /sys/class/net/{lab.interface}/address").stdout.strip()
     node_macs = {lab.mac_of(ns) for ns in lab.node_ns}
-    with lab.capture_on_director_tap(f"ip and host {lab.vip}") as tap, \
-            lab.capture_on_client(f"ip and src host {lab.vip}") as client:
+    with (
+        lab.capture_on_director_tap(f"ip and host {lab.vip}") as tap,
+        lab.capture_on_client(f"ip and src host {lab.vip}") as client,
+    ):
         bodies = lab.http_from_client(f"http://{lab.vip}/", 10)
     assert set(bodies) <= set(lab.node_names)
 
@@ -90,8 +95,10 @@ def test_replies_bypass_the_director(lab, dr_service):
     # The kernel folds its per-CPU counters into these every 2 s (estimator): poll, bounded.
     for _ in range(20):
         stats = lab.director(f"ipvsadm -Ln --stats --exact -t {lab.vip}:80").stdout
-        conns, inpkts, outpkts = map(int, re.search(
-            rf"TCP\s+{re.escape(lab.vip)}:80\s+(\d+)\s+(\d+)\s+(\d+)", stats).groups())
+        conns, inpkts, outpkts = map(
+            int,
+            re.search(rf"TCP\s+{re.escape(lab.vip)}:80\s+(\d+)\s+(\d+)\s+(\d+)", stats).groups(),
+        )
         if conns >= 10:
             break
         time.sleep(0.5)
@@ -114,8 +121,14 @@ signal.pause()
 def _spawn_lab_process() -> subprocess.Popen:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": root}
-    return subprocess.Popen([sys.executable, "-c", _CHILD], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _footprint_of(child: subprocess.Popen) -> dict:
@@ -134,8 +147,11 @@ def test_teardown_leaves_nothing_behind(lab):
         other = harness.Lab(artifacts=lab.art).start()
         footprint = other.footprint()
         assert other.director("true").returncode == 0
-        assert {p["what"] for p in footprint["procs"]} >= {"qemu", "ssh master",
-                                                           "http server node1"}
+        assert {p["what"] for p in footprint["procs"]} >= {
+            "qemu",
+            "ssh master",
+            "http server node1",
+        }
         other.close()
         assert harness.leftovers(footprint) == []
 

@@ -18,25 +18,58 @@ _FATAL = ("Kernel panic", "stage1:", "stage2:", "internal-error")
 
 def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[str]:
     # Values for stage 1 and 2 (see initramfs.py); the kernel ignores unknown parameters.
-    cmdline = " ".join([
-        "console=ttyS0", "panic=-1", "loglevel=4", "rdinit=/init",
-        f"lab_cache={art.cache}", f"lab_kver={art.kernel_version}", f"lab_addr={address}",
-        f"lab_pyroute2={art.pyroute2_dir}", f"lab_pysite={art.vm_site_packages}",
-    ])
+    cmdline = " ".join(
+        [
+            "console=ttyS0",
+            "panic=-1",
+            "loglevel=4",
+            "rdinit=/init",
+            f"lab_cache={art.cache}",
+            f"lab_kver={art.kernel_version}",
+            f"lab_addr={address}",
+            f"lab_pyroute2={art.pyroute2_dir}",
+            f"lab_pysite={art.vm_site_packages}",
+        ]
+    )
     return [
-        QEMU, "-name", name,
+        QEMU,
+        "-name",
+        name,
         # /dev/kvm here cannot boot stock kernels; a 128 MB translation cache keeps RSS modest.
-        "-accel", "tcg,thread=single,tb-size=128", "-cpu", "max", "-M", "q35",
-        "-m", "256", "-smp", "1",  # python3 + pyroute2 use ~35 MB of it
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-serial", f"file:{run_dir / 'serial.log'}",
-        "-monitor", f"unix:{run_dir / 'monitor.sock'},server=on,wait=off",
+        "-accel",
+        "tcg,thread=single,tb-size=128",
+        "-cpu",
+        "max",
+        "-M",
+        "q35",
+        "-m",
+        "256",
+        "-smp",
+        "1",  # python3 + pyroute2 use ~35 MB of it
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        f"file:{run_dir / 'serial.log'}",
+        "-monitor",
+        f"unix:{run_dir / 'monitor.sock'},server=on,wait=off",
         # The ELF vmlinux boots through the PVH entry, skipping the slow in-guest xz.
-        "-kernel", str(art.vmlinux), "-initrd", str(art.initrd), "-append", cmdline,
-        "-fsdev", "local,id=hr,path=/,security_model=none,readonly=on,multidevs=remap",
-        "-device", "virtio-9p-pci,fsdev=hr,mount_tag=hostroot",
-        "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-        "-device", f"virtio-net-pci,netdev=n0,mac={MAC}",
+        "-kernel",
+        str(art.vmlinux),
+        "-initrd",
+        str(art.initrd),
+        "-append",
+        cmdline,
+        "-fsdev",
+        "local,id=hr,path=/,security_model=none,readonly=on,multidevs=remap",
+        "-device",
+        "virtio-9p-pci,fsdev=hr,mount_tag=hostroot",
+        "-netdev",
+        f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+        "-device",
+        f"virtio-net-pci,netdev=n0,mac={MAC}",
     ]
 
 
@@ -55,9 +88,13 @@ def start(lab_ns: str, argv: list[str], run_dir: Path) -> subprocess.Popen:
     log = open(run_dir / "qemu.log", "w")  # noqa: SIM115 (owned by the child from here on)
     with log:
         # `ip netns exec` execs qemu, so the PID is qemu's; its tap is created in lab_ns.
-        return subprocess.Popen(["ip", "netns", "exec", lab_ns, *argv],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", lab_ns, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 def serial_tail(run_dir: Path, lines: int = 40) -> str:
