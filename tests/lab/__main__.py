@@ -14,8 +14,14 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
+
+import yaml
 
 from tests.lab import harness, provision, state
+
+REPO = Path(__file__).resolve().parents[2]
+STACK_FILE = REPO / "stacks" / "Pulumi.lab.yaml"
 
 
 def _persistent(cache) -> list[state.RunState]:
@@ -53,10 +59,36 @@ Try it (as root; the director is only reachable through the lab's namespace):
   {shlex.join(ssh)}
   ip netns exec {ns["client"]} curl -s http://{info["vip"]}/
 
-Point a stack at it:
-  pulumi config set ipvs-ingress:director {shlex.quote(json.dumps(director))}
+Point a stack at it: {STACK_FILE.relative_to(REPO)} is written for this lab (stack "lab"); then
+  pulumi stack select --create lab
   pulumi config set --secret ipvs-ingress:sshPrivateKey < {shlex.quote(info["keyPath"])}
+  pulumi up --stack lab
+Or any other stack by hand:
+  pulumi config set ipvs-ingress:director {shlex.quote(json.dumps(director))}
 """)
+
+
+def lab_stack(info: dict) -> dict:
+    """A complete stack config for this lab: its VIP on :80, its nodes, its director."""
+    director = {
+        k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")
+    }
+    return {
+        "config": {
+            "ipvs-ingress:vips": [
+                {"address": info["vip"], "ports": [{"port": 80, "protocol": "tcp"}]}
+            ],
+            "ipvs-ingress:realServers": [
+                {"address": ip, "weight": 1} for ip in info["nodes"].values()
+            ],
+            "ipvs-ingress:director": director,
+        }
+    }
+
+
+def write_lab_stack(info: dict) -> None:
+    header = "# Written by `./dev lab up` for the local director lab; not committed.\n"
+    STACK_FILE.write_text(header + yaml.safe_dump(lab_stack(info), sort_keys=False))
 
 
 def up(nodes: int) -> int:
@@ -65,11 +97,13 @@ def up(nodes: int) -> int:
     for run in _persistent(art.cache):
         if run.owner.alive():
             print("a lab is already up (`down` first for a fresh one)\n", file=sys.stderr)
+            write_lab_stack(run.info)
             _print_info(run.info)
             return 0
     lab = harness.Lab(nodes=nodes, artifacts=art, persistent=True).start()
     lab.adopt_by_vm()
     print(f"boot: {lab.boot_seconds:.1f}s", file=sys.stderr)
+    write_lab_stack(lab.describe())
     _print_info(lab.describe())
     return 0
 
