@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import secrets
 import select
 import signal
@@ -330,6 +331,22 @@ class Lab:
 
     def ipvsadm_sn(self) -> str:
         return self.director("ipvsadm -Sn").stdout
+
+    def service_counters(
+        self, vip: str, port: int, min_conns: int = 1
+    ) -> tuple[int, int, int, str]:
+        """(connections, InPkts, OutPkts, raw) of a TCP service from `ipvsadm -Ln --stats`.
+
+        The kernel folds per-CPU counters into these every 2 s (estimator): poll, bounded.
+        """
+        pattern = re.compile(rf"TCP\s+{re.escape(vip)}:{port}\s+(\d+)\s+(\d+)\s+(\d+)")
+        for _ in range(20):
+            stats = self.director(f"ipvsadm -Ln --stats --exact -t {vip}:{port}").stdout
+            conns, inpkts, outpkts = map(int, pattern.search(stats).groups())
+            if conns >= min_conns:
+                break
+            time.sleep(0.5)
+        return conns, inpkts, outpkts, stats
 
     def http_from_client(self, url: str, count: int, timeout: float = 3) -> list[str]:
         """`count` sequential GETs from the client namespace; the body of each, or raise."""

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -92,16 +91,7 @@ def test_replies_bypass_the_director(lab, dr_service):
     neigh = lab.in_ns(lab.client_ns, ["ip", "neigh", "show", lab.vip]).stdout
     assert vm_mac in neigh, neigh
 
-    # The kernel folds its per-CPU counters into these every 2 s (estimator): poll, bounded.
-    for _ in range(20):
-        stats = lab.director(f"ipvsadm -Ln --stats --exact -t {lab.vip}:80").stdout
-        conns, inpkts, outpkts = map(
-            int,
-            re.search(rf"TCP\s+{re.escape(lab.vip)}:80\s+(\d+)\s+(\d+)\s+(\d+)", stats).groups(),
-        )
-        if conns >= 10:
-            break
-        time.sleep(0.5)
+    conns, inpkts, outpkts, stats = lab.service_counters(lab.vip, 80, min_conns=10)
     assert conns >= 10 and inpkts > 0, stats
     assert outpkts == 0, stats
 

@@ -33,22 +33,10 @@ def test_lab_stack_deploys_and_serves_through_the_director(lab):
         answers = lab.http_from_client(f"http://{lab.vip}/", 10)
         assert set(answers) == set(lab.node_names)
         # Direct Routing: the director forwarded the requests but sent no packet back out.
-        in_pkts, out_pkts = _packets(lab.director("ipvsadm -Ln --stats").stdout, f"{lab.vip}:80")
-        assert in_pkts > 0 and out_pkts == 0
+        conns, in_pkts, out_pkts, stats = lab.service_counters(lab.vip, 80, min_conns=10)
+        assert conns >= 10 and in_pkts > 0 and out_pkts == 0, stats
     finally:
         for id_, outs in created:
             srv.delete(id_, outs)
         srv.close()
     assert f"{lab.vip}:80" not in lab.ipvsadm_ln()
-
-
-def _packets(stats: str, service: str) -> tuple[int, int]:
-    # Service rows: Prot LocalAddress:Port Conns InPkts OutPkts InBytes OutBytes.
-    row = next(line.split() for line in stats.splitlines() if line.split()[1:2] == [service])
-    return _count(row[3]), _count(row[4])
-
-
-def _count(text: str) -> int:
-    # ipvsadm abbreviates large counters (e.g. 1K).
-    units = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
