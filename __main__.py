@@ -13,7 +13,7 @@ except ConfigError as err:
     # One line naming the field, the value and the fix; a traceback would only hide it.
     raise pulumi.RunError(str(err)) from None
 except pulumi.ConfigTypeError as err:
-    fix = "write it as YAML structure under config: in the stack file (see docs/program.md)"
+    fix = "write it as YAML structure under config: in the stack file (see README.md)"
     raise pulumi.RunError(f"{err}: {fix}") from None
 
 private_key = None

@@ -273,7 +273,7 @@ def _director(report: _Report, value: Any) -> tuple[Director, bool]:
         bootstrap = False
     if bootstrap and raw.get("proxyCommand") is not None:
         # pulumi-command's SSH connection can hop through an SSH bastion, not run a command.
-        report.add(f"{name}.bootstrap", "true cannot go through director.proxyCommand (pulumi-command has no ProxyCommand): prepare the director by hand as docs/program.md shows and set bootstrap: false")  # fmt: skip
+        report.add(f"{name}.bootstrap", "true cannot go through director.proxyCommand (pulumi-command has no ProxyCommand): prepare the director by hand as README.md ('Preparing the director') shows and set bootstrap: false")  # fmt: skip
     return director or Director(host="", host_key=""), bootstrap
 
 

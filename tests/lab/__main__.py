@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,32 @@ def lab_stack(info: dict) -> dict:
     }
 
 
-def write_lab_stack(info: dict) -> None:
+def write_lab_stack(info: dict, pulumi: str | None = None) -> None:
+    """Write stacks/Pulumi.lab.yaml; with the Pulumi CLI at hand, also select the stack and set
+    its secret key, so that `pulumi up --stack lab` is all that is left to run."""
     header = "# Written by `./dev lab up` for the local director lab; not committed.\n"
     STACK_FILE.write_text(header + yaml.safe_dump(lab_stack(info), sort_keys=False))
+    pulumi = pulumi or shutil.which("pulumi")
+    if pulumi is None:
+        return
+    steps = [
+        ([pulumi, "stack", "select", "--create", "lab"], None),
+        (
+            [pulumi, "config", "set", "--secret", "--stack", "lab", "ipvs-ingress:sshPrivateKey"],
+            info["keyPath"],
+        ),
+    ]
+    for argv, stdin_path in steps:
+        with open(stdin_path or os.devnull) as stdin:
+            done = subprocess.run(argv, cwd=REPO, stdin=stdin, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr or done.stdout).strip().splitlines()
+            print(
+                f"`{shlex.join(argv[1:])}` failed ({why[-1] if why else done.returncode}): run it by hand",
+                file=sys.stderr,
+            )
+            return
+    print("stack lab selected, its sshPrivateKey set (secret)", file=sys.stderr)
 
 
 def up(nodes: int) -> int:

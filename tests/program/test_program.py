@@ -240,6 +240,6 @@ def test_config_value_that_is_not_json_is_one_line():
         run_program(DEV_CONFIG, raw={"app": "{name: nginx"})
     assert str(err.value).startswith("Configuration 'ipvs-ingress:app' value '{name: nginx'")
     assert str(err.value).endswith(
-        "write it as YAML structure under config: in the stack file (see docs/program.md)"
+        "write it as YAML structure under config: in the stack file (see README.md)"
     )
     assert "\n" not in str(err.value)

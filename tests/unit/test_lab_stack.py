@@ -1,0 +1,53 @@
+"""`./dev lab up` leaves a stack ready for `pulumi up --stack lab` (a stand-in CLI records calls)."""
+
+from __future__ import annotations
+
+import stat
+
+import yaml
+
+from components.config import load_stack_file
+from providers import model
+from tests.lab import __main__ as lab_cli
+
+INFO = {
+    "host": "203.0.113.2",
+    "port": 22,
+    "user": "root",
+    "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq",
+    "interface": "eth0",
+    "proxyCommand": "ip netns exec lab-1 socat - TCP:%h:%p",
+    "vip": "203.0.113.201",
+    "nodes": {"node1": "203.0.113.11", "node2": "203.0.113.12"},
+}
+
+
+def test_lab_stack_file_is_valid_config_and_cli_gets_the_secret(tmp_path, monkeypatch):
+    stack_file = tmp_path / "Pulumi.lab.yaml"
+    monkeypatch.setattr(lab_cli, "STACK_FILE", stack_file)
+    key = tmp_path / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "pulumi"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncat >> {calls}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+
+    lab_cli.write_lab_stack({**INFO, "keyPath": str(key)}, pulumi=str(fake))
+
+    cfg = load_stack_file(yaml.safe_load(stack_file.read_text())["config"])
+    assert [s.key for s in cfg.virtual_services] == ["tcp/203.0.113.201:80"]
+    assert cfg.director == model.Director(
+        host="203.0.113.2", host_key=INFO["hostKey"], proxy_command=INFO["proxyCommand"]
+    )
+    assert "PRIVATE KEY" not in stack_file.read_text()
+    recorded = calls.read_text().splitlines()
+    assert recorded[0] == "stack select --create lab"
+    assert recorded[1] == "config set --secret --stack lab ipvs-ingress:sshPrivateKey"
+    assert recorded[2] == "-----BEGIN OPENSSH PRIVATE KEY-----"
+
+
+def test_without_the_cli_only_the_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(lab_cli, "STACK_FILE", tmp_path / "Pulumi.lab.yaml")
+    monkeypatch.setattr(lab_cli.shutil, "which", lambda _name: None)
+    lab_cli.write_lab_stack({**INFO, "keyPath": "/nonexistent"})
+    assert (tmp_path / "Pulumi.lab.yaml").exists()
