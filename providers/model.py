@@ -348,15 +348,7 @@ def director_props(d: Director) -> dict:
 
 def to_props(director: Director, spec: VirtualServiceSpec) -> dict:
     """The normalized input properties (what `check` hands back to the engine)."""
-    return {
-        "director": director_props(director),
-        "vip": spec.vip,
-        "port": spec.port,
-        "protocol": spec.protocol,
-        "scheduler": spec.scheduler,
-        "persistenceSeconds": spec.persistence_seconds,
-        "realServers": [{"address": r.address, "weight": r.weight} for r in spec.real_servers],
-    }
+    return {"director": director_props(director), **spec_to_dict(spec)}
 
 
 def changed_keys(olds: Mapping, news: Mapping) -> list[str]:
