@@ -33,7 +33,7 @@ else
 fi
 """
 # Exits 0 only if an installed pyroute2 is new enough; then pip is not touched.
-_PYROUTE2_CHECK = (
+PYROUTE2_CHECK = (
     "import importlib.metadata as m, sys; "
     "v = tuple(int(x) for x in m.version('pyroute2').split('.')[:3]); "
     f"sys.exit(v < {MIN_PYROUTE2})"
@@ -44,7 +44,7 @@ def packages_script() -> str:
     # PIP_BREAK_SYSTEM_PACKAGES: Debian 12+ marks the system Python externally managed; older pips
     # ignore the variable.
     return (
-        f"{_PACKAGES}python3 -c {shlex.quote(_PYROUTE2_CHECK)} 2>/dev/null"
+        f"{_PACKAGES}python3 -c {shlex.quote(PYROUTE2_CHECK)} 2>/dev/null"
         f" || PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q {shlex.quote(PYROUTE2)}\n"
     )
 

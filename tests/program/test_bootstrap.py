@@ -65,7 +65,7 @@ def test_pyroute2_version_check(version, ok, tmp_path):
     dist = tmp_path / f"pyroute2-{version}.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: pyroute2\nVersion: {version}\n")
-    check = bootstrap._PYROUTE2_CHECK
+    check = bootstrap.PYROUTE2_CHECK
     result = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); {check}"]
     )
