@@ -276,3 +276,36 @@ def test_connection_failures_are_one_line_with_the_fix(lab, case, tmp_path):
     finally:
         srv.close()
     assert f"{VIP}:6000" not in lab.ipvsadm_ln()
+
+
+def test_ipv6_virtual_service_round_trip(lab, tmp_path):
+    # IPv6 on the lab segment just for this test (nodad: usable at once); removed at the end.
+    lab.director(f"ip -6 addr add 2001:db8::2/64 dev {lab.interface} nodad")
+    for i, ns in enumerate(lab.node_ns):
+        lab.in_ns(ns, ["sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=0"])
+        lab.in_ns(ns, ["ip", "-6", "addr", "add", f"2001:db8::{11 + i}/64", "dev", "eth0", "nodad"])
+    servers = [{"address": f"2001:db8::{11 + i}", "weight": 2} for i in range(len(lab.node_ns))]
+    srv = ProviderServer()
+    try:
+        srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+        inputs, failures = srv.check({**vs_props(lab, servers=servers), "vip": "2001:db8::201"})
+        assert failures == []
+        id_, outs = srv.create(inputs)
+        assert id_.endswith("/tcp/[2001:db8::201]:80")
+        table = lab.ipvsadm_ln()
+        assert "TCP  [2001:db8::201]:80 wlc" in table
+        for rs in servers:
+            assert re.search(rf"-> \[{rs['address']}\]:80\s+Route\s+2", table), table
+        assert "2001:db8::201/128" in lab.director(f"ip -6 -o addr show dev {lab.interface}").stdout
+        srv.delete(id_, outs)
+        assert "2001:db8::201" not in lab.ipvsadm_ln()
+        assert "2001:db8::201" not in lab.director(f"ip -6 -o addr show dev {lab.interface}").stdout
+    finally:
+        srv.close()
+        lab.director(f"ip -6 addr del 2001:db8::2/64 dev {lab.interface}", check=False)
+        for i, ns in enumerate(lab.node_ns):
+            lab.in_ns(
+                ns,
+                ["ip", "-6", "addr", "del", f"2001:db8::{11 + i}/64", "dev", "eth0"],
+                check=False,
+            )
