@@ -309,3 +309,4 @@ def test_ipv6_virtual_service_round_trip(lab, tmp_path):
                 ["ip", "-6", "addr", "del", f"2001:db8::{11 + i}/64", "dev", "eth0"],
                 check=False,
             )
+            lab.in_ns(ns, ["sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=1"], check=False)
