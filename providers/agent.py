@@ -54,17 +54,19 @@ class Kernel:
     def __init__(self):
         try:
             import pyroute2
-            from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
-            from pyroute2.netlink.exceptions import NetlinkError
         except ImportError as err:
             raise AgentError(
                 "pyroute2-missing", f"python3 cannot import pyroute2 ({err})"
             ) from None
+        # Check the version first: an old pyroute2 fails the IPVS import below with a vaguer error.
         version = getattr(pyroute2, "__version__", "0")
         if _version_tuple(version) < MIN_PYROUTE2:
             raise AgentError(
                 "pyroute2-old", f"pyroute2 {version} has no IPVS support (needs >= 0.9.5)"
             )
+        from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
+        from pyroute2.netlink.exceptions import NetlinkError
+
         self.version = version
         self.IPVSService, self.IPVSDest, self.NetlinkError = IPVSService, IPVSDest, NetlinkError
         self._IPVS = IPVS
