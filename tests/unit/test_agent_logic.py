@@ -249,3 +249,17 @@ def test_missing_pyroute2_is_reported_in_the_greeting(monkeypatch):
 def test_version_comparison():
     assert agent._version_tuple("0.9.7") >= agent.MIN_PYROUTE2 > agent._version_tuple("0.7.2")
     assert agent._version_tuple("0.9.5.post1") >= agent.MIN_PYROUTE2
+
+
+def test_ownership_record_is_reread_when_another_stack_writes_it(kernel):
+    apply(kernel, port=80)
+    first = agent.Ownership.load()
+    assert agent.Ownership.load() is first  # unchanged file: no re-parse
+    signature = agent.Ownership._cache[agent.STATE_PATH][0]
+    other = agent.Ownership(agent.STATE_PATH)  # another agent process on the same director
+    other.services["tcp/203.0.113.202:80"] = {"vip": "203.0.113.202", "interface": "eth0"}
+    other.save()
+    agent.Ownership._cache[agent.STATE_PATH] = (signature, first)  # this process's old copy
+    reloaded = agent.Ownership.load()
+    assert reloaded is not first
+    assert set(reloaded.services) == {"tcp/203.0.113.201:80", "tcp/203.0.113.202:80"}
