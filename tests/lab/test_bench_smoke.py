@@ -7,7 +7,6 @@ prints its table and a sane JSON line, and that the structural goals hold at any
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -20,13 +19,10 @@ KEYS = {
     "create_vs_floor", "refresh_vs_floor", "handshakes_create", "agent_starts_create",
     "objects_touched_one_change",
 }  # fmt: skip
-SMOKE_BUDGET_SECONDS = 60  # after boot; the run takes about half of that under TCG
 
 
 def test_bench_smoke(lab, capsys):
-    started = time.monotonic()
     code = main(["--smoke"], lab=lab)
-    elapsed = time.monotonic() - started
     captured = capsys.readouterr()
     out = captured.out
     assert code == 0, captured.err
@@ -50,6 +46,5 @@ def test_bench_smoke(lab, capsys):
     assert result["objects_touched_one_change"] == 1
     assert "[MET] handshakes and agent starts per phase = directors (1)" in out
     assert "[MET] a single weight change touches 1 kernel object" in out
-    assert elapsed < SMOKE_BUDGET_SECONDS, f"smoke run took {elapsed:.0f} s"
     # The benchmark leaves the shared director as it found it: no services.
     assert lab.ipvsadm_sn().strip() == ""
