@@ -62,17 +62,6 @@ def _stamp(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
 
 
-def director_props(lab) -> dict:
-    return {
-        "host": lab.director_ip,
-        "port": lab.ssh_port,
-        "user": lab.ssh_user,
-        "hostKey": lab.host_key_line,
-        "interface": lab.interface,
-        "proxyCommand": lab.proxy_command,
-    }
-
-
 @contextmanager
 def provider_process(lab, log: Path) -> Iterator[ProviderServer]:
     """A fresh `python -m pulumi.dynamic`, configured with the lab's key, as `pulumi` starts it."""
@@ -134,7 +123,7 @@ def _checked(server: ProviderServer, props: list[dict]) -> list[dict]:
 
 def create_all(lab, workload: Workload, log: Path) -> tuple[Phase, list[tuple[str, dict]]]:
     """(a) Create every virtual service; returns the phase and each resource's (id, outputs)."""
-    props = workload.props(director_props(lab))
+    props = workload.props(lab.director_config())
     phase, created, conn = _measured(
         lab, log, "(a) create", f"ipvs-ingress Create x{len(props)}",
         lambda server: _checked(server, props),
@@ -163,7 +152,7 @@ def refresh_all(lab, created: list[tuple[str, dict]], log: Path) -> Phase:
 def change_one(lab, workload: Workload, created: list[tuple[str, dict]], log: Path) -> Phase:
     """`pulumi up` after one weight changed: Update of that one resource."""
     id_, olds = created[0]
-    news = workload.props(director_props(lab), changed=True)[0]
+    news = workload.props(lab.director_config(), changed=True)[0]
     phase, _, conn = _measured(
         lab, log, "one change", "ipvs-ingress Update x1",
         lambda server: _checked(server, [news]),

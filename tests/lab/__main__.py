@@ -30,9 +30,7 @@ def _persistent(cache) -> list[state.RunState]:
 
 
 def _print_info(info: dict) -> None:
-    director = {
-        k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")
-    }
+    director = harness.director_config(info)
     ns = info["namespaces"]
     ssh = [
         "ssh",
@@ -71,9 +69,7 @@ Or any other stack by hand:
 
 def lab_stack(info: dict) -> dict:
     """A complete stack config for this lab: its VIP on :80, its nodes, its director."""
-    director = {
-        k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")
-    }
+    director = harness.director_config(info)
     return {
         "config": {
             "ipvs-ingress:vips": [

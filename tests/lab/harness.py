@@ -411,6 +411,10 @@ class Lab:
 
     # -- for people ---------------------------------------------------------------------------
 
+    def director_config(self) -> dict:
+        """This director as the product's `ipvs-ingress:director` config (reached via ProxyCommand)."""
+        return director_config(self.describe())
+
     def describe(self) -> dict:
         return {
             "id": self.id,
@@ -436,6 +440,11 @@ def _ssh_master_opts(run_dir: Path) -> list[str]:
     if len(str(control_path)) > 100:  # sun_path limit
         return []
     return ["-o", "ControlMaster=no", "-o", f"ControlPath={control_path}"]
+
+
+def director_config(info: dict) -> dict:
+    """The `ipvs-ingress:director` config for the lab `info` (from `Lab.describe`) describes."""
+    return {k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")}
 
 
 def ssh_argv(info: dict, cmd: str) -> list[str]:

@@ -22,24 +22,12 @@ VIP = "203.0.113.201"
 FOREIGN = "TCP  203.0.113.250:8080 rr"
 
 
-def director_props(lab, **over) -> dict:
-    d = {
-        "host": lab.director_ip,
-        "port": lab.ssh_port,
-        "user": lab.ssh_user,
-        "hostKey": lab.host_key_line,
-        "interface": lab.interface,
-        "proxyCommand": lab.proxy_command,
-    }
-    return {**d, **over}
-
-
 def vs_props(lab, port=80, servers=None, **over) -> dict:
     servers = (
         servers if servers is not None else [{"address": ip, "weight": 1} for ip in lab.node_ips]
     )
     return {
-        "director": director_props(lab),
+        "director": lab.director_config(),
         "vip": VIP,
         "port": port,
         "protocol": "tcp",
@@ -246,7 +234,7 @@ def test_delete_leaves_no_trace_but_the_foreign_service(lab, provider, created):
 @pytest.mark.parametrize("case", ["host-key", "auth", "unreachable"])
 def test_connection_failures_are_one_line_with_the_fix(lab, case, tmp_path):
     config_key = lab.private_key_pem
-    director = director_props(lab)
+    director = lab.director_config()
     if case == "host-key":
         subprocess.run(
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "hk")], check=True
