@@ -1,0 +1,101 @@
+"""Transport failure modes that need no director: timeouts and bad keys give one clear line."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from providers import model, transport
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
+
+
+@pytest.fixture
+def private_key(tmp_path) -> str:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    return (tmp_path / "k").read_text()
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts TCP on loopback and never says a word: an sshd that hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    yield listener.getsockname()[1]
+    for conn, _ in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_a_director_that_never_answers_times_out_with_one_line(
+    silent_server, private_key, monkeypatch
+):
+    monkeypatch.setattr(transport, "CONNECT_TIMEOUT", 1.0)
+    director = model.Director(host="127.0.0.1", port=silent_server, host_key=HOST_KEY)
+    session = transport.AgentSession(director, private_key)
+    started = time.monotonic()
+    with pytest.raises(transport.DirectorError) as err:
+        session.request("hello")
+    assert time.monotonic() - started < 10  # bounded by the 1 s timeouts, not the OS default
+    msg = str(err.value)
+    assert (
+        msg.startswith(f"director 127.0.0.1:{silent_server} is unreachable (") and "\n" not in msg
+    )
+    assert msg.endswith("check director.host, director.port, and that sshd runs there")
+
+
+def test_nothing_listening_is_unreachable(private_key):
+    with socket.socket() as probe:  # a free port: bound, then released
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    session = transport.AgentSession(
+        model.Director(host="127.0.0.1", port=port, host_key=HOST_KEY), private_key
+    )
+    with pytest.raises(
+        transport.DirectorError, match=r"^director 127\.0\.0\.1:\d+ is unreachable \("
+    ):
+        session.request("hello")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not a key",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n",
+    ],
+)
+def test_unreadable_private_keys_say_how_to_set_one(text):
+    with pytest.raises(transport.DirectorError) as err:
+        transport.load_private_key(text)
+    assert str(err.value).startswith("ipvs-ingress:sshPrivateKey ")
+    assert "pulumi config set --secret sshPrivateKey <" in str(err.value)
+
+
+def test_passphrase_protected_keys_are_refused(tmp_path):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "pw", "-f", str(tmp_path / "k")], check=True
+    )
+    with pytest.raises(transport.DirectorError, match="unencrypted"):
+        transport.load_private_key((tmp_path / "k").read_text())
+
+
+def test_fingerprint_matches_ssh_keygen(tmp_path):
+    (tmp_path / "k.pub").write_text(HOST_KEY + "\n")
+    expected = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(tmp_path / "k.pub")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    _, blob = model.parse_host_key(HOST_KEY)
+    assert transport.host_key_fingerprint(blob) == expected
