@@ -5,9 +5,10 @@ and traffic to the VIP reaches every node with replies that bypass the director.
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from components.config import load_stack_file
-from providers import model
+from providers import model, plan
 from tests.lab.__main__ import lab_stack
 from tests.provider.grpc_client import ProviderServer
 
@@ -40,3 +41,38 @@ def test_lab_stack_deploys_and_serves_through_the_director(lab):
             srv.delete(id_, outs)
         srv.close()
     assert f"{lab.vip}:80" not in lab.ipvsadm_ln()
+
+
+def test_dry_run_shows_drift_and_changes_nothing(lab, tmp_path, capsys):
+    stack_file = tmp_path / "Pulumi.lab.yaml"
+    stack_file.write_text(yaml.safe_dump(lab_stack(lab.describe())))
+    cfg = load_stack_file(lab_stack(lab.describe())["config"])
+    lab.director("ipvsadm -C; rm -f /var/lib/ipvs-ingress/state.json")
+    srv = ProviderServer()
+    try:
+        srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+        id_, outs = srv.create(srv.check(model.to_props(cfg.director, cfg.virtual_services[0]))[0])
+        first = lab.node_ips[0]
+        lab.director(f"ipvsadm -e -t {lab.vip}:80 -r {first}:80 -g -w 7")
+        before = lab.ipvsadm_sn()
+        assert plan.main([str(stack_file), "--key", str(lab.private_key_path)]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"tcp/{lab.vip}:80: 1 change(s)",
+            f"  set-dest tcp/{lab.vip}:80 -> {first} weight 1 Route",
+        ]
+        assert lab.ipvsadm_sn() == before
+        srv.delete(id_, outs)
+    finally:
+        srv.close()
+
+
+def test_dry_run_errors_are_one_line(lab, tmp_path, capsys):
+    stack_file = tmp_path / "Pulumi.lab.yaml"
+    broken = lab_stack(lab.describe())
+    broken["config"]["ipvs-ingress:vips"][0]["ports"][0]["port"] = 70000
+    stack_file.write_text(yaml.safe_dump(broken))
+    assert plan.main([str(stack_file), "--key", str(lab.private_key_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: ipvs-ingress:vips[0].ports[0].port: 70000") and err.count("\n") == 1
+    )

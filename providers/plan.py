@@ -1,0 +1,62 @@
+"""Dry run against the live director: the kernel changes `pulumi up` would make, changing nothing.
+
+`pulumi preview` never connects to the director, so it cannot see drift. This asks the agent
+for its plan (the same code path as an apply, stopped before the first change):
+
+    venv/bin/python -m providers.plan stacks/Pulumi.dev.yaml --key ~/.ssh/ipvs-director-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.config import ConfigError, load_stack_file
+from providers import model
+from providers.transport import POOL, DirectorError
+
+
+def plan_stack(stack_config: dict, private_key: str) -> list[tuple[str, list[str]]]:
+    """(virtual service key, changes) for every virtual service of the stack."""
+    cfg = load_stack_file(stack_config)
+    session = POOL.session(cfg.director, private_key)
+    return [
+        (
+            spec.key,
+            session.request(
+                "plan", spec=model.spec_to_dict(spec), interface=cfg.director.interface
+            )["changes"],
+        )
+        for spec in cfg.virtual_services
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m providers.plan", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("stack_file", type=Path, help="stacks/Pulumi.<stack>.yaml")
+    parser.add_argument(
+        "--key", type=Path, required=True, help="the SSH private key file (sshPrivateKey)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        stack = yaml.safe_load(args.stack_file.read_text()) or {}
+        plans = plan_stack(stack.get("config") or {}, args.key.read_text())
+    except (OSError, yaml.YAMLError, ConfigError, DirectorError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        POOL.close()
+    for key, changes in plans:
+        print(f"{key}: {'in sync' if not changes else f'{len(changes)} change(s)'}")
+        for change in changes:
+            print(f"  {change}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
