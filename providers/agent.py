@@ -101,8 +101,9 @@ class Kernel:
         self._routes: dict[str, tuple[int | None, str | None]] = {}
 
     # -- modules and sysctls --
-    def ensure_ipvs(self, scheduler: str) -> None:
-        for module in ("ip_vs", f"ip_vs_{scheduler}"):
+    def ensure_ipvs(self, scheduler: str | None = None) -> None:
+        """Load ip_vs (and the scheduler's module, when about to use it)."""
+        for module in ("ip_vs", f"ip_vs_{scheduler}") if scheduler else ("ip_vs",):
             if os.path.isdir(f"/sys/module/{module}"):
                 continue
             proc = subprocess.run(["modprobe", module], capture_output=True, text=True)
@@ -353,7 +354,7 @@ class Agent:
 
     def read(self, request: dict) -> dict:
         protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
-        self.kernel.ensure_ipvs("wlc")
+        self.kernel.ensure_ipvs()
         live = self.kernel.get_service(protocol, vip, port)
         owned = model.service_key(protocol, vip, port) in Ownership.load().services
         return {"live": live.to_dict() if live else None, "owned": owned}
@@ -418,7 +419,7 @@ class Agent:
             if key not in owners.services:
                 return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k = self.kernel
-            k.ensure_ipvs("wlc")
+            k.ensure_ipvs()
             entry = owners.services.pop(key)
             removed_vip = False
             try:

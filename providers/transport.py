@@ -32,7 +32,8 @@ if os.environ.get("IPVS_INGRESS_LOG"):
 
 CONNECT_TIMEOUT = 15.0
 AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts
-REQUEST_TIMEOUT = 300.0  # includes waiting for the director lock held by another run
+# Longer than the agent's own wait for the director lock, so a busy director answers "busy".
+REQUEST_TIMEOUT = 360.0
 # Sent as a tiny `python3 -c` program; it reads the agent's modules from the first stdin line.
 _BOOT = (
     "import json,sys,types\n"

@@ -26,7 +26,7 @@ class MemoryKernel:
         self.off_link: set[str] = set()
         self.changes: list[str] = []
 
-    def ensure_ipvs(self, scheduler):
+    def ensure_ipvs(self, scheduler=None):
         pass
 
     def ensure_forwarding(self, version):
