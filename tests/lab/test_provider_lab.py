@@ -298,3 +298,30 @@ def test_ipv6_virtual_service_round_trip(lab, tmp_path):
                 check=False,
             )
             lab.in_ns(ns, ["sysctl", "-q", "-w", "net.ipv6.conf.eth0.disable_ipv6=1"], check=False)
+
+
+def test_udp_scheduler_and_persistence_reach_the_kernel(lab, provider):
+    props = {
+        **vs_props(lab, port=53),
+        "protocol": "udp",
+        "scheduler": "rr",
+        "persistenceSeconds": 300,
+    }
+    inputs, _ = provider.check(props)
+    id_, outs = provider.create(inputs)
+    try:
+        assert re.search(rf"UDP\s+{VIP}:53 rr persistent 300", lab.ipvsadm_ln())
+        assert outs["ipvsadm"][0].startswith(f"UDP {VIP}:53 rr persistent 300 -> ")
+        # Persistence off and another scheduler: an in-place update, read back from the kernel.
+        news, _ = provider.check({**props, "scheduler": "wlc", "persistenceSeconds": 0})
+        assert list(provider.diff(id_, inputs, news).replaces) == []
+        updated = provider.update(id_, inputs, news)
+        assert re.search(rf"UDP\s+{VIP}:53 wlc\s*$", lab.ipvsadm_ln(), re.M)
+        assert (
+            updated["scheduler"] == "wlc"
+            and updated["persistenceSeconds"] == 0
+            and updated["inSync"]
+        )
+    finally:
+        provider.delete(id_, outs)
+    assert f"{VIP}:53" not in lab.ipvsadm_ln()
