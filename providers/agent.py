@@ -101,11 +101,14 @@ class Kernel:
         self._routes: dict[str, tuple[int | None, str | None]] = {}
 
     # -- modules and sysctls --
+    @staticmethod
+    def missing_modules(scheduler: str | None = None) -> list[str]:
+        wanted = ["ip_vs"] + ([f"ip_vs_{scheduler}"] if scheduler else [])
+        return [m for m in wanted if not os.path.isdir(f"/sys/module/{m}")]
+
     def ensure_ipvs(self, scheduler: str | None = None) -> None:
         """Load ip_vs (and the scheduler's module, when about to use it)."""
-        for module in ("ip_vs", f"ip_vs_{scheduler}") if scheduler else ("ip_vs",):
-            if os.path.isdir(f"/sys/module/{module}"):
-                continue
+        for module in self.missing_modules(scheduler):
             proc = subprocess.run(["modprobe", module], capture_output=True, text=True)
             if proc.returncode != 0 and module == "ip_vs" and not os.path.exists("/proc/net/ip_vs"):
                 detail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -113,6 +116,9 @@ class Kernel:
                     "ipvs-missing",
                     f"the kernel has no IPVS (modprobe ip_vs: {detail[-1] if detail else proc.returncode})",
                 )
+        self.open_ipvs()
+
+    def open_ipvs(self) -> None:
         if self._ipvs is None:
             try:
                 self._ipvs = self._IPVS()
@@ -121,18 +127,18 @@ class Kernel:
                     "ipvs-missing", f"the kernel has no IPVS netlink family ({err})"
                 ) from None
 
-    @staticmethod
-    def ensure_forwarding(version: int) -> None:
-        path = (
-            "/proc/sys/net/ipv4/ip_forward"
-            if version == 4
-            else "/proc/sys/net/ipv6/conf/all/forwarding"
-        )
-        with open(path) as f:
-            if f.read().strip() == "1":
-                return
-        with open(path, "w") as f:
-            f.write("1\n")
+    # Only IPv4's: turning on IPv6 forwarding would make the director a router and stop it
+    # accepting router advertisements; IPVS transmits DR packets without it.
+    _FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+    def forwarding_on(self) -> bool:
+        with open(self._FORWARD) as f:
+            return f.read().strip() == "1"
+
+    def ensure_forwarding(self) -> None:
+        if not self.forwarding_on():
+            with open(self._FORWARD, "w") as f:
+                f.write("1\n")
 
     # -- interfaces, addresses, routes --
     def ifindex(self, name: str) -> int:
@@ -365,7 +371,12 @@ class Agent:
         interface, dry_run = request["interface"], request["op"] == "plan"
         with director_lock():
             k = self.kernel
-            k.ensure_ipvs(spec.scheduler)
+            missing = k.missing_modules(spec.scheduler)
+            if dry_run:
+                if "ip_vs" not in missing:
+                    k.open_ipvs()
+            else:
+                k.ensure_ipvs(spec.scheduler)
             index = k.ifindex(interface)
             # Every refusal comes before the first change, so a refused request changes nothing.
             off_link = [
@@ -380,35 +391,46 @@ class Agent:
                     f"real server(s) {', '.join(off_link)} are not on-link on {interface}: direct routing rewrites only the MAC, so real servers must share the director's L2 segment",
                 )
             owners = Ownership.load()
-            live = k.get_service(spec.protocol, spec.vip, spec.port)
+            live = None if "ip_vs" in missing else k.get_service(spec.protocol, spec.vip, spec.port)
             if live is not None and spec.key not in owners.services:
                 raise AgentError(
                     "foreign",
                     f"{spec.key} already exists on the director and was not created by ipvs-ingress; remove it by hand (ipvsadm -D) or choose another VIP/port",
                 )
             ops = model.plan(live, spec)
+            # A VIP we bound on another interface (director.interface changed) moves with it.
+            recorded = owners.addresses.get(spec.vip, {}).get("interface")
+            move_from = recorded if recorded not in (None, interface) else None
             bind = not k.has_address(index, spec.vip)
             if dry_run:
-                changes = ([f"bind {spec.vip} on {interface}"] if bind else []) + [
-                    o.describe(spec) for o in ops
-                ]
+                changes = (
+                    [f"load {' '.join(missing)}"] * bool(missing)
+                    + ["set net.ipv4.ip_forward=1"] * (not k.forwarding_on())
+                    + [o.describe(spec) for o in ops]
+                    + [f"unbind {spec.vip} from {move_from}"] * bool(move_from)
+                    + [f"bind {spec.vip} on {interface}"] * bind
+                )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            k.ensure_forwarding(ipaddress.ip_address(spec.vip).version)
+            k.ensure_forwarding()
             try:
-                if bind:
-                    k.add_address(index, spec.vip)
-                    owners.addresses[spec.vip] = {"interface": interface}
                 for op in ops:
                     k.apply(spec, op)
                     if op.action == "add-service":
                         owners.services[spec.key] = {"vip": spec.vip, "interface": interface}
+                # The VIP last: until the service exists, answering ARP for it would blackhole it.
+                if move_from:
+                    k.del_address(k.ifindex(move_from), spec.vip)
+                    owners.addresses.pop(spec.vip)
+                if bind:
+                    k.add_address(index, spec.vip)
+                    owners.addresses[spec.vip] = {"interface": interface}
             finally:
                 owners.save()
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
             "changes": [o.describe(spec) for o in ops],
-            "touched": len(ops) + int(bind),
+            "touched": len(ops) + int(bind) + int(bool(move_from)),
         }
 
     def delete(self, request: dict) -> dict:
@@ -420,15 +442,17 @@ class Agent:
                 return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k = self.kernel
             k.ensure_ipvs()
-            entry = owners.services.pop(key)
             removed_vip = False
             try:
                 if k.get_service(protocol, vip, port) is not None:
                     k.apply(model.VirtualServiceSpec(vip, port, protocol), model.Op("del-service"))
+                # Forget the service only once the kernel let go of it, so a failed delete retries.
+                entry = owners.services.pop(key)
                 # The VIP goes only with the last managed service on it, and only if we bound it.
                 if vip in owners.addresses and not owners.vip_in_use(vip):
-                    iface = owners.addresses.pop(vip).get("interface", entry.get("interface"))
+                    iface = owners.addresses[vip].get("interface", entry.get("interface"))
                     k.del_address(k.ifindex(iface), vip)
+                    owners.addresses.pop(vip)
                     removed_vip = True
             finally:
                 owners.save()

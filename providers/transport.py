@@ -105,8 +105,8 @@ class AgentSession:
         name = d.host if d.port == 22 else f"[{d.host}]:{d.port}"
         client.get_host_keys().add(name, kind, paramiko.PKey.from_type_string(kind, blob))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        sock = paramiko.ProxyCommand(d.proxy_command.replace("%h", d.host).replace("%p", str(d.port))) if d.proxy_command else None  # fmt: skip
         try:
+            sock = _proxy(d)
             client.connect(
                 d.host, port=d.port, username=d.user, pkey=self._pkey, sock=sock,
                 timeout=CONNECT_TIMEOUT, banner_timeout=CONNECT_TIMEOUT, auth_timeout=CONNECT_TIMEOUT,
@@ -140,17 +140,26 @@ class AgentSession:
         self.handshakes += 1
         log.info("connected to director %s (handshake %d)", d.label, self.handshakes)
         self._client = client
-        self._start_agent()
+        try:
+            self._start_agent()
+        except ConnectionError as err:  # the agent died at start: retrying would only repeat it
+            self.close()
+            raise DirectorError(
+                f"{err}: check that python3 runs for {d.user} on the director"
+            ) from None
+        except (OSError, paramiko.SSHException) as err:
+            self.close()
+            raise DirectorError(f"director {d.host} refused a session for the agent ({err}): check sshd's limits and {d.user}'s shell") from None  # fmt: skip
 
     def _start_agent(self) -> None:
         d = self.director
         transport = self._client.get_transport()
         transport.set_keepalive(30)
         channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+        self._channel, self._out = channel, channel.makefile("rb")
         channel.settimeout(AGENT_START_TIMEOUT)
         channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
         channel.sendall((json.dumps(_SOURCES) + "\n").encode())
-        self._channel, self._out = channel, channel.makefile("rb")
         greeting = self._read_line(f"starting the agent on director {d.host} (python3 -u -c ...)")
         if not greeting.get("ready"):
             code = greeting.get("code", "agent")
@@ -172,7 +181,14 @@ class AgentSession:
             detail = self._stderr_tail()
             self.close()
             raise ConnectionError(f"agent on director {self.director.host} exited while {doing}{': ' + detail if detail else ''}")  # fmt: skip
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.close()
+            raise DirectorError(
+                f"director {self.director.host} printed {line[:40]!r} instead of the agent's answer while {doing}: "
+                "a login script that writes to stdout (e.g. ~/.bashrc) breaks non-interactive sessions; make it silent"
+            ) from None
 
     def _stderr_tail(self) -> str:
         try:
@@ -230,6 +246,18 @@ class AgentSession:
             except Exception:  # closing a dead connection must not mask the real error
                 pass
         self._channel = self._client = self._out = None
+
+
+def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
+    if not d.proxy_command:
+        return None
+    command = d.proxy_command.replace("%h", d.host).replace("%p", str(d.port))
+    try:
+        return paramiko.ProxyCommand(command)
+    except (OSError, ValueError, paramiko.SSHException) as err:
+        raise DirectorError(
+            f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
+        ) from None
 
 
 def _shell_quote(text: str) -> str:

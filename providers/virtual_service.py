@@ -42,8 +42,12 @@ class VirtualServiceProvider(ResourceProvider):
     serialize_as_secret_always = False  # nothing secret is captured: the key comes via configure
 
     def configure(self, req: ConfigureRequest) -> None:
-        # Runs in the provider process only, after unpickling; never serialized.
+        # Runs in the provider process only, after unpickling.
         self._private_key = req.config.get(PRIVATE_KEY_CONFIG)
+
+    def __getstate__(self) -> dict:
+        # Whatever pickles this provider (the SDK, in any process), the key stays behind.
+        return {k: v for k, v in self.__dict__.items() if k != "_private_key"}
 
     # -- pure: no SSH --
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
@@ -60,8 +64,14 @@ class VirtualServiceProvider(ResourceProvider):
         replaces = [k for k in changed if k in model.REPLACE_KEYS]
         # Drift that refresh found and the inputs cannot show (e.g. a forwarding method) is repaired too.
         drift = olds.get("inSync") is False
+        # Same VIP:port/protocol under another director address (a new SSH port, an IP that
+        # became a name) may be the same kernel: delete first, or the new resource would adopt
+        # the old service and the old one's delete would then remove it.
+        same_service = not {"vip", "port", "protocol"} & set(changed)
         return DiffResult(
-            changes=bool(changed) or drift, replaces=replaces, delete_before_replace=False
+            changes=bool(changed) or drift,
+            replaces=replaces,
+            delete_before_replace=bool(replaces) and same_service,
         )
 
     # -- through the director --

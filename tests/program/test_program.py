@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+
+import dill
 import pulumi
 import pytest
 
@@ -183,9 +186,8 @@ def test_virtual_services_wait_for_the_bootstrap(bootstrap_run):
     }
 
 
-@pytest.mark.parametrize("fixture", ["dev_run", "bootstrap_run"])
-def test_key_material_only_in_bootstrap_connections(fixture, request):
-    run = request.getfixturevalue(fixture)
+def test_key_material_only_in_bootstrap_connections(bootstrap_run):
+    run = bootstrap_run  # the key is in the stack config here
     for reg in run.resources:
         if reg.typ == COMMAND:
             continue
@@ -243,3 +245,11 @@ def test_config_value_that_is_not_json_is_one_line():
         "write it as YAML structure under config: in the stack file (see README.md)"
     )
     assert "\n" not in str(err.value)
+
+
+def test_the_pickled_provider_holds_no_key(bootstrap_run):
+    """The __provider each VirtualService carries, decoded: no key, no key attribute."""
+    for reg in bootstrap_run.of_type(VS_TYPE):
+        pickled = base64.b64decode(reg.inputs["__provider"])
+        assert KEY_MARKER.encode() not in pickled and b"PRIVATE KEY" not in pickled
+        assert not hasattr(dill.loads(pickled), "_private_key")

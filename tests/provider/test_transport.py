@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from providers import model, transport
+from tests.provider.sshd import FakeSSHD
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
 
@@ -99,3 +101,77 @@ def test_fingerprint_matches_ssh_keygen(tmp_path):
     ).stdout.split()[1]
     _, blob = model.parse_host_key(HOST_KEY)
     assert transport.host_key_fingerprint(blob) == expected
+
+
+@pytest.fixture
+def sshd(private_key):
+    servers = []
+
+    def start(on_exec):
+        server = FakeSSHD(transport.load_private_key(private_key), on_exec)
+        servers.append(server)
+        return model.Director(host="127.0.0.1", port=server.port, host_key=server.host_key_line)
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_agent_that_cannot_start_says_why_once(sshd, private_key):
+    def no_python(channel, command):
+        channel.recv(65536)
+        channel.send_stderr(b"sh: 1: exec: python3: not found\n")
+        channel.send_exit_status(127)
+        channel.close()
+
+    session = transport.AgentSession(sshd(no_python), private_key)
+    with pytest.raises(transport.DirectorError) as err:
+        session.request("apply")
+    msg = str(err.value)
+    assert "python3: not found" in msg and msg.endswith(
+        "check that python3 runs for root on the director"
+    )
+    assert session.handshakes == 1  # no second connection just to fail the same way
+
+
+def test_login_script_noise_is_named(sshd, private_key):
+    def chatty(channel, command):
+        channel.send(b"Welcome to the director!\n")
+
+    with pytest.raises(
+        transport.DirectorError, match=r"printed b'Welcome to the director!\\n' instead of"
+    ):
+        transport.AgentSession(sshd(chatty), private_key).request("hello")
+
+
+def test_a_proxy_command_that_cannot_start_is_one_line(private_key):
+    director = model.Director(
+        host="203.0.113.2", host_key=HOST_KEY, proxy_command="no-such-proxy-binary %h %p"
+    )
+    with pytest.raises(transport.DirectorError) as err:
+        transport.AgentSession(director, private_key).request("hello")
+    assert str(err.value).startswith(
+        "director.proxyCommand 'no-such-proxy-binary %h %p' cannot start ("
+    )
+    assert str(err.value).endswith("fix the command")
+
+
+def test_the_agent_is_started_once_and_reused(sshd, private_key):
+    starts = []
+
+    def echo_agent(channel, command):
+        starts.append(command)
+        reader = channel.makefile("rb")
+        reader.readline()  # the agent's sources
+        channel.sendall(b'{"ready": true, "pyroute2": "0.9.7"}\n')
+        for line in reader:
+            rid = json.loads(line)["id"]
+            channel.sendall(
+                json.dumps({"id": rid, "ok": True, "result": {"n": rid}}).encode() + b"\n"
+            )
+
+    session = transport.AgentSession(sshd(echo_agent), private_key)
+    assert [session.request("hello")["n"] for _ in range(3)] == [1, 2, 3]
+    assert len(starts) == 1 and starts[0].startswith("exec python3 -u -c ")
+    assert (session.handshakes, session.agent_starts) == (1, 1)
+    session.close()

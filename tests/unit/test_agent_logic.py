@@ -22,41 +22,63 @@ class MemoryKernel:
 
     def __init__(self):
         self.services: dict[str, model.LiveService] = {}
-        self.addresses: set[str] = set()
+        self.addresses: set[tuple[int, str]] = set()
         self.off_link: set[str] = set()
         self.changes: list[str] = []
+        self.loaded = True
+        self.forwarding = False
+        self.fail_on: str | None = None  # an op action the "kernel" refuses
+
+    def missing_modules(self, scheduler=None):
+        return [] if self.loaded else ["ip_vs"] + ([f"ip_vs_{scheduler}"] if scheduler else [])
 
     def ensure_ipvs(self, scheduler=None):
-        pass
+        if not self.loaded:
+            self.loaded = True
+            self.changes.append("modprobe")
 
-    def ensure_forwarding(self, version):
-        self.changes.append(f"forward{version}")
+    def open_ipvs(self):
+        assert self.loaded
+
+    def forwarding_on(self):
+        return self.forwarding
+
+    def ensure_forwarding(self):
+        if not self.forwarding:
+            self.forwarding = True
+            self.changes.append("forward")
+
+    interfaces = {"eth0": 2, "eth1": 3}
 
     def ifindex(self, name):
-        if name != "eth0":
+        if name not in self.interfaces:
             raise agent.AgentError(
                 "no-interface", f"interface {name!r} does not exist on the director"
             )
-        return 2
+        return self.interfaces[name]
 
     def has_address(self, index, vip):
-        return vip in self.addresses
+        return (index, vip) in self.addresses
 
     def add_address(self, index, vip):
-        self.addresses.add(vip)
-        self.changes.append(f"bind {vip}")
+        self.addresses.add((index, vip))
+        self.changes.append(f"bind {vip}@{index}")
 
     def del_address(self, index, vip):
-        self.addresses.discard(vip)
-        self.changes.append(f"unbind {vip}")
+        self.addresses.discard((index, vip))
+        self.changes.append(f"unbind {vip}@{index}")
+
+    route_oif = 2
 
     def route_via(self, address):
-        return (2, None) if address not in self.off_link else (2, "203.0.113.1")
+        return self.route_oif, ("203.0.113.1" if address in self.off_link else None)
 
     def get_service(self, protocol, vip, port):
         return self.services.get(model.service_key(protocol, vip, port))
 
     def apply(self, spec, op):
+        if op.action == self.fail_on:
+            raise agent.AgentError("no-scheduler", f"refused {op.action}")
         self.changes.append(op.describe(spec))
         svc = self.services.get(spec.key)
         if op.action == "add-service":
@@ -104,7 +126,8 @@ def apply(kernel, **kw):
 
 def test_apply_binds_vip_creates_service_and_reports_live_state(kernel):
     result = apply(kernel)
-    assert kernel.changes[:2] == ["forward4", "bind 203.0.113.201"]
+    # Forwarding first; the VIP last, once the service exists to take its traffic.
+    assert kernel.changes[0] == "forward" and kernel.changes[-1] == "bind 203.0.113.201@2"
     assert result["touched"] == 4  # VIP, service, two destinations
     assert model.ipvsadm_lines(model.LiveService.from_dict(result["live"])) == [
         "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
@@ -116,7 +139,8 @@ def test_apply_binds_vip_creates_service_and_reports_live_state(kernel):
 
 def test_plan_is_a_dry_run(kernel):
     result = agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"})
-    assert result["changes"][0] == "bind 203.0.113.201 on eth0"
+    assert result["changes"][0] == "set net.ipv4.ip_forward=1"
+    assert result["changes"][-1] == "bind 203.0.113.201 on eth0"
     assert "add-service tcp/203.0.113.201:80 wlc persistent 0" in result["changes"]
     assert kernel.changes == [] and kernel.services == {}
 
@@ -155,19 +179,21 @@ def test_vip_is_released_only_with_its_last_managed_service(kernel):
     apply(kernel, port=443)
     a = agent.Agent(kernel)
     first = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80})
-    assert first == {"deleted": True, "removedVip": False} and "203.0.113.201" in kernel.addresses
+    assert (
+        first == {"deleted": True, "removedVip": False} and (2, "203.0.113.201") in kernel.addresses
+    )
     second = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 443})
     assert second == {"deleted": True, "removedVip": True} and kernel.addresses == set()
     assert kernel.services == {}
 
 
 def test_a_vip_bound_by_someone_else_is_used_but_never_removed(kernel):
-    kernel.addresses.add("203.0.113.201")
+    kernel.addresses.add((2, "203.0.113.201"))
     apply(kernel)
     agent.Agent(kernel).handle(
         {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
     )
-    assert "203.0.113.201" in kernel.addresses and not any(
+    assert (2, "203.0.113.201") in kernel.addresses and not any(
         c.startswith("unbind") for c in kernel.changes
     )
 
@@ -263,3 +289,43 @@ def test_ownership_record_is_reread_when_another_stack_writes_it(kernel):
     reloaded = agent.Ownership.load()
     assert reloaded is not first
     assert set(reloaded.services) == {"tcp/203.0.113.201:80", "tcp/203.0.113.202:80"}
+
+
+def test_failed_create_leaves_no_vip_answering_for_nothing(kernel):
+    kernel.fail_on = "add-service"
+    with pytest.raises(agent.AgentError):
+        apply(kernel)
+    assert kernel.addresses == set() and agent.Ownership.load().addresses == {}
+
+
+def test_failed_delete_keeps_the_record_so_a_retry_finishes_it(kernel):
+    apply(kernel)
+    a = agent.Agent(kernel)
+    request = {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
+    kernel.fail_on = "del-service"
+    with pytest.raises(agent.AgentError):
+        a.handle(request)
+    assert "tcp/203.0.113.201:80" in agent.Ownership.load().services
+    kernel.fail_on = None
+    assert a.handle(request) == {"deleted": True, "removedVip": True}
+    assert kernel.services == {} and kernel.addresses == set()
+
+
+def test_changed_interface_moves_the_vip(kernel):
+    apply(kernel)
+    kernel.route_oif = 3  # the nodes are now reached through eth1
+    result = agent.Agent(kernel).handle({"op": "apply", "spec": spec(), "interface": "eth1"})
+    assert kernel.addresses == {(3, "203.0.113.201")}
+    assert kernel.changes[-2:] == ["unbind 203.0.113.201@2", "bind 203.0.113.201@3"]
+    assert result["touched"] == 2
+    agent.Agent(kernel).handle(
+        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
+    )
+    assert kernel.addresses == set()
+
+
+def test_dry_run_loads_nothing_and_lists_every_pending_change(kernel):
+    kernel.loaded = False
+    result = agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"})
+    assert result["changes"][:2] == ["load ip_vs ip_vs_wlc", "set net.ipv4.ip_forward=1"]
+    assert kernel.changes == [] and not kernel.loaded and not kernel.forwarding
