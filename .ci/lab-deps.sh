@@ -4,7 +4,7 @@
 set -eu
 
 PKGS="qemu-system-x86 kmod iptables tcpdump openssh-server ipvsadm busybox-static cpio socat \
-iproute2 python3"
+iproute2 procps python3 python3-venv"
 
 missing=""
 for pkg in $PKGS; do

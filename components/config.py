@@ -250,7 +250,12 @@ def _ports(report: _Report, vname: str, value: Any) -> list[tuple[int, Mapping]]
         raw = report.object(pname, item, ("port", "protocol"), "{port, protocol}")
         if raw is None:
             continue
-        key = (raw.get("port"), str(raw.get("protocol", "tcp")).lower())
+        port = raw.get("port")
+        # A mistyped port (a list, a map) must reach the port check, not crash on hashing.
+        key = (
+            port if isinstance(port, int | float | str) else repr(port),
+            str(raw.get("protocol", "tcp")).lower(),
+        )
         if key in seen:
             report.add(pname, f"{key[1]}/{key[0]} repeats {vname}.ports[{seen[key]}]: list each port once")  # fmt: skip
             continue

@@ -311,3 +311,15 @@ def _is_ip(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+@pytest.mark.parametrize("port", [[80], {"n": 80}])
+def test_a_port_of_the_wrong_shape_is_a_config_error_not_a_crash(port):
+    cfg = {
+        **DEV_CONFIG,
+        "vips": [{"address": "203.0.113.201", "ports": [{"port": port}, {"port": port}]}],
+    }
+    with pytest.raises(ConfigError) as err:
+        load(cfg)
+    assert "ipvs-ingress:vips[0].ports[0].port: " in str(err.value)
+    assert "repeats" in str(err.value)  # the duplicate check still ran
