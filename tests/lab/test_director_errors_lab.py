@@ -28,13 +28,18 @@ def create_error(lab) -> str:
         srv.close()
 
 
+def create_error_while(lab, break_it: str, restore: str) -> str:
+    """The create error while the director is broken by `break_it`; `restore` always runs."""
+    lab.director(break_it)
+    try:
+        return create_error(lab)
+    finally:
+        lab.director(restore)
+
+
 def test_pyroute2_missing(lab):
     pth = f"{lab.art.vm_site_packages}/ipvs-ingress-lab.pth"
-    lab.director(f"mv {pth} /root/lab.pth")
-    try:
-        msg = create_error(lab)
-    finally:
-        lab.director(f"mv /root/lab.pth {pth}")
+    msg = create_error_while(lab, f"mv {pth} /root/lab.pth", f"mv /root/lab.pth {pth}")
     assert msg.startswith(f"director {lab.director_ip}: python3 cannot import pyroute2")
     assert msg.endswith(
         "install it on the director (pip install pyroute2==0.9.7) or set director.bootstrap: true"
@@ -44,11 +49,9 @@ def test_pyroute2_missing(lab):
 
 def test_pyroute2_too_old(lab):
     fake = f"{lab.art.vm_site_packages}/pyroute2"
-    lab.director(f'mkdir -p {fake} && echo "{FAKE_OLD}" > {fake}/__init__.py')
-    try:
-        msg = create_error(lab)
-    finally:
-        lab.director(f"rm -rf {fake}")
+    msg = create_error_while(
+        lab, f'mkdir -p {fake} && echo "{FAKE_OLD}" > {fake}/__init__.py', f"rm -rf {fake}"
+    )
     assert msg.startswith(
         f"director {lab.director_ip}: pyroute2 0.7.2 has no IPVS support (needs >= 0.9.5)"
     )
@@ -57,14 +60,12 @@ def test_pyroute2_too_old(lab):
 
 def test_kernel_without_ipvs(lab):
     # Unload IPVS and make loading it fail, as on a kernel built without it.
-    lab.director(
+    msg = create_error_while(
+        lab,
         "ipvsadm -C; for m in $(awk '/^ip_vs_/ {print $1}' /proc/modules); do rmmod $m; done; rmmod ip_vs;"
-        " echo 'install ip_vs /bin/false' > /etc/modprobe.d/no-ipvs.conf"
+        " echo 'install ip_vs /bin/false' > /etc/modprobe.d/no-ipvs.conf",
+        "rm -f /etc/modprobe.d/no-ipvs.conf",
     )
-    try:
-        msg = create_error(lab)
-    finally:
-        lab.director("rm -f /etc/modprobe.d/no-ipvs.conf")
     assert msg.startswith(f"director {lab.director_ip}: the kernel has no IPVS")
     assert msg.endswith(
         "use a kernel with CONFIG_IP_VS (Debian's stock kernel has it) or set director.bootstrap: true"
