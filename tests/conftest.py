@@ -27,6 +27,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    from tests import hostile
+
+    line = hostile.summary()
+    if line:
+        terminalreporter.section("hostile suite")
+        terminalreporter.write_line(line)
     if config.stash.get(_TIMINGS, None):
         terminalreporter.section("director lab")
         for line in config.stash[_TIMINGS]:
