@@ -71,7 +71,8 @@ def policy_spec(cfg: StackConfig, owner: str) -> dict[str, Any]:
         ("ips", "has(object.spec.externalIPs) ? object.spec.externalIPs : []"),
         (
             "previous",
-            "oldObject != null && has(oldObject.spec.externalIPs)"
+            # oldObject is null on CREATE (the policy matches CREATE and UPDATE only).
+            'request.operation == "UPDATE" && has(oldObject.spec.externalIPs)'
             " ? oldObject.spec.externalIPs : []",
         ),
         # Only what this request adds is judged (see the module docstring).
