@@ -452,14 +452,17 @@ def _cidr(value: Any) -> tuple[str | None, str]:
     """(canonical CIDR, "") or (None, what to fix)."""
     fix = "write address/prefix-length, e.g. 198.51.100.0/24 or 2001:db8:100::/64"
     address, _, bits = value.partition("/") if isinstance(value, str) else ("", "", "")
-    # ipaddress also takes netmasks (/255.255.255.0), zones and spaces; cidr() takes none.
-    if not (bits.isascii() and bits.isdigit()) or "%" in address or value != value.strip():
+    # ipaddress also takes netmasks (/255.255.255.0) and zones (%eth0); cidr() takes neither.
+    if not (bits.isascii() and bits.isdigit()) or "%" in address:
         return None, fix
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
         return None, fix
-    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+    if (
+        isinstance(network, ipaddress.IPv6Network)
+        and network.network_address.ipv4_mapped is not None
+    ):
         return None, "cidr() refuses IPv4-mapped IPv6 networks: give the IPv4 network"
     if network.network_address != ipaddress.ip_address(address):
         return None, f"it has host bits set: write {network}"

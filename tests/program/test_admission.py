@@ -18,10 +18,11 @@ import celpy
 import kubernetes_validate
 import pulumi
 import pytest
+import yaml
 from celpy import celtypes
 
 from components.config import ConfigError, load_stack_file
-from tests.program.conftest import DEV_CONFIG, HOST_KEY, Run, run_program
+from tests.program.conftest import DEV_CONFIG, HOST_KEY, PRIVATE_KEY, ROOT, Run, run_program
 
 GUARD = "ipvs-ingress:index:ExternalIPGuard"
 POLICY = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy"
@@ -311,6 +312,24 @@ def test_two_stacks_guard_their_own_vips_only(policy):
     ]
 
 
+def test_prod_stack_file_guards_its_vips_and_pool():
+    config = yaml.safe_load((ROOT / "stacks" / "Pulumi.prod.yaml").read_text())["config"]
+    values = {k.split(":", 1)[1]: v for k, v in config.items()}
+    run = run_program(values, PRIVATE_KEY, stack="prod")
+    for version in KUBERNETES_VERSIONS:
+        for typ in (POLICY, BINDING):
+            assert kubernetes_validate.validate(run.one(typ).inputs, version, strict=True)
+    prod = Policy(run.one(POLICY).inputs["spec"])
+    own = service("web", "nginx", ["198.51.100.10", "198.51.100.11", "2001:db8:100::10"])
+    assert prod.review(own) == []
+    assert prod.review(service("team-b", "shop", ["198.51.100.200", "2001:db8:100:1::9"])) == []
+    (message,) = prod.review(service("team-b", "shop", ["198.51.100.20"]))
+    assert message.startswith("spec.externalIPs: 198.51.100.20 is outside the externalIP pool")
+    assert prod.review(service("team-b", "shop", ["2001:db8:100::10"])) == [
+        claim("2001:db8:100::10", owner="ipvs-ingress/prod", service="web/nginx")
+    ]
+
+
 # --- what the program registers ----------------------------------------------------------------
 
 
@@ -399,6 +418,12 @@ def test_names_are_stack_specific_and_valid():
             "address/prefix-length",
         ),
         (
+            {"externalIPPool": ["2001:db8:100::/64", "fe80::%eth0/64"]},
+            {},
+            "ipvs-ingress:externalIPPool[1]: 'fe80::%eth0/64' is not a CIDR: write "
+            "address/prefix-length",
+        ),
+        (
             {"externalIPPool": ["::ffff:198.51.100.0/120"]},
             {},
             "ipvs-ingress:externalIPPool[0]: '::ffff:198.51.100.0/120' is not a CIDR: cidr() "
@@ -421,7 +446,17 @@ def test_names_are_stack_specific_and_valid():
             "ipvs-ingress:externalIPPool[0]: 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... is not",
         ),
     ],
-    ids=["yes", "newline", "host-bits", "netmask", "mapped", "not-a-list", "pool-no-guard", "long"],
+    ids=[
+        "yes",
+        "newline",
+        "host-bits",
+        "netmask",
+        "zone",
+        "mapped",
+        "not-a-list",
+        "pool-no-guard",
+        "long",
+    ],
 )
 def test_bad_guard_config_is_one_line(values, raw, expected):
     with pytest.raises(pulumi.RunError) as err:
