@@ -26,9 +26,14 @@ if cfg.bootstrap:
             f"`pulumi config set --secret {SECRET_KEY} < ~/.ssh/id_ed25519`"
         )
 
-if cfg.guard.enabled:
-    ExternalIPGuard("external-ip-guard", cfg)
-web = WebApp(cfg.app.name, cfg, instance=f"{cfg.app.name}-{pulumi.get_stack()}")
+# The guard first: it must name the Service before the Service claims the VIPs.
+guard = [ExternalIPGuard("external-ip-guard", cfg)] if cfg.guard.enabled else []
+web = WebApp(
+    cfg.app.name,
+    cfg,
+    instance=f"{cfg.app.name}-{pulumi.get_stack()}",
+    opts=pulumi.ResourceOptions(depends_on=guard),
+)
 ingress = Ingress("ingress", cfg, service=web.service, private_key=private_key)
 
 pulumi.export("vips", [vip.address for vip in cfg.vips])

@@ -358,6 +358,13 @@ def test_guard_is_on_by_default_and_binds_its_policy_with_deny(dev_run):
     assert any(u.endswith(f"{POLICY}::external-ip-guard-policy") for u in binding.dependencies)
 
 
+def test_the_service_waits_for_the_guard(dev_run):
+    # Renaming the app replaces the Service: the policy must name the new one first.
+    (svc,) = dev_run.of_type("kubernetes:core/v1:Service")
+    waits_for = {u.rsplit("::", 1)[1] for u in svc.dependencies}
+    assert {"external-ip-guard-policy", "external-ip-guard-binding"} <= waits_for
+
+
 @pytest.mark.parametrize(
     "values",
     [{"guardExternalIPs": False}, {"guardExternalIPs": False, "externalIPPool": []}],
@@ -365,7 +372,8 @@ def test_guard_is_on_by_default_and_binds_its_policy_with_deny(dev_run):
 def test_guard_off_registers_no_policy(values):
     run = run_program({**DEV_CONFIG, **values})
     assert run.of_type(GUARD) == run.of_type(POLICY) == run.of_type(BINDING) == []
-    assert run.of_type("kubernetes:core/v1:Service")  # the rest is still there
+    (svc,) = run.of_type("kubernetes:core/v1:Service")  # the rest is still there
+    assert svc.dependencies == []
 
 
 def test_the_engines_text_values_are_read(dev_run):
