@@ -20,8 +20,11 @@ import pulumi
 import pytest
 import yaml
 from celpy import celtypes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from components.config import ConfigError, load_stack_file
+from components.config import ConfigError, load, load_stack_file
+from tests import hostile
 from tests.program.conftest import DEV_CONFIG, HOST_KEY, PRIVATE_KEY, ROOT, Run, run_program
 
 GUARD = "ipvs-ingress:index:ExternalIPGuard"
@@ -496,6 +499,54 @@ def test_stack_file_keys_are_read():
         load_stack_file({**config, "ipvs-ingress:guardExternalIPs": "on"})
     with pytest.raises(ConfigError, match=r"ipvs-ingress:guardExternalIP: unknown key .* did you"):
         load_stack_file({**config, "ipvs-ingress:guardExternalIP": True})
+
+
+_ADDRESS = st.one_of(
+    st.ip_addresses().map(str),
+    st.sampled_from(["::ffff:198.51.100.0", "198.51.100.010", "2001:DB8::", "fe80::", "", "x"]),
+)
+_BITS = st.one_of(
+    st.integers(-1, 130).map(str),
+    st.sampled_from(["255.255.255.0", "024", "+24", " 24", "24\n", "\u0662\u0664", ""]),
+)
+_CIDRISH = st.builds(
+    lambda address, zone, bits: f"{address}{zone}/{bits}",
+    _ADDRESS,
+    st.sampled_from(["", "", "", "%eth0", "%1"]),
+    _BITS,
+)
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12))
+FUZZ_CASES = 1000
+
+
+@settings(
+    max_examples=FUZZ_CASES,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    guard=st.one_of(_JUNK, st.sampled_from(["true", "false", "True", "yes", "on", "1"])),
+    pool=st.one_of(_JUNK, st.lists(st.one_of(_CIDRISH, _JUNK, st.lists(_JUNK)), max_size=4)),
+)
+def check_guard_keys(guard, pool):
+    """Any value: one line or a config whose every pool CIDR cidr() accepts, in canonical form."""
+    values = {**DEV_CONFIG, "guardExternalIPs": guard, "externalIPPool": pool}
+    try:
+        cfg = load(values)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+        assert all(len(str(p)) <= 300 for p in err.problems), err.problems
+        return
+    assert guard in (True, False, None, "true", "false")
+    for cidr in cfg.guard.pool:
+        net = k8s_cidr(cidr).net
+        assert cidr == f"{net.network_address}/{net.prefixlen}"
+
+
+def test_fuzz_guard_keys():
+    check_guard_keys()
+    hostile.record(fuzz_cases=FUZZ_CASES)  # only once every case has passed
 
 
 # --- the upstream OpenAPI schemas --------------------------------------------------------------
