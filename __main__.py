@@ -2,13 +2,14 @@
 
 import pulumi
 
-from components.config import KEYS, SECRET_KEY, ConfigError, load, path
+from components.admission import ExternalIPGuard
+from components.config import KEYS, SECRET_KEY, TEXT_KEYS, ConfigError, load, path
 from components.ingress import Ingress
 from components.web_app import WebApp
 
 config = pulumi.Config()
 try:
-    cfg = load({key: config.get_object(key) for key in KEYS})
+    cfg = load({key: (config.get if key in TEXT_KEYS else config.get_object)(key) for key in KEYS})
 except ConfigError as err:
     # One line naming the field, the value and the fix; a traceback would only hide it.
     raise pulumi.RunError(str(err)) from None
@@ -25,7 +26,14 @@ if cfg.bootstrap:
             f"`pulumi config set --secret {SECRET_KEY} < ~/.ssh/id_ed25519`"
         )
 
-web = WebApp(cfg.app.name, cfg, instance=f"{cfg.app.name}-{pulumi.get_stack()}")
+# The guard first: it must name the Service before the Service claims the VIPs.
+guard = [ExternalIPGuard("external-ip-guard", cfg)] if cfg.guard.enabled else []
+web = WebApp(
+    cfg.app.name,
+    cfg,
+    instance=f"{cfg.app.name}-{pulumi.get_stack()}",
+    opts=pulumi.ResourceOptions(depends_on=guard),
+)
 ingress = Ingress("ingress", cfg, service=web.service, private_key=private_key)
 
 pulumi.export("vips", [vip.address for vip in cfg.vips])

@@ -8,6 +8,7 @@ every problem under its stack config path, e.g. `ipvs-ingress:vips[0].ports[1].p
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import re
@@ -19,7 +20,10 @@ from providers import model
 from providers.model import Director, InvalidSpec, Problem, RealServer, VirtualServiceSpec
 
 PROJECT = "ipvs-ingress"
-KEYS = ("app", "vips", "realServers", "director")
+GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
+KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS)
+# Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
+TEXT_KEYS = ("guardExternalIPs",)
 SECRET_KEY = "sshPrivateKey"
 
 APP_DEFAULTS: dict[str, Any] = {
@@ -74,6 +78,7 @@ class StackConfig:
     bootstrap: bool
     # One per (VIP, port, protocol), exactly as the VirtualService resource receives it.
     virtual_services: tuple[VirtualServiceSpec, ...]
+    guard: Guard = dataclasses.field(default_factory=lambda: Guard(True, ()))
 
     @property
     def service_ports(self) -> tuple[VipPort, ...]:
@@ -126,6 +131,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
                 report.object(f"{path('realServers')}[{k}]", item, ("address", "weight"), "")
     director, bootstrap = _director(report, values.get("director"))
     specs = _virtual_services(report, vips, real_servers, values.get("director"))
+    guard = _guard(report, values, [raw.get("address") for raw, _ in vips])
     if report.problems:
         raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
@@ -143,6 +149,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         director=director,
         bootstrap=bootstrap,
         virtual_services=tuple(s for group in specs for s in group),
+        guard=guard,
     )
 
 
@@ -380,3 +387,83 @@ def _canonical(address: Any) -> str | None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --- the externalIP guard (CVE-2020-8554) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Whether to deploy the admission policy, and the pool other Services' externalIPs must
+    come from (canonical CIDRs; empty: any address that is not one of this stack's VIPs)."""
+
+    enabled: bool
+    pool: tuple[str, ...]
+
+
+def _guard(report: _Report, values: Mapping[str, Any], vips: list[Any]) -> Guard:
+    name, pool_name = path("guardExternalIPs"), path("externalIPPool")
+    raw = values.get("guardExternalIPs")
+    if raw is None or isinstance(raw, bool):
+        enabled = raw is not False  # on unless turned off
+    elif raw in ("true", "false"):  # the engine hands a boolean over as text
+        enabled = raw == "true"
+    else:
+        report.add(name, f"{_short(raw)} is not a boolean: use true to deny other Services this stack's VIPs as externalIPs (CVE-2020-8554), false to leave Services unguarded")  # fmt: skip
+        enabled = False
+    pool = _pool(report, pool_name, values.get("externalIPPool"))
+    if pool and not enabled:
+        report.add(pool_name, f"{_short(list(pool))} is set but {name} is false, so nothing enforces it: remove {pool_name} or set guardExternalIPs: true")  # fmt: skip
+    if enabled:
+        for i, address in enumerate(vips):
+            mapped = _ipv4_mapped(address)
+            if mapped is not None:
+                report.add(f"{path('vips')}[{i}].address", f"{_short(address)} is an IPv4-mapped IPv6 address, which Kubernetes' ip() and so the externalIP guard refuse: give the IPv4 address {mapped}")  # fmt: skip
+    return Guard(enabled, pool)
+
+
+def _ipv4_mapped(address: Any) -> ipaddress.IPv4Address | None:
+    try:
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else None
+    except ValueError:
+        return None  # not an address at all: the VIP check reports it
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+
+
+def _pool(report: _Report, name: str, value: Any) -> tuple[str, ...]:
+    """The CIDRs in canonical form, each one that the policy's cidr() (Go netip.ParsePrefix)
+    parses: a CIDR it refused would fail every Service with externalIPs in the cluster."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        report.add(name, f"{_short(value)} is not a list of CIDRs: give e.g. [198.51.100.0/24, 2001:db8:100::/64], or [] for no pool")  # fmt: skip
+        return ()
+    pool: dict[str, None] = {}
+    for k, item in enumerate(value):
+        network, problem = _cidr(item)
+        if network is None:
+            report.add(f"{name}[{k}]", f"{_short(item)} is not a CIDR: {problem}")
+        else:
+            pool[network] = None
+    return tuple(pool)
+
+
+def _cidr(value: Any) -> tuple[str | None, str]:
+    """(canonical CIDR, "") or (None, what to fix)."""
+    fix = "write address/prefix-length, e.g. 198.51.100.0/24 or 2001:db8:100::/64"
+    address, _, bits = value.partition("/") if isinstance(value, str) else ("", "", "")
+    # ipaddress also takes netmasks (/255.255.255.0) and zones (%eth0); cidr() takes neither.
+    if not (bits.isascii() and bits.isdigit()) or "%" in address:
+        return None, fix
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return None, fix
+    if (
+        isinstance(network, ipaddress.IPv6Network)
+        and network.network_address.ipv4_mapped is not None
+    ):
+        return None, "cidr() refuses IPv4-mapped IPv6 networks: give the IPv4 network"
+    if network.network_address != ipaddress.ip_address(address):
+        return None, f"it has host bits set: write {network}"
+    return str(network), ""

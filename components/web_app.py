@@ -92,7 +92,9 @@ class WebApp(pulumi.ComponentResource):
         super().__init__("ipvs-ingress:index:WebApp", name, None, opts)
         app = cfg.app
         metadata = {"name": app.name, "namespace": app.namespace, "labels": labels(app, instance)}
-        child = pulumi.ResourceOptions(parent=self)
+        # Children wait for what the component waits for: the externalIP guard must name this
+        # Service before it claims the VIPs (a renamed Service would be denied otherwise).
+        child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
         self.deployment = Deployment(
             name, metadata=metadata, spec=deployment_spec(app, instance), opts=child
         )

@@ -21,6 +21,9 @@ from tests.program.conftest import (
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 SERVICE = "kubernetes:core/v1:Service"
 COMMAND = "command:remote:Command"
+GUARD = "ipvs-ingress:index:ExternalIPGuard"
+POLICY = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy"
+BINDING = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding"
 PINNED_KEY = " ".join(HOST_KEY.split()[:2])  # the provider's normalized form: no comment
 KEY_MARKER = "test-only-marker-9f3c1e"
 
@@ -30,6 +33,9 @@ def test_resource_types_and_names(dev_run):
     assert names == {
         ("ipvs-ingress:index:WebApp", "nginx"),
         ("ipvs-ingress:index:Ingress", "ingress"),
+        (GUARD, "external-ip-guard"),
+        (POLICY, "external-ip-guard-policy"),
+        (BINDING, "external-ip-guard-binding"),
         (DEPLOYMENT, "nginx"),
         (SERVICE, "nginx"),
         (VS_TYPE, "vs-tcp-203-0-113-201-80"),
@@ -45,6 +51,8 @@ def test_children_are_parented_to_their_component(dev_run):
             assert reg.parent.endswith("ipvs-ingress:index:WebApp::nginx")
         elif reg.typ == VS_TYPE:
             assert reg.parent.endswith("ipvs-ingress:index:Ingress::ingress")
+        elif reg.typ in (POLICY, BINDING):
+            assert reg.parent.endswith(f"{GUARD}::external-ip-guard")
         else:
             assert reg.parent.endswith("pulumi:pulumi:Stack::ipvs-ingress-dev")
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from components.config import KEYS, SECRET_KEY, load_stack_file
+from components.config import GUARD_KEYS, KEYS, SECRET_KEY, Guard, load_stack_file
 from providers.model import parse_host_key
 from tests.program.conftest import ROOT
 
@@ -54,10 +54,20 @@ def test_private_key_is_a_secret_without_a_default(project):
     assert decl == {"type": "string", "secret": True, "description": decl["description"]}
 
 
-def test_only_app_is_optional(project):
+def test_only_app_and_the_guard_are_optional(project):
     # Every other key has no sensible default: the engine then insists that a stack sets it.
-    assert {k for k, d in project["config"].items() if "default" in d} == {"app"}
-    assert project["config"]["app"]["default"] == {}
+    config = project["config"]
+    assert {k for k, d in config.items() if "default" in d} == {
+        "app",
+        "guardExternalIPs",
+        "externalIPPool",
+    }
+    assert config["app"]["default"] == {}
+    # The defaults the engine passes mean what the program assumes when a key is unset: on, no pool.
+    stack = yaml.safe_load(STACKS[0].read_text())["config"]
+    defaults = {f"ipvs-ingress:{k}": config[k]["default"] for k in GUARD_KEYS}
+    assert load_stack_file({**stack, **defaults}).guard == load_stack_file(stack).guard
+    assert load_stack_file(stack).guard == Guard(enabled=True, pool=())
 
 
 def test_there_are_dev_and_prod_stacks():
