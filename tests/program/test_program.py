@@ -57,7 +57,11 @@ def test_deployment_image_replicas_and_labels(dev_run):
     assert spec["replicas"] == 3
     (container,) = spec["template"]["spec"]["containers"]
     assert container["image"] == "nginx:1.27.3"
-    assert container["ports"] == [{"name": "http", "containerPort": 80, "protocol": "TCP"}]
+    # app.containerPort is "http" (the probes' port); the UDP VIP port targets 80/UDP by name.
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 80, "protocol": "TCP"},
+        {"name": "udp-80", "containerPort": 80, "protocol": "UDP"},
+    ]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": "http"}
     assert set(container["resources"]) == {"requests", "limits"}
@@ -78,8 +82,8 @@ def test_service_external_ips_are_the_vips(dev_run):
     assert svc["metadata"]["name"] == "nginx"
     assert svc["spec"]["externalIPs"] == [v["address"] for v in DEV_CONFIG["vips"]]
     assert svc["spec"]["ports"] == [
-        {"name": "tcp-80", "port": 80, "protocol": "TCP", "targetPort": 80},
-        {"name": "udp-5353", "port": 5353, "protocol": "UDP", "targetPort": 80},
+        {"name": "tcp-80", "port": 80, "protocol": "TCP", "targetPort": "http"},
+        {"name": "udp-5353", "port": 5353, "protocol": "UDP", "targetPort": "udp-80"},
     ]
     dep = dev_run.one(DEPLOYMENT).inputs
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -240,7 +244,7 @@ def test_unparseable_config_value_is_one_line():
 def test_config_value_that_is_not_json_is_one_line():
     with pytest.raises(pulumi.RunError) as err:
         run_program(DEV_CONFIG, raw={"app": "{name: nginx"})
-    assert str(err.value).startswith("Configuration 'ipvs-ingress:app' value '{name: nginx'")
+    assert str(err.value).startswith("ipvs-ingress:app: '{name: nginx' is not JSON: ")
     assert str(err.value).endswith(
         "write it as YAML structure under config: in the stack file (see README.md)"
     )

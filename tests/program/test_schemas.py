@@ -52,4 +52,4 @@ def test_strict_mode_catches_a_misspelt_field(objects):
 def test_prod_stack_service_lists_every_vip_and_port():
     svc = run_program(stack_values("prod"), PRIVATE_KEY, stack="prod").one(SERVICE).inputs
     assert svc["spec"]["externalIPs"] == ["198.51.100.10", "198.51.100.11", "2001:db8:100::10"]
-    assert [p["name"] for p in svc["spec"]["ports"]] == ["tcp-80", "tcp-443"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["tcp-80", "tcp-8080"]
