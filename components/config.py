@@ -311,9 +311,8 @@ def _ports(report: _Report, vname: str, value: Any) -> list[tuple[int, Mapping]]
         raw = report.object(pname, item, PORT_KEYS, "{port, protocol, targetPort}")
         if raw is None:
             continue
-        target = raw.get("targetPort")
-        if target is not None:
-            report.integer(f"{pname}.targetPort", target, 1, 65535, "container port")
+        if "targetPort" in raw:
+            report.integer(f"{pname}.targetPort", raw["targetPort"], 1, 65535, "container port")
         # Shown as the checks will read them (80.0 is 80); a mistyped port (a list, a map) must
         # still reach the port check, not crash on hashing or printing.
         port, protocol = raw.get("port"), raw.get("protocol", "tcp")
