@@ -281,7 +281,7 @@ def test_any_valid_config_yields_one_spec_per_vip_and_port(vips, scheduler, weig
     cfg = load(values)
     assert len(cfg.virtual_services) == sum(len(ps) for _, ps in vips)
     assert {s.key for s in cfg.virtual_services} == {
-        model.service_key(q, a, p) for a, ps in vips for p, q in ps
+        f"{q}/{a}:{p}" for a, ps in vips for p, q in ps
     }
     assert all(len(s.real_servers) == len(weights) for s in cfg.virtual_services)
     assert len(cfg.urls) == len(cfg.virtual_services)
