@@ -290,13 +290,16 @@ def _vips(report: _Report, value: Any) -> list[_RawVip]:
     for i, item in enumerate(value):
         vname = f"{name}[{i}]"
         shape = "{address, ports, scheduler, persistenceSeconds}"
-        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape) or {}
+        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape)
+        if raw is None:
+            out.append(({}, []))
+            continue
         address = _canonical(raw.get("address"))
         if address in seen:
             report.add(f"{vname}.address", f"{_short(raw['address'])} repeats {name}[{seen[address]}].address: list its ports in one entry")  # fmt: skip
         elif address is not None:
             seen[address] = i
-        out.append((raw, _ports(report, vname, raw.get("ports")) if raw else []))
+        out.append((raw, _ports(report, vname, raw.get("ports"))))
     return out
 
 

@@ -283,3 +283,10 @@ def test_stack_file_keys_that_are_not_strings_are_not_ours():
     config[1] = "x"
     config[None] = "y"
     assert load_stack_file(config).vips[0].address == "203.0.113.201"
+
+
+@pytest.mark.parametrize("entry", [{}, {"address": "203.0.113.202"}], ids=["empty", "no-ports"])
+def test_a_vip_entry_without_ports_is_refused_not_a_crash(entry):
+    # Found by the fuzz: an empty VIP mapping skipped every check, then crashed (IndexError).
+    err = refused(with_change(lambda v: v["vips"].append(entry)))
+    assert [p.field for p in err.problems] == ["ipvs-ingress:vips[1].ports"]
