@@ -101,6 +101,7 @@ def service_key(protocol: str, vip: str, port: int) -> str:
 # --- validation -------------------------------------------------------------------------------
 
 SHOWN = 40  # at most this many characters of a bad value are echoed in a message
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # RFC 1122 "this network": names no host
 
 
 def _never_unknown(_value: object) -> bool:
@@ -119,11 +120,6 @@ def whole_number(value: object, lo: int, hi: int) -> int | None:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value) if lo <= value <= hi else None
     return None
-
-
-def one_line(value: object) -> bool:
-    """A string with no whitespace or control characters at all (names, users, interfaces)."""
-    return isinstance(value, str) and bool(value) and not any(_blank(ch) for ch in value)
 
 
 def _blank(ch: str) -> bool:
@@ -164,9 +160,6 @@ def unservable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | Non
     if addr.version == 4 and addr in _THIS_NETWORK:
         return "in 0.0.0.0/8, which names no host"
     return None
-
-
-_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
 
 class _Checker:
@@ -243,10 +236,6 @@ def canonical_host(value: object) -> str:
             "(e.g. 203.0.113.2) or give the director's DNS name"
         )
     return name
-
-
-def _is_ip(value: object) -> bool:
-    return plain_ip(value) is not None
 
 
 # --- director.hostKey ---
