@@ -6,6 +6,7 @@ from components.admission import ExternalIPGuard
 from components.config import KEYS, SECRET_KEY, TEXT_KEYS, ConfigError, load, path
 from components.ingress import Ingress
 from components.web_app import WebApp
+from providers.model import _short
 
 config = pulumi.Config()
 try:
@@ -14,8 +15,9 @@ except ConfigError as err:
     # One line naming the field, the value and the fix; a traceback would only hide it.
     raise pulumi.RunError(str(err)) from None
 except pulumi.ConfigTypeError as err:
+    # Its own text holds the whole raw value: name the key and show only the start of it.
     fix = "write it as YAML structure under config: in the stack file (see README.md)"
-    raise pulumi.RunError(f"{err}: {fix}") from None
+    raise pulumi.RunError(f"{err.key}: {_short(err.value)} is not JSON: {fix}") from None
 
 private_key = None
 if cfg.bootstrap:

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from providers import model
-from providers.model import Director, InvalidSpec, Problem, RealServer, VirtualServiceSpec
+from providers.model import (
+    Director,
+    InvalidSpec,
+    Problem,
+    RealServer,
+    VirtualServiceSpec,
+    whole_number,
+)
+from providers.model import _short as _short
 
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
@@ -36,9 +44,23 @@ APP_DEFAULTS: dict[str, Any] = {
 VIP_DEFAULTS: dict[str, Any] = {"scheduler": "wlc", "persistenceSeconds": 0}
 DIRECTOR_KEYS = ("host", "port", "user", "hostKey", "interface", "bootstrap", "proxyCommand")
 
+PORT_KEYS = ("port", "protocol", "targetPort")
+MAX_REPLICAS = 1000
+MAX_MESSAGE = 300  # a ConfigError line never grows past this, however many problems there are
+
 # Service names are DNS-1035 labels, namespaces DNS-1123 labels (Kubernetes API validation).
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Always re.fullmatch: `$` would match before a final newline ('web\n').
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS1123 = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# An image reference (distribution/reference grammar): [registry[:port]/]path[:tag][@digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}))?"
+)
+# A config key that can be shown as a path segment as it is; others are shown as repr.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,7 @@ class App:
 class VipPort:
     port: int
     protocol: str
+    target_port: int  # the container port the Service sends it to (default app.containerPort)
 
     @property
     def name(self) -> str:
@@ -87,13 +110,29 @@ class StackConfig:
 
     @property
     def urls(self) -> tuple[str, ...]:
-        """One per VIP and port: http:// for TCP (the app is nginx), udp:// otherwise."""
+        """One per VIP and port, with the scheme of what answers there.
+
+        http:// only where the port reaches app.containerPort over TCP: that is the port nginx
+        serves plain HTTP on (and the probes check). Any other port is shown as tcp:// or udp://,
+        and nothing claims https, since no TLS is configured.
+        """
         return tuple(
-            f"{'http' if p.protocol == 'tcp' else p.protocol}://"
+            f"{self._scheme(p)}://"
             f"{f'[{vip.address}]' if ':' in vip.address else vip.address}:{p.port}"
             for vip in self.vips
             for p in vip.ports
         )
+
+    def _scheme(self, port: VipPort) -> str:
+        http = port.protocol == "tcp" and port.target_port == self.app.container_port
+        return "http" if http else port.protocol
+
+    @property
+    def container_ports(self) -> tuple[tuple[int, str], ...]:
+        """The distinct (targetPort, protocol) pairs, app.containerPort/tcp first."""
+        pairs = [(self.app.container_port, "tcp")]
+        pairs += [(p.target_port, p.protocol) for p in self.service_ports]
+        return tuple(dict.fromkeys(pairs))
 
     @property
     def schedulers(self) -> tuple[str, ...]:
@@ -107,9 +146,17 @@ class ConfigError(InvalidSpec):
 
     def __init__(self, problems: list[Problem]):
         super().__init__(problems)
-        more = len(problems) - self.SHOWN
-        text = "; ".join(str(p) for p in problems[: self.SHOWN])
-        self.args = (text + (f" (and {more} more)" if more > 0 else ""),)
+        shown = [str(problems[0])[:MAX_MESSAGE]]
+        for p in problems[1 : self.SHOWN]:
+            if len("; ".join([*shown, str(p)])) + len(" (and 99 more)") > MAX_MESSAGE:
+                break
+            shown.append(str(p))
+        more = len(problems) - len(shown)
+        text = "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+        if len(text) > MAX_MESSAGE:  # one long problem and others: keep the count, cut the text
+            suffix = f" (and {more} more)"
+            text = text[: MAX_MESSAGE - len(suffix) - 3] + "..." + suffix
+        self.args = (text,)
 
 
 def path(key: str) -> str:
@@ -121,6 +168,8 @@ def load(values: Mapping[str, Any]) -> StackConfig:
 
     Raises ConfigError naming every bad field with its path, the value and the fix.
     """
+    if not isinstance(values, Mapping):
+        raise ConfigError([Problem(PROJECT, f"{_short(values)} is not a mapping of config keys: give app, vips, realServers and director")])  # fmt: skip
     report = _Report()
     app = _app(report, values.get("app"))
     vips = _vips(report, values.get("vips"))
@@ -131,7 +180,8 @@ def load(values: Mapping[str, Any]) -> StackConfig:
                 report.object(f"{path('realServers')}[{k}]", item, ("address", "weight"), "")
     director, bootstrap = _director(report, values.get("director"))
     specs = _virtual_services(report, vips, real_servers, values.get("director"))
-    guard = _guard(report, values, [raw.get("address") for raw, _ in vips])
+    targets = _target_ports(report, vips, app.container_port)
+    guard = _guard(report, values)
     if report.problems:
         raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
@@ -139,7 +189,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         vips=tuple(
             Vip(
                 group[0].vip,
-                tuple(VipPort(s.port, s.protocol) for s in group),
+                tuple(VipPort(s.port, s.protocol, targets[(s.port, s.protocol)]) for s in group),
                 group[0].scheduler,
                 group[0].persistence_seconds,
             )
@@ -156,7 +206,13 @@ def load(values: Mapping[str, Any]) -> StackConfig:
 def load_stack_file(config: Mapping[str, Any]) -> StackConfig:
     """Parse the `config:` block of a stacks/Pulumi.<stack>.yaml file (namespaced keys)."""
     prefix = f"{PROJECT}:"
-    ours = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
+    if not isinstance(config, Mapping):
+        raise ConfigError([Problem("config", f"{_short(config)} is not a mapping: give the stack's settings as {prefix}<key>: <value>")])  # fmt: skip
+    ours = {
+        k[len(prefix) :]: v
+        for k, v in config.items()
+        if isinstance(k, str) and k.startswith(prefix)
+    }
     report = _Report()
     report.object(PROJECT, ours, (*KEYS, SECRET_KEY), "")
     if report.problems:
@@ -183,14 +239,18 @@ class _Report:
             return None
         for key in value:
             if key not in known:
-                close = difflib.get_close_matches(str(key), list(known), n=1)
+                plain = isinstance(key, str) and _PLAIN_KEY.fullmatch(key)
+                close = difflib.get_close_matches(key, list(known), n=1) if plain else []
                 fix = f"did you mean {close[0]!r}?" if close else f"use only {', '.join(known)}"
-                self.add(f"{name}.{key}", f"unknown key {key!r}: {fix}")
+                label = key if plain else _short(key)
+                self.add(f"{name}.{label}", f"unknown key {_short(key)}: {fix}")
         return value
 
     def integer(self, name: str, value: Any, lo: int, hi: int, what: str) -> int:
-        if isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi:
-            return value
+        # The provider's own rule (model.whole_number): 80.0 is 80, 80.5 and True are not.
+        number = whole_number(value, lo, hi)
+        if number is not None:
+            return number
         self.add(name, f"{_short(value)} is not a valid {what}: use a whole number from {lo} to {hi}")  # fmt: skip
         return lo
 
@@ -202,24 +262,25 @@ def _app(report: _Report, value: Any) -> App:
     merged = {**APP_DEFAULTS, **(raw or {})}
     app_name, namespace, image = merged["name"], merged["namespace"], merged["image"]
     label = "use lowercase letters, digits and '-', at most 63 characters"
-    if not isinstance(app_name, str) or not _DNS1035.match(app_name):
+    if not isinstance(app_name, str) or not _DNS1035.fullmatch(app_name):
         report.add(f"{name}.name", f"{_short(app_name)} is not a Kubernetes Service name: {label}, starting with a letter")  # fmt: skip
-    if not isinstance(namespace, str) or not _DNS1123.match(namespace):
+    if not isinstance(namespace, str) or not _DNS1123.fullmatch(namespace):
         report.add(f"{name}.namespace", f"{_short(namespace)} is not a namespace name: {label}")
-    if not _pinned_image(image):
+    if not isinstance(image, str) or not _IMAGE.fullmatch(image):
+        report.add(f"{name}.image", f"{_short(image)} is not an image reference: give e.g. nginx:1.27.3 or registry.example.net/team/nginx@sha256:<64 hex digits>")  # fmt: skip
+    elif not _pinned_image(image):
         report.add(f"{name}.image", f"{_short(image)} is not a pinned image: give a tag or digest, e.g. nginx:1.27.3 (not :latest)")  # fmt: skip
-    replicas = report.integer(f"{name}.replicas", merged["replicas"], 0, 1000, "replica count")
+    replicas = report.integer(f"{name}.replicas", merged["replicas"], 0, MAX_REPLICAS, "replica count")  # fmt: skip
     port = report.integer(f"{name}.containerPort", merged["containerPort"], 1, 65535, "container port")  # fmt: skip
     return App(app_name, namespace, image, replicas, port)
 
 
-def _pinned_image(image: Any) -> bool:
-    if not isinstance(image, str) or not image or any(ch.isspace() for ch in image):
-        return False
-    if "@" in image:
+def _pinned_image(image: str) -> bool:
+    """A digest (name@sha256:<64 hex>) or a tag other than latest; `image` matches _IMAGE."""
+    match = _IMAGE.fullmatch(image)
+    if match["digest"]:
         return True
-    last = image.rsplit("/", 1)[-1]
-    return ":" in last and not last.endswith((":", ":latest"))
+    return match["tag"] is not None and match["tag"] != "latest"
 
 
 # A VIP entry and its (index, port entry) pairs, structurally sound; values checked later.
@@ -236,13 +297,16 @@ def _vips(report: _Report, value: Any) -> list[_RawVip]:
     for i, item in enumerate(value):
         vname = f"{name}[{i}]"
         shape = "{address, ports, scheduler, persistenceSeconds}"
-        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape) or {}
+        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape)
+        if raw is None:
+            out.append(({}, []))
+            continue
         address = _canonical(raw.get("address"))
         if address in seen:
-            report.add(f"{vname}.address", f"{raw['address']!r} repeats {name}[{seen[address]}].address: list its ports in one entry")  # fmt: skip
+            report.add(f"{vname}.address", f"{_short(raw['address'])} repeats {name}[{seen[address]}].address: list its ports in one entry")  # fmt: skip
         elif address is not None:
             seen[address] = i
-        out.append((raw, _ports(report, vname, raw.get("ports")) if raw else []))
+        out.append((raw, _ports(report, vname, raw.get("ports"))))
     return out
 
 
@@ -251,20 +315,23 @@ def _ports(report: _Report, vname: str, value: Any) -> list[tuple[int, Mapping]]
         report.add(f"{vname}.ports", f"{_short(value)} is not a list of ports: give at least one {{port, protocol}}, e.g. [{{port: 80, protocol: tcp}}]")  # fmt: skip
         return []
     out: list[tuple[int, Mapping]] = []
-    seen: dict[tuple[Any, str], int] = {}
+    seen: dict[str, int] = {}
     for j, item in enumerate(value):
         pname = f"{vname}.ports[{j}]"
-        raw = report.object(pname, item, ("port", "protocol"), "{port, protocol}")
+        raw = report.object(pname, item, PORT_KEYS, "{port, protocol, targetPort}")
         if raw is None:
             continue
-        port = raw.get("port")
-        # A mistyped port (a list, a map) must reach the port check, not crash on hashing.
-        key = (
-            port if isinstance(port, int | float | str) else repr(port),
-            str(raw.get("protocol", "tcp")).lower(),
-        )
+        if "targetPort" in raw:
+            report.integer(f"{pname}.targetPort", raw["targetPort"], 1, 65535, "container port")
+        # Shown as the checks will read them (80.0 is 80); a mistyped port (a list, a map) must
+        # still reach the port check, not crash on hashing or printing.
+        port, protocol = raw.get("port"), raw.get("protocol", "tcp")
+        number = whole_number(port, 1, 65535)
+        shown = str(number) if number is not None else _short(port)
+        plain = isinstance(protocol, str) and protocol.isalnum() and len(protocol) <= 8
+        key = f"{protocol.lower() if plain else _short(protocol)}/{shown}"
         if key in seen:
-            report.add(pname, f"{key[1]}/{key[0]} repeats {vname}.ports[{seen[key]}]: list each port once")  # fmt: skip
+            report.add(pname, f"{key} repeats {vname}.ports[{seen[key]}]: list each port once")
             continue
         seen[key] = j
         out.append((j, raw))
@@ -305,7 +372,7 @@ def _virtual_services(
         rs, rs_index = _same_family(real_servers, vip.get("address"))
         if isinstance(real_servers, list) and real_servers and not rs:
             family = _family(vip["address"])
-            report.add(f"{path('vips')}[{i}].address", f"{vip['address']!r} has no real server of its address family: add the nodes' IPv{family} addresses to {path('realServers')}")  # fmt: skip
+            report.add(f"{path('vips')}[{i}].address", f"{_short(vip['address'])} has no real server of its address family: add the nodes' IPv{family} addresses to {path('realServers')}")  # fmt: skip
             out.append([])
             continue
         used.update(rs_index)
@@ -333,8 +400,30 @@ def _virtual_services(
         out.append(group)
     if vips and isinstance(real_servers, list):
         for k in sorted(set(range(len(real_servers))) - used):
-            address = real_servers[k]["address"]
-            report.add(f"{path('realServers')}[{k}].address", f"{address!r} is IPv{_family(address)} but no VIP is: remove it or add a VIP of that family")  # fmt: skip
+            item = real_servers[k]
+            address = item.get("address") if isinstance(item, Mapping) else item
+            report.add(f"{path('realServers')}[{k}].address", f"{_short(address)} is IPv{_family(address)} but no VIP is: remove it or add a VIP of that family")  # fmt: skip
+    return out
+
+
+def _target_ports(report: _Report, vips: list[_RawVip], default: int) -> dict[tuple[int, str], int]:
+    """(port, protocol) -> the container port it targets; one Service serves every VIP, so a
+    port that several VIPs list must target the same container port on each."""
+    out: dict[tuple[int, str], int] = {}
+    first: dict[tuple[int, str], str] = {}
+    for i, (_vip, ports) in enumerate(vips):
+        for j, raw in ports:
+            port = whole_number(raw.get("port"), 1, 65535)
+            protocol = raw.get("protocol", "tcp")
+            target = whole_number(raw.get("targetPort", default), 1, 65535)
+            if port is None or target is None or not isinstance(protocol, str):
+                continue  # reported by the port checks
+            key, where = (port, protocol.lower()), f"{path('vips')}[{i}].ports[{j}]"
+            if key in out and out[key] != target:
+                report.add(f"{where}.targetPort", f"{target} differs from {first[key]}.targetPort ({out[key]}): the one Service sends {key[1]}/{port} to one container port, give both the same")  # fmt: skip
+                continue
+            out.setdefault(key, target)
+            first.setdefault(key, where)
     return out
 
 
@@ -384,11 +473,6 @@ def _canonical(address: Any) -> str | None:
     return str(ipaddress.ip_address(address)) if family else None
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 # --- the externalIP guard (CVE-2020-8554) ------------------------------------------------------
 
 
@@ -401,7 +485,7 @@ class Guard:
     pool: tuple[str, ...]
 
 
-def _guard(report: _Report, values: Mapping[str, Any], vips: list[Any]) -> Guard:
+def _guard(report: _Report, values: Mapping[str, Any]) -> Guard:
     name, pool_name = path("guardExternalIPs"), path("externalIPPool")
     raw = values.get("guardExternalIPs")
     if raw is None or isinstance(raw, bool):
@@ -414,20 +498,7 @@ def _guard(report: _Report, values: Mapping[str, Any], vips: list[Any]) -> Guard
     pool = _pool(report, pool_name, values.get("externalIPPool"))
     if pool and not enabled:
         report.add(pool_name, f"{_short(list(pool))} is set but {name} is false, so nothing enforces it: remove {pool_name} or set guardExternalIPs: true")  # fmt: skip
-    if enabled:
-        for i, address in enumerate(vips):
-            mapped = _ipv4_mapped(address)
-            if mapped is not None:
-                report.add(f"{path('vips')}[{i}].address", f"{_short(address)} is an IPv4-mapped IPv6 address, which Kubernetes' ip() and so the externalIP guard refuse: give the IPv4 address {mapped}")  # fmt: skip
     return Guard(enabled, pool)
-
-
-def _ipv4_mapped(address: Any) -> ipaddress.IPv4Address | None:
-    try:
-        ip = ipaddress.ip_address(address) if isinstance(address, str) else None
-    except ValueError:
-        return None  # not an address at all: the VIP check reports it
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
 
 
 def _pool(report: _Report, name: str, value: Any) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import pulumi
 from pulumi_kubernetes.apps.v1 import Deployment
 from pulumi_kubernetes.core.v1 import Service
 
-from components.config import App, StackConfig
+from components.config import App, StackConfig, VipPort
 
 PART_OF = "ipvs-ingress"
 # Small, fixed sizing for a static nginx; requests let the scheduler spread the replicas.
@@ -40,12 +40,28 @@ def selector(app: App, instance: str) -> dict[str, str]:
     return {k: all_labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
 
 
-def deployment_spec(app: App, instance: str) -> dict[str, Any]:
+def container_port_name(port: int, protocol: str, app: App) -> str:
+    """The named container port a Service port targets: "http" is app.containerPort over TCP,
+    the port nginx serves and the probes check; any other is e.g. "tcp-8443" or "udp-5353"."""
+    if (port, protocol) == (app.container_port, "tcp"):
+        return "http"
+    return f"{protocol}-{port}"  # at most 9 characters: a valid IANA_SVC_NAME
+
+
+def deployment_spec(cfg: StackConfig, instance: str) -> dict[str, Any]:
+    app = cfg.app
     probe = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10}
     container = {
         "name": app.name,
         "image": app.image,
-        "ports": [{"name": "http", "containerPort": app.container_port, "protocol": "TCP"}],
+        "ports": [
+            {
+                "name": container_port_name(port, protocol, app),
+                "containerPort": port,
+                "protocol": protocol.upper(),
+            }
+            for port, protocol in cfg.container_ports
+        ],
         "readinessProbe": {**probe, "initialDelaySeconds": 2, "failureThreshold": 3},
         "livenessProbe": {**probe, "initialDelaySeconds": 10, "failureThreshold": 6},
         "resources": RESOURCES,
@@ -70,11 +86,16 @@ def service_spec(cfg: StackConfig, instance: str) -> dict[str, Any]:
                 "name": p.name,
                 "port": p.port,
                 "protocol": p.protocol.upper(),
-                "targetPort": cfg.app.container_port,
+                "targetPort": _target(p, cfg.app),
             }
             for p in cfg.service_ports
         ],
     }
+
+
+def _target(port: VipPort, app: App) -> str:
+    # By name: the Deployment declares every target, so a Service port never points at nothing.
+    return container_port_name(port.target_port, port.protocol, app)
 
 
 class WebApp(pulumi.ComponentResource):
@@ -96,7 +117,7 @@ class WebApp(pulumi.ComponentResource):
         # Service before it claims the VIPs (a renamed Service would be denied otherwise).
         child = pulumi.ResourceOptions(parent=self, depends_on=opts.depends_on if opts else None)
         self.deployment = Deployment(
-            name, metadata=metadata, spec=deployment_spec(app, instance), opts=child
+            name, metadata=metadata, spec=deployment_spec(cfg, instance), opts=child
         )
         self.service = Service(
             name, metadata=metadata, spec=service_spec(cfg, instance), opts=child

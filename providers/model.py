@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -27,10 +28,6 @@ HOST_KEY_TYPES = (
     "ecdsa-sha2-nistp256",
     "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521",
-)
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 
 # Input properties whose change means a different kernel object or director: replace.
@@ -103,9 +100,66 @@ def service_key(protocol: str, vip: str, port: int) -> str:
 
 # --- validation -------------------------------------------------------------------------------
 
+SHOWN = 40  # at most this many characters of a bad value are echoed in a message
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # RFC 1122 "this network": names no host
+
 
 def _never_unknown(_value: object) -> bool:
     return False
+
+
+def whole_number(value: object, lo: int, hi: int) -> int | None:
+    """`value` as an int in lo..hi, or None. The one number rule of the program and the provider:
+    gRPC delivers every number as a float, so 80.0 is 80; 80.5, inf, nan and bools are not.
+    Python ints are compared as they are, so 10**400 is simply out of range (float() of it raises).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if lo <= value <= hi else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value) if lo <= value <= hi else None
+    return None
+
+
+def _blank(ch: str) -> bool:
+    return ch.isspace() or not ch.isprintable()
+
+
+def plain_ip(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address with no IPv6 zone id ('%eth0'), or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return None if getattr(addr, "scope_id", None) else addr
+
+
+def _zoned(value: object) -> bool:
+    return isinstance(value, str) and "%" in value and plain_ip(value.split("%", 1)[0]) is not None
+
+
+def unservable(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why packets to `addr` cannot be load balanced (as a VIP or to a real server), or None."""
+    if addr.is_unspecified:
+        return "the unspecified address"
+    if addr.is_loopback:
+        return "a loopback address"
+    if addr.is_multicast:
+        return "a multicast address"
+    if addr == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if addr.is_link_local:
+        return "link-local: it needs a zone and never leaves the segment"
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        return "an IPv4-mapped IPv6 address: give the IPv4 address"
+    if addr.is_reserved:
+        return "in a reserved range"
+    if addr.version == 4 and addr in _THIS_NETWORK:
+        return "in 0.0.0.0/8, which names no host"
+    return None
 
 
 class _Checker:
@@ -119,35 +173,87 @@ class _Checker:
         self.problems.append(Problem(name, message))
 
     def integer(self, name: str, value: object, lo: int, hi: int, what: str) -> int | None:
-        # gRPC delivers every number as a float: 80.0 is 80, 80.5 is an error.
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if ok and float(value).is_integer() and lo <= value <= hi:
-            return int(value)
-        self.fail(name, f"{value!r} is not a valid {what}: use a whole number from {lo} to {hi}")
-        return None
+        number = whole_number(value, lo, hi)
+        if number is None:
+            self.fail(
+                name, f"{_short(value)} is not a valid {what}: use a whole number from {lo} to {hi}"
+            )
+        return number
 
     def address(self, name: str, value: object, what: str):
-        try:
-            addr = ipaddress.ip_address(value) if isinstance(value, str) else None
-        except ValueError:
-            addr = None
+        addr = plain_ip(value)
         if addr is None:
-            self.fail(name, f"{value!r} is not an IP address: give the {what} as IPv4 or IPv6")
+            if _zoned(value):
+                self.fail(name, f"{_short(value)} has a zone id: give the {what} without %<zone>")  # fmt: skip
+            else:
+                self.fail(name, f"{_short(value)} is not an IP address: give the {what} as IPv4 or IPv6")  # fmt: skip
             return None
-        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-            self.fail(name, f"{value!r} cannot be a {what}: use a unicast address")
+        reason = unservable(addr)
+        if reason:
+            self.fail(name, f"{_short(value)} cannot be a {what} ({reason}): use a unicast address")
             return None
         return addr
 
     def choice(self, name: str, value: object, allowed: tuple[str, ...]) -> str | None:
         if isinstance(value, str) and value.lower() in allowed:
             return value.lower()
-        self.fail(name, f"{value!r} is not supported: use one of {', '.join(allowed)}")
+        self.fail(name, f"{_short(value)} is not supported: use one of {', '.join(allowed)}")
         return None
 
 
+# --- director.host ---
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+# A last label that resolvers read as a number (inet_aton: 300, 010, 0x7f): not a DNS name.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+
+
+def canonical_host(value: object) -> str:
+    """director.host in its one spelling, so that only a real change is a diff (a replace).
+
+    An IP address in compressed lowercase form (2001:DB8:0::2 -> 2001:db8::2), no zone id; or a
+    DNS name in lowercase without the trailing dot of an absolute name with several labels.
+    Raises ValueError with the reason and the fix.
+    """
+    addr = plain_ip(value)
+    if addr is not None:
+        if addr.is_unspecified or addr.is_multicast:
+            raise ValueError("cannot be reached over SSH: give the director's own address")
+        if addr.version == 6 and addr.is_link_local:
+            raise ValueError("is link-local, which needs a zone id: give a global or ULA address")
+        return str(addr)
+    if _zoned(value):
+        raise ValueError("has a zone id: give the address without %<zone>, or a DNS name")
+    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value):
+        raise ValueError("is not a host name or IP address: set the director's SSH address")
+    name = value.lower()
+    if name.endswith(".") and name.count(".") > 1:
+        name = name[:-1]
+    if len(name) > 253 or _NUMERIC_LABEL.fullmatch(name.rstrip(".").rsplit(".", 1)[-1]):
+        raise ValueError(
+            "is neither an IP address nor a DNS name: write the address in dotted decimal "
+            "(e.g. 203.0.113.2) or give the director's DNS name"
+        )
+    return name
+
+
+# --- director.hostKey ---
+
+# The public key inside each blob (RFC 4253 6.6, RFC 8709, RFC 5656): what a key must hold.
+_ED25519_BYTES = 32
+_ECDSA_POINT_BYTES = {"nistp256": 65, "nistp384": 97, "nistp521": 133}  # 0x04 || X || Y
+_RSA_MIN_BITS = 1024
+
+
 def parse_host_key(line: str) -> tuple[str, bytes]:
-    """Split an OpenSSH public key line ("type base64 [comment]"); raise ValueError if bad."""
+    """Split an OpenSSH public key line ("type base64 [comment]"); raise ValueError if bad.
+
+    The blob is checked down to its key material (without paramiko, which the director lacks):
+    a type string alone, a truncated key or trailing bytes are refused.
+    """
+    if isinstance(line, str) and any(_blank(ch) and ch not in " \t" for ch in line.strip()):
+        raise ValueError("it holds a line break or control character: give one key line")
     parts = line.split() if isinstance(line, str) else []
     if len(parts) >= 3 and parts[0] not in HOST_KEY_TYPES and parts[1] in HOST_KEY_TYPES:
         parts = parts[1:]  # a known_hosts line: drop the host name column
@@ -155,13 +261,55 @@ def parse_host_key(line: str) -> tuple[str, bytes]:
         raise ValueError("expected an OpenSSH public key line like 'ssh-ed25519 AAAAC3Nza...'")
     try:
         blob = base64.b64decode(parts[1], validate=True)
-        (n,) = struct.unpack(">I", blob[:4])
-        embedded = blob[4 : 4 + n].decode()
-    except (binascii.Error, struct.error, UnicodeDecodeError) as err:
-        raise ValueError(f"the key data is not valid base64 ({err})") from None
+    except binascii.Error:
+        raise ValueError("the key data is not valid base64") from None
+    fields = _ssh_strings(blob)
+    if not fields or fields[0] not in (t.encode() for t in HOST_KEY_TYPES):
+        raise ValueError("the key data does not start with a key type")
+    embedded = fields[0].decode()
     if embedded != parts[0]:
         raise ValueError(f"the key data is a {embedded!r} key, not {parts[0]!r}")
+    if not _holds_key(embedded, fields[1:]):
+        raise ValueError(f"the key data holds no complete {embedded} public key")
     return parts[0], blob
+
+
+def _ssh_strings(blob: bytes) -> list[bytes] | None:
+    """The length-prefixed fields of a key blob, or None unless they cover it exactly."""
+    fields, at = [], 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        (n,) = struct.unpack(">I", blob[at : at + 4])
+        if at + 4 + n > len(blob):
+            return None
+        fields.append(blob[at + 4 : at + 4 + n])
+        at += 4 + n
+    return fields
+
+
+def _holds_key(kind: str, fields: list[bytes]) -> bool:
+    if kind == "ssh-ed25519":
+        return len(fields) == 1 and len(fields[0]) == _ED25519_BYTES
+    if kind == "ssh-rsa":  # mpint e, mpint n: positive, n of a usable size
+        if len(fields) != 2 or not all(f and f[0] < 0x80 for f in fields):
+            return False
+        return int.from_bytes(fields[1], "big").bit_length() >= _RSA_MIN_BITS
+    curve = kind.rsplit("-", 1)[-1]  # ecdsa-sha2-<curve>: curve name, uncompressed point
+    return (
+        len(fields) == 2
+        and fields[0] == curve.encode()
+        and len(fields[1]) == _ECDSA_POINT_BYTES.get(curve)
+        and fields[1][:1] == b"\x04"
+    )
+
+
+# --- the director and the virtual service ---
+
+# Interface names as the kernel takes them (dev_valid_name): 1..15 bytes, no '/', ':' or blanks.
+_IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+# Login names as sshd and useradd take them: no blanks, no shell syntax.
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\$?")
 
 
 def check_director(
@@ -169,17 +317,15 @@ def check_director(
 ) -> tuple[Director | None, list[Problem]]:
     c = _Checker(unknown)
     if not isinstance(props, Mapping):
-        c.fail(prefix, f"{props!r} is not an object: give {{host, hostKey, port, user, interface}}")
+        c.fail(prefix, f"{_short(props)} is not an object: give {{host, hostKey, port, user, interface}}")  # fmt: skip
         return None, c.problems
     values = {}
     host = props.get("host")
     if not unknown(host):
-        if not isinstance(host, str) or not (_is_ip(host) or _HOSTNAME.match(host)):
-            c.fail(
-                f"{prefix}.host",
-                f"{host!r} is not a host name or IP address: set the director's SSH address",
-            )
-        values["host"] = host
+        try:
+            values["host"] = canonical_host(host)
+        except ValueError as err:
+            c.fail(f"{prefix}.host", f"{_short(host)} {err}")
     key = props.get("hostKey")
     if not unknown(key):
         try:
@@ -195,25 +341,23 @@ def check_director(
         values["port"] = c.integer(f"{prefix}.port", port, 1, 65535, "SSH port")
     user = props.get("user", "root")
     if not unknown(user):
-        if not isinstance(user, str) or not user or any(ch.isspace() for ch in user):
-            c.fail(
-                f"{prefix}.user", f"{user!r} is not a user name: set the SSH login user, e.g. root"
-            )
+        if not isinstance(user, str) or not _USER.fullmatch(user):
+            c.fail(f"{prefix}.user", f"{_short(user)} is not a user name: set the SSH login user, e.g. root")  # fmt: skip
         values["user"] = user
     iface = props.get("interface", "eth0")
     if not unknown(iface):
-        if not isinstance(iface, str) or not _IFNAME.match(iface):
+        if not isinstance(iface, str) or not _IFNAME.fullmatch(iface) or iface in (".", ".."):
             c.fail(
                 f"{prefix}.interface",
-                f"{iface!r} is not a network interface name: use the director's NIC on the nodes' segment, e.g. eth0",
+                f"{_short(iface)} is not a network interface name: use the director's NIC on the nodes' segment, e.g. eth0",
             )
         values["interface"] = iface
     proxy = props.get("proxyCommand")
     if proxy is not None and not unknown(proxy):
-        if not isinstance(proxy, str) or not proxy.strip():
+        if not isinstance(proxy, str) or not proxy.strip() or not proxy.isprintable():
             c.fail(
                 f"{prefix}.proxyCommand",
-                f"{proxy!r} is not a command: remove it or give e.g. 'ssh -W %h:%p bastion'",
+                f"{_short(proxy)} is not a one-line command: remove it or give e.g. 'ssh -W %h:%p bastion'",
             )
         values["proxy_command"] = proxy
     if c.problems or any(unknown(v) for v in props.values()):
@@ -300,16 +444,18 @@ def _check_real_servers(c: _Checker, value: object, vip_addr) -> tuple[RealServe
         if vip_addr is not None and addr.version != vip_addr.version:
             c.fail(
                 f"{name}.address",
-                f"{raw!r} is IPv{addr.version} but the VIP is IPv{vip_addr.version}: IPVS forwards within one family, use an IPv{vip_addr.version} node address",
+                f"{_short(raw)} is IPv{addr.version} but the VIP is IPv{vip_addr.version}: IPVS forwards within one family, use an IPv{vip_addr.version} node address",
             )
             continue
         if vip_addr is not None and addr == vip_addr:
-            c.fail(f"{name}.address", f"{raw!r} is the VIP itself: list the nodes' own addresses")
+            c.fail(
+                f"{name}.address", f"{_short(raw)} is the VIP itself: list the nodes' own addresses"
+            )
             continue
         if str(addr) in seen:
             c.fail(
                 f"{name}.address",
-                f"{raw!r} repeats realServers[{seen[str(addr)]}]: list each node once",
+                f"{_short(raw)} repeats realServers[{seen[str(addr)]}]: list each node once",
             )
             continue
         seen[str(addr)] = i
@@ -317,17 +463,13 @@ def _check_real_servers(c: _Checker, value: object, vip_addr) -> tuple[RealServe
     return tuple(out)
 
 
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return False
-
-
 def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "...'"
+    """repr(value), cut to SHOWN characters: a 1 MB value must not make a 1 MB message."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int beyond str()'s digit limit, deep nesting
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= SHOWN else text[: SHOWN - 3] + "..."
 
 
 # --- resource properties <-> spec -------------------------------------------------------------

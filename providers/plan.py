@@ -19,7 +19,34 @@ from providers import model
 from providers.transport import POOL, DirectorError
 
 
-def plan_stack(stack_config: dict, private_key: str) -> list[tuple[str, list[str]]]:
+class StackFileError(ValueError):
+    pass
+
+
+def read_stack(path: Path) -> object:
+    """The `config:` block of a stack file; StackFileError (one line) if it is not YAML."""
+    try:
+        stack = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise StackFileError(f"{path}: not YAML ({err.problem}{where}): fix the file") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        # PyYAML raises ValueError for an integer beyond int()'s digit limit.
+        raise StackFileError(f"{path}: not a readable stack file ({_one_line(err)})") from None
+    if stack is None:
+        return {}
+    if not isinstance(stack, dict):
+        raise StackFileError(f"{path}: not a stack file: give a mapping with a config: block")
+    return stack.get("config") or {}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def plan_stack(stack_config: object, private_key: str) -> list[tuple[str, list[str]]]:
     """(virtual service key, changes) for every virtual service of the stack."""
     cfg = load_stack_file(stack_config)
     session = POOL.session(cfg.director, private_key)
@@ -44,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        stack = yaml.safe_load(args.stack_file.read_text()) or {}
-        plans = plan_stack(stack.get("config") or {}, args.key.read_text())
-    except (OSError, yaml.YAMLError, ConfigError, DirectorError) as err:
+        plans = plan_stack(read_stack(args.stack_file), args.key.read_text())
+    except (ConfigError, DirectorError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (OSError, StackFileError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
     finally:
         POOL.close()

@@ -1,13 +1,15 @@
 """Run __main__.py under pulumi.runtime.set_mocks and record what it registers.
 
 No CLI, no plugins, no cluster, no director: the mock monitor answers every registration with
-the inputs it was given (plus a computed `ipvsadm` for virtual services), and records the raw
-request so tests can see parents, dependencies, options and secrets as the engine would.
+the inputs it was given (plus the `ipvsadm` table a director would report for a virtual service,
+written out here from the raw inputs without the model under test), and records the raw request
+so tests can see parents, dependencies, options and secrets as the engine would.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import runpy
 from dataclasses import dataclass, field
@@ -17,8 +19,6 @@ from typing import Any
 import pulumi
 import pytest
 from pulumi.runtime import mocks, settings
-
-from providers import model
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "ipvs-ingress"
@@ -91,12 +91,26 @@ class ProgramMocks(pulumi.runtime.Mocks):
         state = dict(args.inputs)
         if args.typ == VS_TYPE:
             # What the provider returns after applying: the table read back from the kernel.
-            _, spec = model.parse_virtual_service(args.inputs)
-            state["ipvsadm"] = model.ipvsadm_lines(spec)
+            state["ipvsadm"] = director_table(args.inputs)
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         return {}
+
+
+def director_table(inputs: dict[str, Any]) -> list[str]:
+    """`ipvsadm -Ln`-style lines for one virtual service, as a director holding exactly these
+    inputs would list them: Direct Routing keeps the VIP's port, destinations sorted by address."""
+    port = int(inputs["port"])
+
+    def at(address: str) -> str:
+        return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+    head = f"{inputs['protocol'].upper()} {at(inputs['vip'])} {inputs['scheduler']}"
+    if inputs["persistenceSeconds"]:
+        head += f" persistent {int(inputs['persistenceSeconds'])}"
+    servers = sorted(inputs["realServers"], key=lambda r: ipaddress.ip_address(r["address"]))
+    return [f"{head} -> {at(r['address'])} Route {int(r['weight'])}" for r in servers]
 
 
 class RecordingMonitor(mocks.MockMonitor):

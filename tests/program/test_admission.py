@@ -477,14 +477,17 @@ def test_bad_guard_config_is_one_line(values, raw, expected):
     assert "\n" not in message and len(message) <= 300
 
 
-def test_an_ipv4_mapped_vip_is_refused_while_guarded():
+def test_an_ipv4_mapped_vip_is_refused():
+    # ip() in the guard's CEL refuses such a VIP, and so does the provider: one line, one problem.
     values = copy.deepcopy(DEV_CONFIG)
     values["vips"][2]["address"] = "::ffff:203.0.113.209"
     with pytest.raises(pulumi.RunError) as err:
         run_program(values)
-    assert str(err.value).startswith(
-        "ipvs-ingress:vips[2].address: '::ffff:203.0.113.209' is an IPv4-mapped IPv6 address"
+    message = str(err.value)
+    assert message.startswith(
+        "ipvs-ingress:vips[2].address: '::ffff:203.0.113.209' cannot be a VIP"
     )
+    assert "IPv4-mapped" in message and "more)" not in message
 
 
 def test_stack_file_keys_are_read():

@@ -8,7 +8,6 @@ import dill
 import pulumi
 import pytest
 
-from providers import model
 from tests.program.conftest import (
     DEV_CONFIG,
     HOST_KEY,
@@ -26,6 +25,16 @@ POLICY = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy"
 BINDING = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding"
 PINNED_KEY = " ".join(HOST_KEY.split()[:2])  # the provider's normalized form: no comment
 KEY_MARKER = "test-only-marker-9f3c1e"
+# The VirtualService's input properties, as the provider's schema names them.
+VS_INPUTS = {
+    "director",
+    "vip",
+    "port",
+    "protocol",
+    "scheduler",
+    "persistenceSeconds",
+    "realServers",
+}
 
 
 def test_resource_types_and_names(dev_run):
@@ -65,7 +74,11 @@ def test_deployment_image_replicas_and_labels(dev_run):
     assert spec["replicas"] == 3
     (container,) = spec["template"]["spec"]["containers"]
     assert container["image"] == "nginx:1.27.3"
-    assert container["ports"] == [{"name": "http", "containerPort": 80, "protocol": "TCP"}]
+    # app.containerPort is "http" (the probes' port); the UDP VIP port targets 80/UDP by name.
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 80, "protocol": "TCP"},
+        {"name": "udp-80", "containerPort": 80, "protocol": "UDP"},
+    ]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/", "port": "http"}
     assert set(container["resources"]) == {"requests", "limits"}
@@ -86,8 +99,8 @@ def test_service_external_ips_are_the_vips(dev_run):
     assert svc["metadata"]["name"] == "nginx"
     assert svc["spec"]["externalIPs"] == [v["address"] for v in DEV_CONFIG["vips"]]
     assert svc["spec"]["ports"] == [
-        {"name": "tcp-80", "port": 80, "protocol": "TCP", "targetPort": 80},
-        {"name": "udp-5353", "port": 5353, "protocol": "UDP", "targetPort": 80},
+        {"name": "tcp-80", "port": 80, "protocol": "TCP", "targetPort": "http"},
+        {"name": "udp-5353", "port": 5353, "protocol": "UDP", "targetPort": "udp-80"},
     ]
     dep = dev_run.one(DEPLOYMENT).inputs
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -114,7 +127,7 @@ def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
     assert sorted(r.name for r in found) == sorted(expected)
     for reg in found:
         vip, port, protocol, scheduler, persistence, real_servers = expected[reg.name]
-        inputs = {k: v for k, v in reg.inputs.items() if k in model.INPUT_KEYS}
+        inputs = {k: v for k, v in reg.inputs.items() if k in VS_INPUTS}
         assert inputs == {
             "director": director,
             "vip": vip,
@@ -125,7 +138,7 @@ def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
             "realServers": real_servers,
         }
         # Everything else is the provider's own bookkeeping (its pickle, declared outputs).
-        assert set(reg.inputs) - set(model.INPUT_KEYS) <= {"__provider", "ipvsadm", "inSync"}
+        assert set(reg.inputs) - VS_INPUTS <= {"__provider", "ipvsadm", "inSync"}
 
 
 def test_virtual_services_depend_on_the_service(dev_run):
@@ -248,7 +261,7 @@ def test_unparseable_config_value_is_one_line():
 def test_config_value_that_is_not_json_is_one_line():
     with pytest.raises(pulumi.RunError) as err:
         run_program(DEV_CONFIG, raw={"app": "{name: nginx"})
-    assert str(err.value).startswith("Configuration 'ipvs-ingress:app' value '{name: nginx'")
+    assert str(err.value).startswith("ipvs-ingress:app: '{name: nginx' is not JSON: ")
     assert str(err.value).endswith(
         "write it as YAML structure under config: in the stack file (see README.md)"
     )
@@ -261,3 +274,108 @@ def test_the_pickled_provider_holds_no_key(bootstrap_run):
         pickled = base64.b64decode(reg.inputs["__provider"])
         assert KEY_MARKER.encode() not in pickled and b"PRIVATE KEY" not in pickled
         assert not hasattr(dill.loads(pickled), "_private_key")
+
+
+# --- configured values reach the resources; the Service and the pods agree (item 13) ---
+
+
+def test_configured_director_fields_reach_every_resource_input():
+    director = {"host": "Director.Example.NET", "user": "ops", "interface": "ens3", "port": 2222}
+    run = run_program(dev_config(bootstrap=True, **director), private_key=PRIVATE_KEY)
+    for reg in run.of_type(VS_TYPE):
+        assert reg.inputs["director"] == {
+            "host": "director.example.net",
+            "port": 2222,
+            "user": "ops",
+            "hostKey": PINNED_KEY,
+            "interface": "ens3",
+        }, reg.name
+    for cmd in run.of_type(COMMAND):
+        conn = cmd.inputs["connection"]["value"]
+        assert (conn["host"], conn["user"], conn["port"]) == ("director.example.net", "ops", 2222)
+        assert cmd.inputs["create"].startswith("sudo -n sh -euc ")  # not root: through sudo
+
+
+def named_targets(run) -> list[tuple[str, str, int]]:
+    """(Service port name, protocol, the container port its targetPort names) for each port."""
+    (container,) = run.one(DEPLOYMENT).inputs["spec"]["template"]["spec"]["containers"]
+    declared = {p["name"]: (p["protocol"], p["containerPort"]) for p in container["ports"]}
+    assert len(declared) == len(container["ports"])  # names are unique
+    out = []
+    for port in run.one(SERVICE).inputs["spec"]["ports"]:
+        protocol, number = declared[port["targetPort"]]  # a KeyError is a port to nowhere
+        assert protocol == port["protocol"], port
+        out.append((port["name"], protocol, number))
+    return out
+
+
+def test_every_service_port_reaches_a_declared_container_port(dev_run):
+    assert named_targets(dev_run) == [("tcp-80", "TCP", 80), ("udp-5353", "UDP", 80)]
+
+
+def test_target_ports_are_declared_and_urls_follow_them():
+    values = dev_config()
+    values["app"]["containerPort"] = 8080
+    values["vips"] = [
+        {
+            "address": "203.0.113.201",
+            "ports": [{"port": 80}, {"port": 443, "targetPort": 8443}, {"port": 8080}],
+        }
+    ]
+    values["realServers"] = values["realServers"][:2]
+    run = run_program(values)
+    assert named_targets(run) == [
+        ("tcp-80", "TCP", 8080),
+        ("tcp-443", "TCP", 8443),
+        ("tcp-8080", "TCP", 8080),
+    ]
+    (container,) = run.one(DEPLOYMENT).inputs["spec"]["template"]["spec"]["containers"]
+    assert container["ports"][0] == {"name": "http", "containerPort": 8080, "protocol": "TCP"}
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"
+    assert run.outputs["urls"] == [
+        "http://203.0.113.201:80",
+        "tcp://203.0.113.201:443",
+        "http://203.0.113.201:8080",
+    ]
+
+
+# --- hostile config values through the program: one bounded line (item 10) ---
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ('[{"address": "203.0.113.201", "ports": [{"port": 1e400}]}]', "vips[0].ports[0].port"),
+        ('[{"address": "203.0.113.201", "ports": [{"port": NaN}]}]', "vips[0].ports[0].port"),
+        (
+            '[{"address": "203.0.113.201", "ports": [{"port": ' + "9" * 400 + "}]}]",
+            "vips[0].ports[0].port",
+        ),
+        (
+            '[{"address": "203.0.113.201", "ports": [{"port": 80}], "persistenceSeconds": '
+            + "9" * 400
+            + "}]",
+            "vips[0].persistenceSeconds",
+        ),
+    ],
+    ids=["1e400", "nan", "400-digits", "persistence-400-digits"],
+)
+def test_huge_numbers_in_the_config_are_one_line(raw, field):
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(DEV_CONFIG, raw={"vips": raw})
+    message = str(err.value)
+    assert message.startswith(f"ipvs-ingress:{field}: ")
+    assert "\n" not in message and len(message) <= 300
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['{"port": ' + "9" * 5000 + "}", "{" + "x" * 1_000_000, "[" * 100_000],
+    ids=["5000-digits", "1MB-not-json", "deep"],
+)
+def test_config_value_python_cannot_read_is_one_bounded_line(raw):
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(DEV_CONFIG, raw={"director": raw})
+    message = str(err.value)
+    assert message.startswith("ipvs-ingress:director: ") and "is not JSON" in message
+    assert "\n" not in message and len(message) <= 300

@@ -50,6 +50,27 @@ def test_strict_mode_catches_a_misspelt_field(objects):
 
 
 def test_prod_stack_service_lists_every_vip_and_port():
-    svc = run_program(stack_values("prod"), PRIVATE_KEY, stack="prod").one(SERVICE).inputs
+    run = run_program(stack_values("prod"), PRIVATE_KEY, stack="prod")
+    svc = run.one(SERVICE).inputs
     assert svc["spec"]["externalIPs"] == ["198.51.100.10", "198.51.100.11", "2001:db8:100::10"]
-    assert [p["name"] for p in svc["spec"]["ports"]] == ["tcp-80", "tcp-443"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["tcp-80", "tcp-8080"]
+    # Both reach nginx's plain HTTP port, which is what the urls claim: no https anywhere.
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http", "http"]
+    (container,) = run.one(DEPLOYMENT).inputs["spec"]["template"]["spec"]["containers"]
+    assert container["ports"] == [{"name": "http", "containerPort": 80, "protocol": "TCP"}]
+    assert run.outputs["urls"] == [
+        "http://198.51.100.10:80",
+        "http://198.51.100.10:8080",
+        "http://198.51.100.11:80",
+        "http://198.51.100.11:8080",
+        "http://[2001:db8:100::10]:80",
+        "http://[2001:db8:100::10]:8080",
+    ]
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_no_port_claims_a_scheme_it_does_not_serve(stack):
+    """443 is HTTPS by convention: no stack maps it to plain HTTP or exports http://...:443."""
+    run = run_program(stack_values(stack), PRIVATE_KEY, stack=stack)
+    assert all(p["port"] != 443 for p in run.one(SERVICE).inputs["spec"]["ports"])
+    assert not [u for u in run.outputs["urls"] if u.endswith(":443") or u.startswith("https")]
