@@ -249,12 +249,12 @@ class Kernel:
             self._ipvs.service("del", service=svc_key)
         elif op.action in ("add-dest", "set-dest"):
             dest = self.IPVSDest(
-                addr=op.address, port=spec.port, weight=op.weight, fwd_method=model.ROUTE
+                addr=op.address, port=op.port, weight=op.weight, fwd_method=model.ROUTE
             )
             self._ipvs.dest("add" if op.action == "add-dest" else "set", service=svc_key, dest=dest)
         elif op.action == "del-dest":
             self._ipvs.dest(
-                "del", service=svc_key, dest=self.IPVSDest(addr=op.address, port=spec.port)
+                "del", service=svc_key, dest=self.IPVSDest(addr=op.address, port=op.port)
             )
         else:
             raise AgentError("bad-request", f"unknown change {op.action!r}")

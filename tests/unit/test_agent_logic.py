@@ -93,11 +93,17 @@ class MemoryKernel:
         elif op.action == "del-service":
             del self.services[spec.key]
         else:
-            dests = {d.address: d for d in svc.dests}
-            if op.action == "del-dest":
-                del dests[op.address]
+            # The kernel's identity of a destination: (address, port), each as the op gives it.
+            dests = {(d.address, d.port): d for d in svc.dests}
+            key = (op.address, op.port)
+            if op.action == "add-dest":
+                assert key not in dests, f"EEXIST: {key}"
             else:
-                dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
+                assert key in dests, f"ENOENT: {key}"
+            if op.action == "del-dest":
+                del dests[key]
+            else:
+                dests[key] = model.LiveDest(op.address, op.port, op.weight)
             self.services[spec.key] = dataclasses.replace(svc, dests=tuple(dests.values()))
 
 
@@ -207,8 +213,8 @@ def test_manual_drift_is_repaired_with_only_the_needed_changes(kernel):
     kernel.changes.clear()
     result = apply(kernel)
     assert result["changes"] == [
-        "set-dest tcp/203.0.113.201:80 -> 203.0.113.11 weight 1 Route",
-        "add-dest tcp/203.0.113.201:80 -> 203.0.113.12 weight 1 Route",
+        "set-dest tcp/203.0.113.201:80 -> 203.0.113.11:80 weight 1 Route",
+        "add-dest tcp/203.0.113.201:80 -> 203.0.113.12:80 weight 1 Route",
     ]
 
 
@@ -329,3 +335,21 @@ def test_dry_run_loads_nothing_and_lists_every_pending_change(kernel):
     result = agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"})
     assert result["changes"][:2] == ["load ip_vs ip_vs_wlc", "set net.ipv4.ip_forward=1"]
     assert kernel.changes == [] and not kernel.loaded and not kernel.forwarding
+
+
+def table(kernel, key="tcp/203.0.113.201:80"):
+    return sorted((d.address, d.port, d.weight, d.forwarding) for d in kernel.services[key].dests)
+
+
+def test_destinations_at_another_port_added_by_hand_converge(kernel):
+    apply(kernel)
+    svc = kernel.services["tcp/203.0.113.201:80"]
+    by_hand = (model.LiveDest("203.0.113.99", 8080, 1), model.LiveDest("203.0.113.11", 8080, 1))
+    kernel.services["tcp/203.0.113.201:80"] = dataclasses.replace(svc, dests=svc.dests + by_hand)
+    result = apply(kernel)
+    assert sorted(result["changes"]) == [
+        "del-dest tcp/203.0.113.201:80 -> 203.0.113.11:8080 Route",
+        "del-dest tcp/203.0.113.201:80 -> 203.0.113.99:8080 Route",
+    ]
+    assert table(kernel) == [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
+    assert apply(kernel)["touched"] == 0
