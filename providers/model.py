@@ -43,7 +43,10 @@ INPUT_KEYS = (
     "scheduler",
     "persistenceSeconds",
     "realServers",
+    "owner",
 )
+# The stack that declares a virtual service: "<project>/<stack>".
+_OWNER = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}\Z")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class VirtualServiceSpec:
     scheduler: str = "wlc"
     persistence_seconds: int = 0
     real_servers: tuple[RealServer, ...] = ()
+    owner: str = ""  # "<project>/<stack>"; "" only in state written before owners existed
 
     @property
     def key(self) -> str:
@@ -256,6 +260,13 @@ def _parse(
             "persistence timeout in seconds (0 = off)",
         )
     real_servers = _check_real_servers(c, props.get("realServers"), vip_addr)
+    owner = props.get("owner", "")
+    if (
+        not unknown(owner)
+        and "owner" in props
+        and not (isinstance(owner, str) and _OWNER.match(owner))
+    ):
+        c.fail("owner", f"{_short(owner)} is not a stack: give '<project>/<stack>' (the Ingress component sets it)")  # fmt: skip
     if c.problems or any(unknown(v) for v in props.values()) or director is None:
         return (director, None), c.problems
     spec = VirtualServiceSpec(
@@ -265,6 +276,7 @@ def _parse(
         scheduler=scheduler,
         persistence_seconds=persistence,
         real_servers=real_servers,
+        owner=owner,
     )
     return (director, spec), c.problems
 
@@ -523,6 +535,7 @@ def _hostport(addr: str, port: int) -> str:
 
 
 def spec_to_dict(spec: VirtualServiceSpec) -> dict:
+    owner = {"owner": spec.owner} if spec.owner else {}
     return {
         "vip": spec.vip,
         "port": spec.port,
@@ -530,6 +543,7 @@ def spec_to_dict(spec: VirtualServiceSpec) -> dict:
         "scheduler": spec.scheduler,
         "persistenceSeconds": spec.persistence_seconds,
         "realServers": [{"address": r.address, "weight": r.weight} for r in spec.real_servers],
+        **owner,
     }
 
 
@@ -541,4 +555,5 @@ def spec_from_dict(data: Mapping) -> VirtualServiceSpec:
         scheduler=data["scheduler"],
         persistence_seconds=int(data["persistenceSeconds"]),
         real_servers=tuple(RealServer(r["address"], int(r["weight"])) for r in data["realServers"]),
+        owner=data.get("owner", ""),
     )

@@ -6,6 +6,7 @@ node at another port is a different destination that the plan must remove by its
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,3 +104,41 @@ def test_real_server_order_and_a_default_weight_are_not_changes():
     old = _props(("203.0.113.11", 1), ("203.0.113.12", 1))
     new = {"realServers": [{"address": "203.0.113.12"}, {"address": "203.0.113.11", "weight": 1}]}
     assert model.changed_keys(old, new) == []
+
+
+# --- owner: the stack that declares the service (a plain input, not a replace key) ---
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
+
+
+def _vs(**over) -> dict:
+    base = {
+        "director": {"host": "203.0.113.2", "hostKey": HOST_KEY},
+        "vip": VIP,
+        "port": 80,
+        "realServers": [{"address": "203.0.113.11"}],
+    }
+    return {**base, **over}
+
+
+def test_owner_is_carried_round_trip_and_changing_it_is_an_update():
+    director, parsed = model.parse_virtual_service(_vs(owner="ipvs-ingress/dev"))
+    assert parsed.owner == "ipvs-ingress/dev" and parsed.key == "tcp/203.0.113.201:80"
+    props = model.to_props(director, parsed)
+    assert props["owner"] == "ipvs-ingress/dev"
+    assert model.spec_from_dict(model.spec_to_dict(parsed)) == parsed
+    moved = {**props, "owner": "ipvs-ingress/prod"}
+    assert model.changed_keys(props, moved) == ["owner"]
+    assert "owner" not in model.REPLACE_KEYS
+
+
+def test_state_from_before_owners_parses_without_one():
+    _, parsed = model.parse_virtual_service(_vs())
+    assert parsed.owner == "" and "owner" not in model.spec_to_dict(parsed)
+
+
+@pytest.mark.parametrize("owner", ["", "dev", "a/b/c", "ipvs ingress/dev", "a/dev\n", 7, None])
+def test_a_bad_owner_is_one_line_naming_it(owner):
+    problems = model.check_virtual_service(_vs(owner=owner))
+    assert [p.field for p in problems] == ["owner"]
+    assert "<project>/<stack>" in problems[0].message and "\n" not in str(problems[0])
