@@ -142,3 +142,11 @@ def test_a_bad_owner_is_one_line_naming_it(owner):
     problems = model.check_virtual_service(_vs(owner=owner))
     assert [p.field for p in problems] == ["owner"]
     assert "<project>/<stack>" in problems[0].message and "\n" not in str(problems[0])
+
+
+def test_the_dry_run_plans_as_the_stack_its_file_is_named_after():
+    from pathlib import Path
+
+    from providers import plan
+
+    assert plan.stack_owner(Path("stacks/Pulumi.prod.yaml")) == "ipvs-ingress/prod"
