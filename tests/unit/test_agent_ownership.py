@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from providers import agent, model
+from providers import agent, model, ownership
 from tests.unit.test_agent_logic import OWNER, Crash, apply, delete, read, spec
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
 
@@ -18,7 +18,7 @@ TWO = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
 def record() -> dict:
     """The state file as a fresh agent process reads it."""
     agent.Ownership.forget()
-    with open(agent.STATE_PATH) as f:
+    with open(ownership.STATE_PATH) as f:
         return json.load(f)
 
 
