@@ -150,7 +150,13 @@ class Kernel:
 
     def add_address(self, index: int, vip: str) -> None:
         prefix = 128 if ":" in vip else 32
-        self.ipr.addr("add", index=index, address=vip, prefixlen=prefix)
+        try:
+            self.ipr.addr("add", index=index, address=vip, prefixlen=prefix)
+        except self.NetlinkError as err:
+            raise AgentError(
+                "kernel-refused",
+                f"vip: {vip}: the kernel refused to bind it on interface {index} ({os.strerror(err.code)}): check director.interface",
+            ) from None
 
     def del_address(self, index: int, vip: str) -> None:
         prefix = 128 if ":" in vip else 32
