@@ -130,12 +130,17 @@ class Ownership:
 
 
 def _well_formed(data) -> bool:
+    """The shape the agent relies on: services with a VIP, addresses with an interface."""
     if not isinstance(data, dict):
         return False
-    tables = [data.get("services", {}), data.get("addresses", {})]
+    services, addresses = data.get("services", {}), data.get("addresses", {})
+    if not (isinstance(services, dict) and isinstance(addresses, dict)):
+        return False
     return all(
-        isinstance(t, dict) and all(isinstance(e, dict) for e in t.values()) for t in tables
-    ) and all(isinstance(e.get("vip"), str) for e in tables[0].values())
+        isinstance(e, dict) and isinstance(e.get("vip"), str) for e in services.values()
+    ) and all(
+        isinstance(e, dict) and isinstance(e.get("interface"), str) for e in addresses.values()
+    )
 
 
 def _signature(path: str) -> tuple | None:

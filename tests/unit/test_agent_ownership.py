@@ -137,6 +137,7 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
         ("[]", "is not an ipvs-ingress record"),
         ('{"services": []}', "is not an ipvs-ingress record"),
         ('{"services": {"tcp/203.0.113.201:80": 5}}', "is not an ipvs-ingress record"),
+        ('{"addresses": {"203.0.113.201": {"iface": "eth0"}}}', "is not an ipvs-ingress record"),
     ],
 )
 def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
