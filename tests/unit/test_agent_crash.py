@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -73,6 +74,13 @@ SCENARIOS = {
         request("apply", interface="eth1", adopt=True, servers=A),
         {80: rows(A)},
         3,
+    ),
+    "update after the record was lost": (
+        [request("apply", servers=A)],
+        lambda k: os.unlink(ownership.STATE_PATH),
+        update_b(),
+        {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
+        2,
     ),
     "delete, VIP still used": (
         [request("apply", servers=A), request("apply", port=443, servers=A)],
