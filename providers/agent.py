@@ -307,25 +307,21 @@ class Agent:
     def read(self, request: dict) -> dict:
         protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
         key, owner = model.service_key(protocol, vip, port), request.get("owner", "")
-        owners = Ownership.load()
+        interface = request.get("interface")
+        owners = Ownership.load()  # a corrupt record is named before anything is done
         k = self.kernel
         k.ensure_ipvs()
         live = k.get_service(protocol, vip, port)
         standing = owners.standing(key, owner, bool(request.get("adopt")), live)
-        entry = owners.services.get(key)
-        if live is not None and owner and (standing == "adopt" or entry and not entry.get("owner")):
+        old_format = standing == "ours" and not owners.services[key].get("owner")
+        if live is not None and owner and (standing == "adopt" or old_format):
             # The stack's state holds it: re-adopt it (record lost) or claim it (old record).
-            with director_lock():
-                owners = Ownership.load()
-                if owners.standing(key, owner, True, live) in ("ours", "adopt"):
-                    self._adopt(owners, key, live, owner, request.get("interface"))
-                    standing = "ours"
-        entry = owners.services.get(key)
-        interface = request.get("interface")
+            owners, standing = self._adopt(key, live, owner, interface)
+        entry = owners.services.get(key) or {}
         return {
             "live": live.to_dict() if live else None,
             "owned": live is not None and standing == "ours",
-            "owner": (entry or {}).get("owner"),
+            "owner": entry.get("owner"),
             "vipBound": bool(interface) and self._bound(interface, vip),
             "ipForward": k.forwarding_on(),
         }
@@ -336,19 +332,24 @@ class Agent:
         except AgentError:  # the interface is gone: nothing is bound on it
             return False
 
-    def _adopt(self, owners: Ownership, key: str, live, owner: str, interface) -> None:
-        entry = owners.services.get(key) or {}
-        spec = model.VirtualServiceSpec(
-            live.vip, live.port, live.protocol, live.scheduler, live.persistence_seconds
-        )
-        spec = dataclasses.replace(spec, owner=owner)
-        iface = entry.get("interface") or interface or ""
-        owners.record(key, spec, iface, "applied")
-        owners.services[key].pop("spec")  # the live table is not this stack's intent
-        # A lost record lost the VIP too; the VIP bound on the interface came with the service.
-        if live.vip not in owners.addresses and iface and self._bound(iface, live.vip):
-            owners.addresses[live.vip] = {"interface": iface}
-        owners.save()
+    def _adopt(self, key: str, live, owner: str, interface) -> tuple[Ownership, str]:
+        with director_lock():
+            owners = Ownership.load()  # again, under the lock: another stack may have written
+            standing = owners.standing(key, owner, True, live)
+            if standing not in ("ours", "adopt"):
+                return owners, standing
+            entry = owners.services.get(key) or {}
+            spec = model.VirtualServiceSpec(
+                live.vip, live.port, live.protocol, live.scheduler, live.persistence_seconds
+            )
+            iface = entry.get("interface") or interface or ""
+            owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied")
+            owners.services[key].pop("spec")  # the live table is not this stack's intent
+            # A lost record lost the VIP too: the VIP bound on the interface came with it.
+            if live.vip not in owners.addresses and iface and self._bound(iface, live.vip):
+                owners.addresses[live.vip] = {"interface": iface}
+            owners.save()
+            return owners, "ours"
 
     def reconcile(self, request: dict) -> dict:
         """Make the kernel hold exactly `spec`; with op "plan", only say what that would take."""
