@@ -166,7 +166,7 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
         realServers=[
             {"address": d.address, "weight": d.weight}
             for d in state.dests
-            if d.forwarding == model.ROUTE
+            if d.forwarding == model.ROUTE and d.port == spec.port  # the rest: ipvsadm, inSync
         ],
         ipvsadm=model.ipvsadm_lines(state),
         inSync=not model.plan(state, spec) and bound and forward,

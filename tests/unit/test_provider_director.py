@@ -3,12 +3,13 @@ requests going through JSON as on the wire: what refresh shows and what the next
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 
-from providers import agent, ownership, virtual_service
+from providers import agent, model, ownership, virtual_service
 from tests.unit.test_agent_logic import OWNER
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
 
@@ -104,3 +105,21 @@ def test_read_of_a_service_gone_from_the_director_drops_it(provider, kernel):
     id_, _, outs = created(provider)
     kernel.services.clear()
     assert provider.read(id_, outs).id == ""
+
+
+def test_a_destination_at_another_port_is_drift_in_ipvsadm_not_a_real_server(provider, kernel):
+    id_, inputs, outs = created(provider)
+    svc = kernel.services[("tcp", "203.0.113.201", 80)]
+    stray = model.LiveDest("203.0.113.11", 8080, 1)
+    kernel.services[("tcp", "203.0.113.201", 80)] = dataclasses.replace(
+        svc, dests=svc.dests + (stray,)
+    )
+    refreshed = provider.read(id_, outs).outs
+    assert refreshed["realServers"] == [{"address": "203.0.113.11", "weight": 1}]
+    assert refreshed["ipvsadm"] == [
+        "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
+        "TCP 203.0.113.201:80 wlc -> 203.0.113.11:8080 Route 1",
+    ]
+    assert refreshed["inSync"] is False
+    assert provider.update(id_, refreshed, inputs).outs["inSync"] is True
+    assert kernel.table() == [("203.0.113.11", 80, 1, 3)]
