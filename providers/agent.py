@@ -16,6 +16,7 @@ import importlib.util
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,18 +26,22 @@ from providers import model
 from providers.ownership import AgentError, Ownership, director_lock
 
 PROTOCOL_VERSION = 1
-MIN_PYROUTE2 = (0, 9, 5)
+MIN_PYROUTE2 = (0, 9, 5, 1)  # 0.9.5, final: _version_tuple form
 IP_VS_SVC_F_PERSISTENT = 0x1
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
+    """(major, minor, micro, final) of a PEP 440 version; a pre-release sorts before its release.
+
+    "0.9.4rc5" is (0, 9, 4, 0), never 0.9.45; anything unreadable is (0,), which is too old.
+    """
+    found = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?((?:a|b|rc|\.dev|dev)\d*)?(\.post\d+)?", text)
+    if found is None:
+        return (0,)
+    major, minor, micro, pre, _post = found.groups()
+    return int(major), int(minor), int(micro or 0), 0 if pre else 1
 
 
 def _load_pyroute2():

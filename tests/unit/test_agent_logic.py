@@ -331,9 +331,26 @@ def test_missing_pyroute2_is_reported_in_the_greeting(monkeypatch):
     }
 
 
-def test_version_comparison():
-    assert agent._version_tuple("0.9.7") >= agent.MIN_PYROUTE2 > agent._version_tuple("0.7.2")
-    assert agent._version_tuple("0.9.5.post1") >= agent.MIN_PYROUTE2
+@pytest.mark.parametrize(
+    ("version", "new_enough"),
+    [
+        ("0.9.7", True),
+        ("0.9.5", True),
+        ("0.9.5.post1", True),
+        ("1.0", True),
+        ("0.10.0", True),
+        ("0.7.2", False),
+        ("0.9.4", False),
+        ("0.9.4rc5", False),  # once read as 0.9.45
+        ("0.9.5rc1", False),  # a pre-release comes before its release
+        ("0.9.5.dev3", False),
+        ("0.9.45", True),
+        ("garbage", False),
+        ("", False),
+    ],
+)
+def test_version_comparison(version, new_enough):
+    assert (agent._version_tuple(version) >= agent.MIN_PYROUTE2) is new_enough
 
 
 def test_ownership_record_is_reread_when_another_stack_writes_it(kernel):
