@@ -6,9 +6,10 @@ added, removed or changed = 1), counted against the table when this script start
 The kernel's own table (/proc/net/ip_vs) is the trigger, not the agent's word, so the kill
 lands between two kernel changes of a running apply.
 
-Prints `READY <agent pids>` once it watches, then `KILLED <pids> <changes at kill>
-<changes after kill>` or `TIMEOUT <changes>`. Only agents already running at READY are
-killed, so an agent the provider might start afterwards is left alone.
+Prints `READY <agent pids>` once it watches, then `KILLED <pids> <changes seen>` at once (so
+the caller can kill the provider too) and `FINAL <changes after the kill>`, or `TIMEOUT
+<changes>`. Only agents already running at READY are killed, so an agent the provider might
+start afterwards is left alone.
 """
 
 import ipaddress
@@ -79,9 +80,9 @@ def main() -> None:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            print(f"KILLED {','.join(map(str, targets))} {seen}", flush=True)
             time.sleep(0.2)  # the kernel is final once the killed agent is gone
-            final = changes(start, table(service))
-            print(f"KILLED {','.join(map(str, targets))} {seen} {final}", flush=True)
+            print(f"FINAL {changes(start, table(service))}", flush=True)
             return
         time.sleep(0.001)  # one CPU on the lab director: let the agent run
     print(f"TIMEOUT {seen}", flush=True)

@@ -136,13 +136,18 @@ class Watcher:
         assert ready[:1] == ["READY"], (ready, self.proc.stderr.read() if not ready else "")
         self.targets = ready[1].split(",") if len(ready) > 1 else []
 
-    def result(self, timeout: float = 150) -> tuple[str, int, int]:
-        """('KILLED', changes seen at the kill, changes after it) or ('TIMEOUT', seen, seen)."""
+    def killed(self) -> int:
+        """Block until the watcher killed the agent; the number of changes it had seen."""
+        line = self.proc.stdout.readline().split()
+        assert line[:1] == ["KILLED"], f"the watcher did not kill the agent: {line}"
+        return int(line[2])
+
+    def final(self, timeout: float = 30) -> int:
+        """Kernel changes made by the killed apply, read once the agent was gone."""
         line = self.proc.stdout.readline().split()
         self.proc.wait(timeout=timeout)
-        if line[:1] == ["KILLED"]:
-            return "KILLED", int(line[2]), int(line[3])
-        return "TIMEOUT", int(line[1]) if len(line) > 1 else -1, -1
+        assert line[:1] == ["FINAL"], line
+        return int(line[1])
 
     def close(self) -> None:
         if self.proc.poll() is None:
