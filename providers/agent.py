@@ -10,6 +10,7 @@ ipvs-ingress did not create is ever changed or removed.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import importlib.util
@@ -99,6 +100,7 @@ class Kernel:
         # do not change under a running `pulumi up`, and looking them up is most of an apply.
         self._ifindex: dict[str, int] = {}
         self._routes: dict[str, tuple[int | None, str | None]] = {}
+        self._prefixes: dict[int, list] = {}
 
     # -- modules and sysctls --
     @staticmethod
@@ -232,36 +234,62 @@ class Kernel:
         )
 
     def apply(self, spec: model.VirtualServiceSpec, op: model.Op) -> None:
+        try:
+            self._apply(spec, op)
+        except self.NetlinkError as err:
+            if op.action == "add-service" and err.code == errno.ENOENT:
+                raise AgentError(
+                    "no-scheduler",
+                    f"the kernel has no IPVS scheduler {spec.scheduler!r} (module ip_vs_{spec.scheduler})",
+                ) from None
+            raise refusal(spec, op, err.code) from None
+
+    def _apply(self, spec: model.VirtualServiceSpec, op: model.Op) -> None:
         # pyroute2 0.9.7: "update" sends DEL (it deletes); "set" is the real change command.
         svc_key = self._service_key(spec.protocol, spec.vip, spec.port)
         if op.action in ("add-service", "set-service"):
             command = "add" if op.action == "add-service" else "set"
-            try:
-                self._ipvs.service(command, service=self._service_full(spec))
-            except self.NetlinkError as err:
-                if err.code == errno.ENOENT:
-                    raise AgentError(
-                        "no-scheduler",
-                        f"the kernel has no IPVS scheduler {spec.scheduler!r} (module ip_vs_{spec.scheduler})",
-                    ) from None
-                raise
+            self._ipvs.service(command, service=self._service_full(spec))
         elif op.action == "del-service":
             self._ipvs.service("del", service=svc_key)
         elif op.action in ("add-dest", "set-dest"):
             dest = self.IPVSDest(
-                addr=op.address, port=spec.port, weight=op.weight, fwd_method=model.ROUTE
+                addr=op.address, port=op.port, weight=op.weight, fwd_method=model.ROUTE
             )
             self._ipvs.dest("add" if op.action == "add-dest" else "set", service=svc_key, dest=dest)
         elif op.action == "del-dest":
             self._ipvs.dest(
-                "del", service=svc_key, dest=self.IPVSDest(addr=op.address, port=spec.port)
+                "del", service=svc_key, dest=self.IPVSDest(addr=op.address, port=op.port)
             )
         else:
             raise AgentError("bad-request", f"unknown change {op.action!r}")
 
+    def prefixes(self, index: int) -> list:
+        """The networks of the interface's own addresses (e.g. 203.0.113.0/24)."""
+        if index not in self._prefixes:
+            self._prefixes[index] = [
+                ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}").network
+                for msg in self.ipr.addr("dump", index=index)
+            ]
+        return self._prefixes[index]
+
+
+def refusal(spec: model.VirtualServiceSpec, op: model.Op, code: int) -> AgentError:
+    """A kernel refusal as one line naming the property and value it came from."""
+    why = os.strerror(code) if code else "refused"
+    if op.action.endswith("dest"):
+        what = f"realServers: {op.address}: the kernel refused {op.action} {spec.key} -> {model._hostport(op.address, op.port)} ({why})"
+        fix = "list the nodes' own unicast addresses"
+    else:
+        what = f"vip: {spec.key}: the kernel refused {op.action} (scheduler {spec.scheduler}, persistenceSeconds {spec.persistence_seconds}: {why})"
+        fix = "check the VIP, scheduler and persistence"
+    return AgentError("kernel-refused", f"{what}: {fix}")
+
 
 class Ownership:
-    """What ipvs-ingress created on this director: services by key, addresses by VIP."""
+    """What ipvs-ingress made on this director: services by key (owner stack, intent, spec) and
+    the VIPs it bound. A change is recorded before it is made (write-ahead), so whatever step
+    a crash hits, the next apply of the same stack finds the service recorded as its own."""
 
     _cache: dict[str, tuple[tuple, Ownership]] = {}
 
@@ -277,15 +305,30 @@ class Ownership:
         cls._cache[path] = (signature, record)
         return record
 
+    @classmethod
+    def forget(cls) -> None:
+        """After a failed request the cached copy may hold changes that never reached disk."""
+        cls._cache.clear()
+
     def __init__(self, path: str | None = None):
         self.path = path = path or STATE_PATH
         try:
-            with open(path) as f:
-                data = json.load(f)
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode())
         except FileNotFoundError:
             data = {}
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise self._corrupt(f"is not valid JSON ({str(err)[:60]})") from None
+        if not _well_formed(data):
+            raise self._corrupt("is not an ipvs-ingress record")
         self.services: dict = data.get("services", {})
         self.addresses: dict = data.get("addresses", {})
+
+    def _corrupt(self, what: str) -> AgentError:
+        return AgentError(
+            "corrupt-state",
+            f"{self.path} {what}: nothing was changed; move it aside (mv {self.path} {self.path}.bad), then pulumi refresh re-adopts this stack's services",
+        )
 
     def save(self) -> None:
         # Until the file is replaced, the cached copy may be ahead of the disk: forget it.
@@ -304,8 +347,49 @@ class Ownership:
         os.replace(tmp, self.path)
         Ownership._cache[self.path] = (_signature(self.path), self)
 
-    def vip_in_use(self, vip: str) -> bool:
-        return any(entry.get("vip") == vip for entry in self.services.values())
+    def standing(self, key: str, owner: str, adopt: bool, live) -> str:
+        """Whose `key` is, for the stack `owner`:
+        ours    - recorded for this stack, or recorded before owners existed (adopted on write);
+        new     - nothing live: free to create, whatever a stale record says;
+        adopt   - live, unrecorded, and the stack's own state holds it (the record was lost);
+        foreign - live and unrecorded: never ipvs-ingress's to change;
+        other   - live and recorded for another stack."""
+        entry = self.services.get(key)
+        if entry is not None and entry.get("owner") in (None, "", owner):
+            return "ours"
+        if live is None:
+            return "new"
+        if entry is None:
+            return "adopt" if adopt else "foreign"
+        return "other"
+
+    def record(self, key: str, spec: model.VirtualServiceSpec, interface: str, state: str):
+        self.services[key] = {
+            "owner": spec.owner or None,
+            "vip": spec.vip,
+            "interface": interface,
+            "state": state,
+            "spec": model.spec_to_dict(spec),
+        }
+
+    def vip_in_use(self, vip: str, kernel) -> bool:
+        """Some recorded service, of any stack, on `vip` still exists in the kernel."""
+        for key, entry in self.services.items():
+            if entry.get("vip") == vip:
+                protocol, rest = key.split("/", 1)
+                _, port = rest.rsplit(":", 1)
+                if kernel.get_service(protocol, vip, int(port)) is not None:
+                    return True
+        return False
+
+
+def _well_formed(data) -> bool:
+    if not isinstance(data, dict):
+        return False
+    tables = [data.get("services", {}), data.get("addresses", {})]
+    return all(
+        isinstance(t, dict) and all(isinstance(e, dict) for e in t.values()) for t in tables
+    ) and all(isinstance(e.get("vip"), str) for e in tables[0].values())
 
 
 def _signature(path: str) -> tuple | None:
@@ -353,23 +437,67 @@ class Agent:
         }.get(op)
         if handler is None:
             raise AgentError("bad-request", f"unknown op {op!r}")
-        return handler(request)
+        try:
+            return handler(request)
+        except BaseException:
+            Ownership.forget()
+            raise
 
     def hello(self, _request: dict) -> dict:
         return {"agent": PROTOCOL_VERSION, "pyroute2": self.kernel.version, "pid": os.getpid()}
 
     def read(self, request: dict) -> dict:
         protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
-        self.kernel.ensure_ipvs()
-        live = self.kernel.get_service(protocol, vip, port)
-        owned = model.service_key(protocol, vip, port) in Ownership.load().services
-        return {"live": live.to_dict() if live else None, "owned": owned}
+        key, owner = model.service_key(protocol, vip, port), request.get("owner", "")
+        owners = Ownership.load()
+        k = self.kernel
+        k.ensure_ipvs()
+        live = k.get_service(protocol, vip, port)
+        standing = owners.standing(key, owner, bool(request.get("adopt")), live)
+        entry = owners.services.get(key)
+        if live is not None and owner and (standing == "adopt" or entry and not entry.get("owner")):
+            # The stack's state holds it: re-adopt it (record lost) or claim it (old record).
+            with director_lock():
+                owners = Ownership.load()
+                if owners.standing(key, owner, True, live) in ("ours", "adopt"):
+                    self._adopt(owners, key, live, owner, request.get("interface"))
+                    standing = "ours"
+        entry = owners.services.get(key)
+        interface = request.get("interface")
+        return {
+            "live": live.to_dict() if live else None,
+            "owned": live is not None and standing == "ours",
+            "owner": (entry or {}).get("owner"),
+            "vipBound": bool(interface) and self._bound(interface, vip),
+            "ipForward": k.forwarding_on(),
+        }
+
+    def _bound(self, interface: str, vip: str) -> bool:
+        try:
+            return self.kernel.has_address(self.kernel.ifindex(interface), vip)
+        except AgentError:  # the interface is gone: nothing is bound on it
+            return False
+
+    def _adopt(self, owners: Ownership, key: str, live, owner: str, interface) -> None:
+        entry = owners.services.get(key) or {}
+        spec = model.VirtualServiceSpec(
+            live.vip, live.port, live.protocol, live.scheduler, live.persistence_seconds
+        )
+        spec = dataclasses.replace(spec, owner=owner)
+        iface = entry.get("interface") or interface or ""
+        owners.record(key, spec, iface, "applied")
+        owners.services[key].pop("spec")  # the live table is not this stack's intent
+        # A lost record lost the VIP too; the VIP bound on the interface came with the service.
+        if live.vip not in owners.addresses and iface and self._bound(iface, live.vip):
+            owners.addresses[live.vip] = {"interface": iface}
+        owners.save()
 
     def reconcile(self, request: dict) -> dict:
         """Make the kernel hold exactly `spec`; with op "plan", only say what that would take."""
         spec = model.spec_from_dict(request["spec"])
         interface, dry_run = request["interface"], request["op"] == "plan"
         with director_lock():
+            owners = Ownership.load()  # a corrupt record refuses before anything is touched
             k = self.kernel
             missing = k.missing_modules(spec.scheduler)
             if dry_run:
@@ -379,29 +507,26 @@ class Agent:
                 k.ensure_ipvs(spec.scheduler)
             index = k.ifindex(interface)
             # Every refusal comes before the first change, so a refused request changes nothing.
-            off_link = [
-                f"{rs.address} (via {gw or 'no route'})"
-                for rs in spec.real_servers
-                for oif, gw in [k.route_via(rs.address)]
-                if gw is not None or oif != index
-            ]
-            if off_link:
-                raise AgentError(
-                    "off-link",
-                    f"real server(s) {', '.join(off_link)} are not on-link on {interface}: direct routing rewrites only the MAC, so real servers must share the director's L2 segment",
-                )
-            owners = Ownership.load()
+            self._refuse_unusable_real_servers(spec, interface, index)
             live = None if "ip_vs" in missing else k.get_service(spec.protocol, spec.vip, spec.port)
-            if live is not None and spec.key not in owners.services:
+            standing = owners.standing(spec.key, spec.owner, bool(request.get("adopt")), live)
+            if standing == "foreign":
                 raise AgentError(
                     "foreign",
                     f"{spec.key} already exists on the director and was not created by ipvs-ingress; remove it by hand (ipvsadm -D) or choose another VIP/port",
+                )
+            if standing == "other":
+                raise AgentError(
+                    "owned",
+                    f"vip: {spec.key} belongs to stack {owners.services[spec.key]['owner']} on this director: choose another VIP/port, or destroy it in that stack first",
                 )
             ops = model.plan(live, spec)
             # A VIP we bound on another interface (director.interface changed) moves with it.
             recorded = owners.addresses.get(spec.vip, {}).get("interface")
             move_from = recorded if recorded not in (None, interface) else None
             bind = not k.has_address(index, spec.vip)
+            # Re-adopted after the record was lost: the bound VIP came with the service.
+            claim = standing == "adopt" and not bind and spec.vip not in owners.addresses
             if dry_run:
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
@@ -411,51 +536,117 @@ class Agent:
                     + [f"bind {spec.vip} on {interface}"] * bind
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            k.ensure_forwarding()
-            try:
-                for op in ops:
-                    k.apply(spec, op)
-                    if op.action == "add-service":
-                        owners.services[spec.key] = {"vip": spec.vip, "interface": interface}
-                # The VIP last: until the service exists, answering ARP for it would blackhole it.
-                if move_from:
-                    k.del_address(k.ifindex(move_from), spec.vip)
-                    owners.addresses.pop(spec.vip)
-                if bind:
-                    k.add_address(index, spec.vip)
-                    owners.addresses[spec.vip] = {"interface": interface}
-            finally:
-                owners.save()
+            self._apply(owners, spec, interface, live, ops, move_from, bind, claim)
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
             "changes": [o.describe(spec) for o in ops],
             "touched": len(ops) + int(bind) + int(bool(move_from)),
+            "vipBound": True,
+            "ipForward": k.forwarding_on(),
         }
+
+    def _refuse_unusable_real_servers(self, spec, interface: str, index: int) -> None:
+        k = self.kernel
+        off_link = [
+            f"{rs.address} (via {gw or 'no route'})"
+            for rs in spec.real_servers
+            for oif, gw in [k.route_via(rs.address)]
+            if gw is not None or oif != index
+        ]
+        if off_link:
+            raise AgentError(
+                "off-link",
+                f"real server(s) {', '.join(off_link)} are not on-link on {interface}: direct routing rewrites only the MAC, so real servers must share the director's L2 segment",
+            )
+        # The kernel refuses these (EINVAL) only after the service exists: say so first.
+        for i, rs in enumerate(spec.real_servers):
+            addr = ipaddress.ip_address(rs.address)
+            for net in k.prefixes(index):
+                if net.version == addr.version == 4 and net.prefixlen < 31:
+                    which = {net.network_address: "network", net.broadcast_address: "broadcast"}
+                    if addr in which:
+                        raise AgentError(
+                            "not-a-host",
+                            f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
+                        )
+
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind, claim) -> None:
+        """The changes, each preceded by its record on disk (write-ahead)."""
+        k, entry = self.kernel, owners.services.get(spec.key)
+        settled = (
+            not (ops or move_from or bind or claim)
+            and k.forwarding_on()
+            and entry is not None
+            and entry.get("state") == "applied"
+            and entry.get("spec") == model.spec_to_dict(spec)
+            and entry.get("interface") == interface
+        )
+        if settled:
+            return
+        owners.record(spec.key, spec, interface, "pending")
+        if claim:
+            owners.addresses[spec.vip] = {"interface": interface}
+        owners.save()
+        k.ensure_forwarding()
+        try:
+            for op in ops:
+                k.apply(spec, op)
+        except Exception:
+            if live is None:
+                self._roll_back(owners, spec)
+            raise
+        # The VIP last: until the service exists, answering ARP for it would blackhole it.
+        if move_from:
+            k.del_address(k.ifindex(move_from), spec.vip)
+        if move_from or bind:
+            if bind:
+                owners.addresses[spec.vip] = {"interface": interface}
+            else:  # someone else has it bound on the new interface: it is not ours there
+                owners.addresses.pop(spec.vip, None)
+            owners.save()
+        if bind:
+            k.add_address(k.ifindex(interface), spec.vip)
+        owners.services[spec.key]["state"] = "applied"
+        owners.save()
+
+    def _roll_back(self, owners: Ownership, spec) -> None:
+        """A create failed part-way: take away what it made, so no half service is left."""
+        try:
+            if self.kernel.get_service(spec.protocol, spec.vip, spec.port) is not None:
+                self.kernel.apply(spec, model.Op("del-service"))
+            del owners.services[spec.key]
+            owners.save()
+        except Exception:  # it stays recorded as this stack's: the next apply converges from it
+            pass
 
     def delete(self, request: dict) -> dict:
         protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
         key = model.service_key(protocol, vip, port)
         with director_lock():
             owners = Ownership.load()
-            if key not in owners.services:
-                return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k = self.kernel
+            entry = owners.services.get(key)
+            if entry is None and not request.get("adopt"):
+                return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k.ensure_ipvs()
+            live = k.get_service(protocol, vip, port)
+            standing = owners.standing(key, request.get("owner", ""), True, live)
+            if standing == "other":  # never another stack's service
+                return {"deleted": False, "reason": f"belongs to stack {entry['owner']}"}
+            if standing != "ours" and live is None:
+                return {"deleted": False, "reason": "not on the director"}
+            if live is not None:
+                k.apply(model.VirtualServiceSpec(vip, port, protocol), model.Op("del-service"))
+            # Forget the service only once the kernel let go of it, so a failed delete retries.
+            owners.services.pop(key, None)
             removed_vip = False
-            try:
-                if k.get_service(protocol, vip, port) is not None:
-                    k.apply(model.VirtualServiceSpec(vip, port, protocol), model.Op("del-service"))
-                # Forget the service only once the kernel let go of it, so a failed delete retries.
-                entry = owners.services.pop(key)
-                # The VIP goes only with the last managed service on it, and only if we bound it.
-                if vip in owners.addresses and not owners.vip_in_use(vip):
-                    iface = owners.addresses[vip].get("interface", entry.get("interface"))
-                    k.del_address(k.ifindex(iface), vip)
-                    owners.addresses.pop(vip)
-                    removed_vip = True
-            finally:
-                owners.save()
+            # The VIP goes with the last service of any stack on it, and only if we bound it.
+            if vip in owners.addresses and not owners.vip_in_use(vip, k):
+                k.del_address(k.ifindex(owners.addresses[vip]["interface"]), vip)
+                owners.addresses.pop(vip)
+                removed_vip = True
+            owners.save()
         return {"deleted": True, "removedVip": removed_vip}
 
 

@@ -43,7 +43,10 @@ INPUT_KEYS = (
     "scheduler",
     "persistenceSeconds",
     "realServers",
+    "owner",
 )
+# The stack that declares a virtual service: "<project>/<stack>".
+_OWNER = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}\Z")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class VirtualServiceSpec:
     scheduler: str = "wlc"
     persistence_seconds: int = 0
     real_servers: tuple[RealServer, ...] = ()
+    owner: str = ""  # "<project>/<stack>"; "" only in state written before owners existed
 
     @property
     def key(self) -> str:
@@ -256,6 +260,13 @@ def _parse(
             "persistence timeout in seconds (0 = off)",
         )
     real_servers = _check_real_servers(c, props.get("realServers"), vip_addr)
+    owner = props.get("owner", "")
+    if (
+        not unknown(owner)
+        and "owner" in props
+        and not (isinstance(owner, str) and _OWNER.match(owner))
+    ):
+        c.fail("owner", f"{_short(owner)} is not a stack: give '<project>/<stack>' (the Ingress component sets it)")  # fmt: skip
     if c.problems or any(unknown(v) for v in props.values()) or director is None:
         return (director, None), c.problems
     spec = VirtualServiceSpec(
@@ -265,6 +276,7 @@ def _parse(
         scheduler=scheduler,
         persistence_seconds=persistence,
         real_servers=real_servers,
+        owner=owner,
     )
     return (director, spec), c.problems
 
@@ -442,15 +454,22 @@ class Op:
     """One kernel object change: the unit the agent applies and the benchmark counts."""
 
     action: str  # add-service | set-service | del-service | add-dest | set-dest | del-dest
-    address: str | None = None  # the real server, for *-dest
+    # A destination is (address, port): the same node at another port is another destination.
+    address: str | None = None
+    port: int | None = None
     weight: int | None = None
 
     def to_dict(self) -> dict:
-        return {"action": self.action, "address": self.address, "weight": self.weight}
+        return {
+            "action": self.action,
+            "address": self.address,
+            "port": self.port,
+            "weight": self.weight,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Op:
-        return cls(data["action"], data.get("address"), data.get("weight"))
+        return cls(data["action"], data.get("address"), data.get("port"), data.get("weight"))
 
     def describe(self, spec: VirtualServiceSpec) -> str:
         svc = spec.key
@@ -462,18 +481,21 @@ class Op:
             )
             return f"{self.action} {svc}{extra}"
         weight = f" weight {self.weight}" if self.weight is not None else ""
-        return f"{self.action} {svc} -> {self.address}{weight} Route"
+        return f"{self.action} {svc} -> {_hostport(self.address, self.port)}{weight} Route"
 
 
 def plan(live: LiveService | None, desired: VirtualServiceSpec) -> list[Op]:
     """The smallest list of kernel changes that turns `live` into `desired`.
 
-    New real servers are added before old ones are removed so a swap never leaves the
-    service without a destination.
+    Destinations are keyed by (address, port): one at another port (added by hand, or left by
+    an old VIP port) is removed with its own port, never mistaken for the wanted one. New
+    destinations are added before old ones are removed so a swap never leaves the service
+    without one.
     """
+    port = desired.port
     if live is None:
         return [Op("add-service")] + [
-            Op("add-dest", r.address, r.weight) for r in desired.real_servers
+            Op("add-dest", r.address, port, r.weight) for r in desired.real_servers
         ]
     ops: list[Op] = []
     if (live.scheduler, live.persistence_seconds) != (
@@ -481,18 +503,15 @@ def plan(live: LiveService | None, desired: VirtualServiceSpec) -> list[Op]:
         desired.persistence_seconds,
     ):
         ops.append(Op("set-service"))
-    current = {d.address: d for d in live.dests}
-    wanted = {r.address: r for r in desired.real_servers}
-    for addr, rs in wanted.items():
-        dest = current.get(addr)
+    current = {(d.address, d.port): d for d in live.dests}
+    wanted = {(r.address, port): r for r in desired.real_servers}
+    for (addr, _), rs in wanted.items():
+        dest = current.get((addr, port))
         if dest is None:
-            ops.append(Op("add-dest", addr, rs.weight))
-        elif dest.port != desired.port:
-            # The port is part of a destination's identity: replace it.
-            ops += [Op("del-dest", addr), Op("add-dest", addr, rs.weight)]
+            ops.append(Op("add-dest", addr, port, rs.weight))
         elif (dest.weight, dest.forwarding) != (rs.weight, ROUTE):
-            ops.append(Op("set-dest", addr, rs.weight))
-    ops += [Op("del-dest", addr) for addr in current if addr not in wanted]
+            ops.append(Op("set-dest", addr, port, rs.weight))
+    ops += [Op("del-dest", addr, p) for (addr, p) in current if (addr, p) not in wanted]
     return ops
 
 
@@ -516,6 +535,7 @@ def _hostport(addr: str, port: int) -> str:
 
 
 def spec_to_dict(spec: VirtualServiceSpec) -> dict:
+    owner = {"owner": spec.owner} if spec.owner else {}
     return {
         "vip": spec.vip,
         "port": spec.port,
@@ -523,6 +543,7 @@ def spec_to_dict(spec: VirtualServiceSpec) -> dict:
         "scheduler": spec.scheduler,
         "persistenceSeconds": spec.persistence_seconds,
         "realServers": [{"address": r.address, "weight": r.weight} for r in spec.real_servers],
+        **owner,
     }
 
 
@@ -534,4 +555,5 @@ def spec_from_dict(data: Mapping) -> VirtualServiceSpec:
         scheduler=data["scheduler"],
         persistence_seconds=int(data["persistenceSeconds"]),
         real_servers=tuple(RealServer(r["address"], int(r["weight"])) for r in data["realServers"]),
+        owner=data.get("owner", ""),
     )

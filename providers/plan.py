@@ -9,6 +9,7 @@ for its plan (the same code path as an apply, stopped before the first change):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,19 +20,29 @@ from providers import model
 from providers.transport import POOL, DirectorError
 
 
-def plan_stack(stack_config: dict, private_key: str) -> list[tuple[str, list[str]]]:
-    """(virtual service key, changes) for every virtual service of the stack."""
+def plan_stack(
+    stack_config: dict, private_key: str, owner: str = ""
+) -> list[tuple[str, list[str]]]:
+    """(virtual service key, changes) for every virtual service of the stack `owner`."""
     cfg = load_stack_file(stack_config)
     session = POOL.session(cfg.director, private_key)
     return [
         (
             spec.key,
             session.request(
-                "plan", spec=model.spec_to_dict(spec), interface=cfg.director.interface
+                "plan",
+                spec=model.spec_to_dict(dataclasses.replace(spec, owner=owner)),
+                interface=cfg.director.interface,
             )["changes"],
         )
         for spec in cfg.virtual_services
     ]
+
+
+def stack_owner(stack_file: Path) -> str:
+    """'<project>/<stack>' as the program names the owner, e.g. ipvs-ingress/dev."""
+    project = yaml.safe_load((Path(__file__).parents[1] / "Pulumi.yaml").read_text())["name"]
+    return f"{project}/{stack_file.name.removeprefix('Pulumi.').removesuffix('.yaml')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         stack = yaml.safe_load(args.stack_file.read_text()) or {}
-        plans = plan_stack(stack.get("config") or {}, args.key.read_text())
+        owner = stack_owner(args.stack_file)
+        plans = plan_stack(stack.get("config") or {}, args.key.read_text(), owner)
     except (OSError, yaml.YAMLError, ConfigError, DirectorError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

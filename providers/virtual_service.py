@@ -75,37 +75,35 @@ class VirtualServiceProvider(ResourceProvider):
         )
 
     # -- through the director --
+    # create claims only what is free; read, update and delete carry the resource's id, so the
+    # stack's own state holds the service: they adopt it if the director's record was lost.
     def create(self, props: dict[str, Any]) -> CreateResult:
         director, spec = model.parse_virtual_service(props)
-        result = self._apply(director, spec)
+        result = self._apply(director, spec, adopt=False)
         return CreateResult(
-            f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result["live"])
+            f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result)
         )
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         director, spec = model.parse_virtual_service(news)
-        result = self._apply(director, spec)
-        return UpdateResult(_outputs(director, spec, result["live"]))
+        result = self._apply(director, spec, adopt=True)
+        return UpdateResult(_outputs(director, spec, result))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         director, spec = model.parse_virtual_service(_normalized(props))
-        result = self._session(director).request(
-            "read", protocol=spec.protocol, vip=spec.vip, port=spec.port
-        )
+        result = self._session(director).request("read", **_where(director, spec))
         if result["live"] is None or not result["owned"]:
             return ReadResult("", {})  # gone from the director: the engine drops it from state
-        return ReadResult(id_, _outputs(director, spec, result["live"]))
+        return ReadResult(id_, _outputs(director, spec, result))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         director, spec = model.parse_virtual_service(_normalized(props))
-        self._session(director).request(
-            "delete", protocol=spec.protocol, vip=spec.vip, port=spec.port
-        )
+        self._session(director).request("delete", **_where(director, spec))
 
-    def _apply(self, director: model.Director, spec: model.VirtualServiceSpec) -> dict:
+    def _apply(self, director: model.Director, spec: model.VirtualServiceSpec, adopt: bool) -> dict:
         session = self._session(director)
         result = session.request(
-            "apply", spec=model.spec_to_dict(spec), interface=director.interface
+            "apply", spec=model.spec_to_dict(spec), interface=director.interface, adopt=adopt
         )
         log.info(
             "applied %s on %s: %d kernel change(s) %s",
@@ -135,13 +133,29 @@ def _normalized(props: dict[str, Any]) -> dict[str, Any]:
         return inputs
 
 
-def _outputs(director: model.Director, spec: model.VirtualServiceSpec, live: dict | None) -> dict:
-    """Inputs as applied, plus the live table read back from the kernel after the change.
+def _where(director: model.Director, spec: model.VirtualServiceSpec) -> dict:
+    """A read or delete request: the service, this stack as its owner, adopting if unrecorded."""
+    return {
+        "protocol": spec.protocol,
+        "vip": spec.vip,
+        "port": spec.port,
+        "interface": director.interface,
+        "owner": spec.owner,
+        "adopt": True,
+    }
+
+
+def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: dict) -> dict:
+    """Inputs as applied, plus what the director reports after the change or on refresh.
 
     `realServers`, `scheduler` and `persistenceSeconds` are the kernel's values, so a refresh
-    that finds drift shows it as a diff against the program's inputs, and the next `up` repairs it.
+    that finds drift shows it as a diff against the program's inputs; `vipBound` (the VIP on
+    director.interface) and `ipForward` are part of `inSync`; the next `up` repairs all of it.
     """
     outs = model.to_props(director, spec)
+    bound, forward = bool(result.get("vipBound")), bool(result.get("ipForward"))
+    outs.update(vipBound=bound, ipForward=forward)
+    live = result.get("live")
     if live is None:
         outs.update(realServers=[], ipvsadm=[], inSync=False)
         return outs
@@ -155,7 +169,7 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, live: dic
             if d.forwarding == model.ROUTE
         ],
         ipvsadm=model.ipvsadm_lines(state),
-        inSync=not model.plan(state, spec),
+        inSync=not model.plan(state, spec) and bound and forward,
     )
     return outs
 
@@ -172,7 +186,10 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
         self, name: str, props: dict[str, Any], opts: pulumi.ResourceOptions | None = None
     ):
         super().__init__(
-            VirtualServiceProvider(), name, {**props, "ipvsadm": None, "inSync": None}, opts
+            VirtualServiceProvider(),
+            name,
+            {**props, "ipvsadm": None, "inSync": None, "vipBound": None, "ipForward": None},
+            opts,
         )
 
 

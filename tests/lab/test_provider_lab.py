@@ -19,6 +19,7 @@ from tests.provider.grpc_client import ProviderServer
 pytestmark = pytest.mark.lab
 
 VIP = "203.0.113.201"
+OWNER = "ipvs-ingress/lab"
 FOREIGN = "TCP  203.0.113.250:8080 rr"
 
 
@@ -32,6 +33,7 @@ def vs_props(lab, port=80, servers=None, **over) -> dict:
         "port": port,
         "protocol": "tcp",
         "realServers": servers,
+        "owner": OWNER,
         **over,
     }
 
@@ -132,6 +134,65 @@ def test_read_shows_manual_drift_and_update_repairs_it(lab, provider, created):
     repaired = provider.update(id_, live, inputs)
     assert repaired["inSync"] is True
     assert oracle(lab) == sorted((f"{ip}:80", "Route", "1") for ip in lab.node_ips)
+
+
+def test_destinations_at_another_port_added_by_hand_converge(lab, provider, created):
+    id_, inputs, outs = created
+    first = lab.node_ips[0]
+    # ipvsadm gives a DR destination the service's port, so by hand another port means -m.
+    lab.director(
+        f"ipvsadm -a -t {VIP}:80 -r {first}:8080 -m -w 1"
+        f" && ipvsadm -a -t {VIP}:80 -r 203.0.113.99:8080 -m -w 1"
+    )
+    stray = {(f"{first}:8080", "Masq", "1"), ("203.0.113.99:8080", "Masq", "1")}
+    assert stray <= set(oracle(lab))
+    rid, live = provider.read(id_, outs)
+    assert rid == id_ and live["inSync"] is False
+    assert f"TCP {VIP}:80 wlc -> 203.0.113.99:8080 Masq 1" in live["ipvsadm"]
+    assert f"TCP {VIP}:80 wlc -> {first}:8080 Masq 1" in live["ipvsadm"]
+    repaired = provider.update(id_, live, inputs)
+    assert repaired["inSync"] is True
+    assert oracle(lab) == sorted((f"{ip}:80", "Route", "1") for ip in lab.node_ips)
+
+
+def test_an_unbound_vip_is_shown_by_read_and_rebound_by_update(lab, provider, created):
+    id_, inputs, outs = created
+    lab.director(f"ip addr del {VIP}/32 dev {lab.interface}")
+    assert not vip_bound(lab)
+    rid, live = provider.read(id_, outs)
+    assert rid == id_ and (live["vipBound"], live["ipForward"], live["inSync"]) == (
+        False,
+        True,
+        False,
+    )
+    diff = provider.diff(id_, live, inputs)
+    assert diff.changes == diff.DIFF_SOME and list(diff.replaces) == []
+    repaired = provider.update(id_, live, inputs)
+    assert (repaired["vipBound"], repaired["inSync"]) == (True, True) and vip_bound(lab)
+    assert len(lab.http_from_client(f"http://{VIP}/", 4)) == 4
+
+
+def test_a_broadcast_real_server_is_one_line_and_leaves_nothing(lab, provider):
+    before = lab.ipvsadm_sn()
+    first = {"address": lab.node_ips[0], "weight": 1}
+    bad = [first, {"address": "203.0.113.255", "weight": 1}]
+    inputs, failures = provider.check(vs_props(lab, port=7100, servers=bad))
+    assert failures == []  # the director's prefix is only known on the director
+    with pytest.raises(grpc.RpcError) as err:
+        provider.create(inputs)
+    msg = err.value.details()
+    assert "\n" not in msg and msg.startswith(
+        f"director {lab.director_ip}: realServers[1].address:"
+    )
+    assert "203.0.113.255 is the broadcast address of 203.0.113.0/24 on eth0" in msg
+    assert lab.ipvsadm_sn() == before
+    assert f"{VIP}:7100" not in lab.director("cat /var/lib/ipvs-ingress/state.json").stdout
+    # Nothing stuck: the same service without it is created at once.
+    good, _ = provider.check(vs_props(lab, port=7100, servers=[first]))
+    id_, outs = provider.create(good)
+    assert oracle(lab, 7100) == [(f"{first['address']}:7100", "Route", "1")]
+    provider.delete(id_, outs)
+    assert oracle(lab, 7100) == []
 
 
 def test_read_of_a_deleted_service_reports_it_gone(lab, provider):
@@ -325,3 +386,41 @@ def test_udp_scheduler_and_persistence_reach_the_kernel(lab, provider):
     finally:
         provider.delete(id_, outs)
     assert f"{VIP}:53" not in lab.ipvsadm_ln()
+
+
+def test_a_kernel_refusal_is_one_line_and_the_half_made_service_is_rolled_back(lab):
+    # Sent straight to the agent (no validation on the way) with a route that makes it on-link:
+    # 255.255.255.255 passes the agent's own checks, so the real kernel's EINVAL for it, after
+    # the service was added, is what answers.
+    from providers import model, transport
+
+    director, _ = model.parse_virtual_service(vs_props(lab))
+    session = transport.AgentSession(director, lab.private_key_pem)
+    servers = [
+        {"address": lab.node_ips[0], "weight": 1},
+        {"address": "255.255.255.255", "weight": 1},
+    ]
+    spec = {
+        "vip": VIP,
+        "port": 7200,
+        "protocol": "tcp",
+        "scheduler": "wlc",
+        "persistenceSeconds": 0,
+        "realServers": servers,
+        "owner": OWNER,
+    }
+    before = lab.ipvsadm_sn()
+    lab.director(f"ip route add 255.255.255.255/32 dev {lab.interface}")
+    try:
+        with pytest.raises(transport.DirectorError) as err:
+            session.request("apply", spec=spec, interface=lab.interface, adopt=False)
+        assert str(err.value) == (
+            f"director {lab.director_ip}: realServers: 255.255.255.255: the kernel refused"
+            f" add-dest tcp/{VIP}:7200 -> 255.255.255.255:7200 (Invalid argument):"
+            " list the nodes' own unicast addresses"
+        )
+        assert lab.ipvsadm_sn() == before
+        assert f"{VIP}:7200" not in lab.director("cat /var/lib/ipvs-ingress/state.json").stdout
+    finally:
+        session.close()
+        lab.director(f"ip route del 255.255.255.255/32 dev {lab.interface}", check=False)

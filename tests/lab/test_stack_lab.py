@@ -51,14 +51,19 @@ def test_dry_run_shows_drift_and_changes_nothing(lab, tmp_path, capsys):
     srv = ProviderServer()
     try:
         srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
-        id_, outs = srv.create(srv.check(model.to_props(cfg.director, cfg.virtual_services[0]))[0])
+        # Owned by the stack the file is named after: the dry run plans as that stack.
+        props = {
+            **model.to_props(cfg.director, cfg.virtual_services[0]),
+            "owner": "ipvs-ingress/lab",
+        }
+        id_, outs = srv.create(srv.check(props)[0])
         first = lab.node_ips[0]
         lab.director(f"ipvsadm -e -t {lab.vip}:80 -r {first}:80 -g -w 7")
         before = lab.ipvsadm_sn()
         assert plan.main([str(stack_file), "--key", str(lab.private_key_path)]) == 0
         assert capsys.readouterr().out.splitlines() == [
             f"tcp/{lab.vip}:80: 1 change(s)",
-            f"  set-dest tcp/{lab.vip}:80 -> {first} weight 1 Route",
+            f"  set-dest tcp/{lab.vip}:80 -> {first}:80 weight 1 Route",
         ]
         assert lab.ipvsadm_sn() == before
         srv.delete(id_, outs)

@@ -115,9 +115,16 @@ def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
             "scheduler": scheduler,
             "persistenceSeconds": persistence,
             "realServers": real_servers,
+            "owner": "ipvs-ingress/dev",  # <project>/<stack>: ownership on the director
         }
         # Everything else is the provider's own bookkeeping (its pickle, declared outputs).
-        assert set(reg.inputs) - set(model.INPUT_KEYS) <= {"__provider", "ipvsadm", "inSync"}
+        assert set(reg.inputs) - set(model.INPUT_KEYS) <= {
+            "__provider",
+            "ipvsadm",
+            "inSync",
+            "vipBound",
+            "ipForward",
+        }
 
 
 def test_virtual_services_depend_on_the_service(dev_run):

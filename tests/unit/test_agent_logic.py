@@ -5,7 +5,9 @@ tested against the lab director (tests/lab)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import ipaddress
 import json
 import threading
 import time
@@ -15,19 +17,36 @@ import pytest
 from providers import agent, model
 
 
+class Crash(BaseException):
+    """kill -9: nothing after it runs, no except or finally of the agent's reaches the disk."""
+
+
 class MemoryKernel:
-    """Implements the Kernel interface the agent uses, on dicts; records every change."""
+    """Implements the Kernel interface the agent uses, on dicts, with the kernel's own rules:
+    a destination is (address, port) and keeps the port the change names; adding what exists or
+    changing what does not is refused; so is the broadcast address of an on-link prefix
+    (EINVAL, as Linux does). Records every change; `crash_after` kills the "agent" there."""
 
     version = "test"
+    interfaces = {"eth0": 2, "eth1": 3}
+    networks = {2: ["203.0.113.0/24"], 3: ["198.51.100.0/24"]}
 
     def __init__(self):
-        self.services: dict[str, model.LiveService] = {}
+        self.services: dict[tuple[str, str, int], model.LiveService] = {}
         self.addresses: set[tuple[int, str]] = set()
         self.off_link: set[str] = set()
         self.changes: list[str] = []
         self.loaded = True
         self.forwarding = False
         self.fail_on: str | None = None  # an op action the "kernel" refuses
+        self.crash_after: int | None = None  # steps (changes and state writes) before a kill
+        self.steps = 0
+        self.route_oif = 2
+
+    def step(self, what: str) -> None:
+        if self.crash_after is not None and self.steps >= self.crash_after:
+            raise Crash(what)
+        self.steps += 1
 
     def missing_modules(self, scheduler=None):
         return [] if self.loaded else ["ip_vs"] + ([f"ip_vs_{scheduler}"] if scheduler else [])
@@ -45,10 +64,9 @@ class MemoryKernel:
 
     def ensure_forwarding(self):
         if not self.forwarding:
+            self.step("forward")
             self.forwarding = True
             self.changes.append("forward")
-
-    interfaces = {"eth0": 2, "eth1": 3}
 
     def ifindex(self, name):
         if name not in self.interfaces:
@@ -61,44 +79,66 @@ class MemoryKernel:
         return (index, vip) in self.addresses
 
     def add_address(self, index, vip):
+        self.step("bind")
+        assert (index, vip) not in self.addresses, "EEXIST"
         self.addresses.add((index, vip))
         self.changes.append(f"bind {vip}@{index}")
 
     def del_address(self, index, vip):
+        self.step("unbind")
         self.addresses.discard((index, vip))
         self.changes.append(f"unbind {vip}@{index}")
-
-    route_oif = 2
 
     def route_via(self, address):
         return self.route_oif, ("203.0.113.1" if address in self.off_link else None)
 
+    def prefixes(self, index):
+        return [ipaddress.ip_network(n) for n in self.networks[index]]
+
     def get_service(self, protocol, vip, port):
-        return self.services.get(model.service_key(protocol, vip, port))
+        return self.services.get((protocol, vip, port))
 
     def apply(self, spec, op):
+        self.step(op.action)
         if op.action == self.fail_on:
             raise agent.AgentError("no-scheduler", f"refused {op.action}")
-        self.changes.append(op.describe(spec))
-        svc = self.services.get(spec.key)
+        key = (spec.protocol, spec.vip, spec.port)
+        svc = self.services.get(key)
+        if (op.action == "add-service") != (svc is None):
+            raise agent.refusal(spec, op, errno.EEXIST if svc else errno.ESRCH)
         if op.action == "add-service":
-            assert svc is None
-            self.services[spec.key] = model.LiveService(
+            self.services[key] = model.LiveService(
                 spec.protocol, spec.vip, spec.port, spec.scheduler, spec.persistence_seconds
-            )  # noqa: E501
+            )
         elif op.action == "set-service":
-            self.services[spec.key] = dataclasses.replace(
+            self.services[key] = dataclasses.replace(
                 svc, scheduler=spec.scheduler, persistence_seconds=spec.persistence_seconds
-            )  # noqa: E501
+            )
         elif op.action == "del-service":
-            del self.services[spec.key]
+            del self.services[key]
         else:
-            dests = {d.address: d for d in svc.dests}
+            dests = {(d.address, d.port): d for d in svc.dests}
+            where = (op.address, op.port)
+            if (op.action == "add-dest") == (where in dests):
+                raise agent.refusal(spec, op, errno.EEXIST if where in dests else errno.ENOENT)
+            if op.action == "add-dest" and self._broadcast(op.address):
+                raise agent.refusal(spec, op, errno.EINVAL)
             if op.action == "del-dest":
-                del dests[op.address]
+                del dests[where]
             else:
-                dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
-            self.services[spec.key] = dataclasses.replace(svc, dests=tuple(dests.values()))
+                dests[where] = model.LiveDest(op.address, op.port, op.weight)
+            self.services[key] = dataclasses.replace(svc, dests=tuple(dests.values()))
+        self.changes.append(op.describe(spec))
+
+    def _broadcast(self, address):
+        addr = ipaddress.ip_address(address)
+        nets = [ipaddress.ip_network(n) for ns in self.networks.values() for n in ns]
+        return any(addr == n.broadcast_address for n in nets)
+
+    def table(self, protocol="tcp", vip="203.0.113.201", port=80):
+        """(address, port, weight, forwarding) rows of one service, sorted."""
+        svc = self.services[(protocol, vip, port)]
+        return sorted((d.address, d.port, d.weight, d.forwarding) for d in svc.dests)
 
 
 @pytest.fixture
@@ -108,9 +148,18 @@ def kernel(tmp_path, monkeypatch):
     return MemoryKernel()
 
 
-def spec(vip="203.0.113.201", port=80, servers=(("203.0.113.11", 1), ("203.0.113.12", 1))):
+OWNER = "ipvs-ingress/dev"
+
+
+def spec(
+    vip="203.0.113.201",
+    port=80,
+    servers=(("203.0.113.11", 1), ("203.0.113.12", 1)),
+    owner=OWNER,
+):
     rs = [{"address": a, "weight": w} for a, w in servers]
     return {
+        "owner": owner,
         "vip": vip,
         "port": port,
         "protocol": "tcp",
@@ -120,8 +169,23 @@ def spec(vip="203.0.113.201", port=80, servers=(("203.0.113.11", 1), ("203.0.113
     }
 
 
-def apply(kernel, **kw):
-    return agent.Agent(kernel).handle({"op": "apply", "spec": spec(**kw), "interface": "eth0"})
+def apply(kernel, interface="eth0", adopt=False, **kw):
+    request = {"op": "apply", "spec": spec(**kw), "interface": interface, "adopt": adopt}
+    return agent.Agent(kernel).handle(json.loads(json.dumps(request)))
+
+
+def read(kernel, port=80, owner=OWNER, vip="203.0.113.201", interface="eth0"):
+    return agent.Agent(kernel).handle(
+        {"op": "read", "protocol": "tcp", "vip": vip, "port": port, "interface": interface}
+        | {"owner": owner, "adopt": True}
+    )
+
+
+def delete(kernel, port=80, owner=OWNER, vip="203.0.113.201", adopt=True):
+    return agent.Agent(kernel).handle(
+        {"op": "delete", "protocol": "tcp", "vip": vip, "port": port}
+        | {"owner": owner, "adopt": adopt, "interface": "eth0"}
+    )
 
 
 def test_apply_binds_vip_creates_service_and_reports_live_state(kernel):
@@ -149,15 +213,13 @@ def test_foreign_service_is_refused_and_never_touched(kernel):
     foreign = model.LiveService(
         "tcp", "203.0.113.201", 80, "rr", 0, (model.LiveDest("203.0.113.99", 80, 1),)
     )
-    kernel.services["tcp/203.0.113.201:80"] = foreign
+    kernel.services[("tcp", "203.0.113.201", 80)] = foreign
     with pytest.raises(agent.AgentError) as err:
         apply(kernel)
     assert err.value.code == "foreign" and "ipvsadm -D" in str(err.value)
-    deleted = agent.Agent(kernel).handle(
-        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
-    )
+    deleted = delete(kernel, adopt=False)  # no stack holds it
     assert deleted == {"deleted": False, "reason": "not managed by ipvs-ingress"}
-    assert kernel.services["tcp/203.0.113.201:80"] == foreign and kernel.changes == []
+    assert kernel.services[("tcp", "203.0.113.201", 80)] == foreign and kernel.changes == []
 
 
 def test_off_link_real_server_is_refused_before_any_change(kernel):
@@ -177,12 +239,11 @@ def test_unknown_interface_is_refused(kernel):
 def test_vip_is_released_only_with_its_last_managed_service(kernel):
     apply(kernel, port=80)
     apply(kernel, port=443)
-    a = agent.Agent(kernel)
-    first = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80})
+    first = delete(kernel, port=80)
     assert (
         first == {"deleted": True, "removedVip": False} and (2, "203.0.113.201") in kernel.addresses
     )
-    second = a.handle({"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 443})
+    second = delete(kernel, port=443)
     assert second == {"deleted": True, "removedVip": True} and kernel.addresses == set()
     assert kernel.services == {}
 
@@ -190,9 +251,7 @@ def test_vip_is_released_only_with_its_last_managed_service(kernel):
 def test_a_vip_bound_by_someone_else_is_used_but_never_removed(kernel):
     kernel.addresses.add((2, "203.0.113.201"))
     apply(kernel)
-    agent.Agent(kernel).handle(
-        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
-    )
+    delete(kernel)
     assert (2, "203.0.113.201") in kernel.addresses and not any(
         c.startswith("unbind") for c in kernel.changes
     )
@@ -200,15 +259,15 @@ def test_a_vip_bound_by_someone_else_is_used_but_never_removed(kernel):
 
 def test_manual_drift_is_repaired_with_only_the_needed_changes(kernel):
     apply(kernel)
-    svc = kernel.services["tcp/203.0.113.201:80"]
-    kernel.services["tcp/203.0.113.201:80"] = dataclasses.replace(
+    svc = kernel.services[("tcp", "203.0.113.201", 80)]
+    kernel.services[("tcp", "203.0.113.201", 80)] = dataclasses.replace(
         svc, dests=(model.LiveDest("203.0.113.11", 80, 9),)
     )
     kernel.changes.clear()
     result = apply(kernel)
     assert result["changes"] == [
-        "set-dest tcp/203.0.113.201:80 -> 203.0.113.11 weight 1 Route",
-        "add-dest tcp/203.0.113.201:80 -> 203.0.113.12 weight 1 Route",
+        "set-dest tcp/203.0.113.201:80 -> 203.0.113.11:80 weight 1 Route",
+        "add-dest tcp/203.0.113.201:80 -> 203.0.113.12:80 weight 1 Route",
     ]
 
 
@@ -302,6 +361,7 @@ def test_failed_delete_keeps_the_record_so_a_retry_finishes_it(kernel):
     apply(kernel)
     a = agent.Agent(kernel)
     request = {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
+    request |= {"owner": OWNER, "adopt": True}
     kernel.fail_on = "del-service"
     with pytest.raises(agent.AgentError):
         a.handle(request)
@@ -318,9 +378,7 @@ def test_changed_interface_moves_the_vip(kernel):
     assert kernel.addresses == {(3, "203.0.113.201")}
     assert kernel.changes[-2:] == ["unbind 203.0.113.201@2", "bind 203.0.113.201@3"]
     assert result["touched"] == 2
-    agent.Agent(kernel).handle(
-        {"op": "delete", "protocol": "tcp", "vip": "203.0.113.201", "port": 80}
-    )
+    delete(kernel)
     assert kernel.addresses == set()
 
 
@@ -329,3 +387,19 @@ def test_dry_run_loads_nothing_and_lists_every_pending_change(kernel):
     result = agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"})
     assert result["changes"][:2] == ["load ip_vs ip_vs_wlc", "set net.ipv4.ip_forward=1"]
     assert kernel.changes == [] and not kernel.loaded and not kernel.forwarding
+
+
+def test_destinations_at_another_port_added_by_hand_converge(kernel):
+    apply(kernel)
+    svc = kernel.services[("tcp", "203.0.113.201", 80)]
+    by_hand = (model.LiveDest("203.0.113.99", 8080, 1), model.LiveDest("203.0.113.11", 8080, 1))
+    kernel.services[("tcp", "203.0.113.201", 80)] = dataclasses.replace(
+        svc, dests=svc.dests + by_hand
+    )
+    result = apply(kernel)
+    assert sorted(result["changes"]) == [
+        "del-dest tcp/203.0.113.201:80 -> 203.0.113.11:8080 Route",
+        "del-dest tcp/203.0.113.201:80 -> 203.0.113.99:8080 Route",
+    ]
+    assert kernel.table() == [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
+    assert apply(kernel)["touched"] == 0

@@ -125,10 +125,12 @@ real_servers = st.dictionaries(addresses, st.integers(0, 65535), max_size=8)
 
 
 def simulate(live: model.LiveService | None, spec: model.VirtualServiceSpec, ops: list[model.Op]):
-    """A tiny kernel: apply ops with the kernel's rules (add fails on existing objects)."""
-    dests = {d.address: d for d in (live.dests if live else ())}
+    """A tiny kernel: apply ops with the kernel's rules (add fails on existing objects); a
+    destination is (address, port), and each op names both."""
+    dests = {(d.address, d.port): d for d in (live.dests if live else ())}
     svc = live
     for op in ops:
+        key = (op.address, op.port)
         if op.action == "add-service":
             assert svc is None, "add of an existing service"
             svc = model.LiveService(
@@ -140,14 +142,14 @@ def simulate(live: model.LiveService | None, spec: model.VirtualServiceSpec, ops
                 svc, scheduler=spec.scheduler, persistence_seconds=spec.persistence_seconds
             )
         elif op.action == "add-dest":
-            assert svc is not None and op.address not in dests, "add of an existing destination"
-            dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
+            assert svc is not None and key not in dests, "add of an existing destination"
+            dests[key] = model.LiveDest(op.address, op.port, op.weight)
         elif op.action == "set-dest":
-            assert op.address in dests
-            dests[op.address] = model.LiveDest(op.address, spec.port, op.weight)
+            assert key in dests
+            dests[key] = model.LiveDest(op.address, op.port, op.weight)
         elif op.action == "del-dest":
-            assert op.address in dests
-            del dests[op.address]
+            assert key in dests
+            del dests[key]
     return dataclasses.replace(svc, dests=tuple(sorted(dests.values(), key=lambda d: d.address)))
 
 
@@ -195,7 +197,7 @@ def test_plan_reaches_desired_state_with_the_fewest_changes(
 def test_a_single_weight_change_touches_one_object():
     live = model.LiveService.from_spec(spec_of({"203.0.113.11": 1, "203.0.113.12": 1}))
     assert model.plan(live, spec_of({"203.0.113.11": 1, "203.0.113.12": 7})) == [
-        model.Op("set-dest", "203.0.113.12", 7)
+        model.Op("set-dest", "203.0.113.12", 80, 7)
     ]
 
 
@@ -228,5 +230,5 @@ def test_live_and_spec_round_trip_through_json_dicts():
     assert model.spec_from_dict(model.spec_to_dict(spec)) == spec
     live = model.LiveService.from_spec(spec)
     assert model.LiveService.from_dict(live.to_dict()) == live
-    op = model.Op("set-dest", "203.0.113.11", 3)
+    op = model.Op("set-dest", "203.0.113.11", 80, 3)
     assert model.Op.from_dict(op.to_dict()) == op

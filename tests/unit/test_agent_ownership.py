@@ -1,0 +1,275 @@
+"""Issue 7 items 2-6 on the in-memory kernel: what read reports, write-ahead records, lost and
+corrupt state files, per-stack ownership and kernel refusals. Expected tables are written out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from providers import agent, model
+from tests.unit.test_agent_logic import OWNER, Crash, apply, delete, read, spec
+from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
+
+KEY = "tcp/203.0.113.201:80"
+TWO = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
+
+
+def record() -> dict:
+    """The state file as a fresh agent process reads it."""
+    agent.Ownership.forget()
+    with open(agent.STATE_PATH) as f:
+        return json.load(f)
+
+
+def fresh(kernel):
+    """A new agent process after a kill: nothing cached, the kill switch off."""
+    agent.Ownership.forget()
+    kernel.crash_after = None
+
+
+@pytest.fixture(autouse=True)
+def saves_are_steps(kernel, monkeypatch):
+    """A state write is a step the "kill" can come before, like a kernel change."""
+    save = agent.Ownership.save
+
+    def counted(self):
+        kernel.step("save")
+        save(self)
+
+    monkeypatch.setattr(agent.Ownership, "save", counted)
+
+
+# --- item 2: read reports the VIP binding and ip_forward ---
+
+
+def test_read_reports_ownership_vip_binding_and_forwarding(kernel):
+    apply(kernel)
+    assert read(kernel) | {"live": None} == {
+        "live": None,
+        "owned": True,
+        "owner": OWNER,
+        "vipBound": True,
+        "ipForward": True,
+    }
+    kernel.addresses.clear()
+    kernel.forwarding = False
+    result = read(kernel)
+    assert (result["vipBound"], result["ipForward"], result["owned"]) == (False, False, True)
+    assert read(kernel, interface="eth9")["vipBound"] is False  # no such NIC: nothing bound
+
+
+def test_update_after_an_unbound_vip_and_ip_forward_off_rebinds_and_sets_it(kernel):
+    apply(kernel)
+    kernel.addresses.clear()
+    kernel.forwarding = False
+    kernel.changes.clear()
+    result = apply(kernel, adopt=True)
+    assert kernel.changes == ["forward", "bind 203.0.113.201@2"]
+    assert (result["vipBound"], result["ipForward"], result["touched"]) == (True, True, 1)
+
+
+def test_read_of_a_service_that_is_not_ours_says_so(kernel):
+    kernel.services[("tcp", "203.0.113.201", 80)] = model.LiveService(
+        "tcp", "203.0.113.201", 80, "rr", 0
+    )
+    assert read(kernel, owner=OWNER)["owned"] is True  # adopt: the stack's state holds it
+    assert read(kernel, owner="ipvs-ingress/prod") == {
+        **read(kernel, owner="ipvs-ingress/prod"),
+        "owned": False,
+        "owner": OWNER,
+    }
+
+
+# --- item 3: write-ahead ---
+
+
+def test_intent_is_on_disk_before_the_first_kernel_change(kernel):
+    kernel.crash_after = 1  # killed right after the first state write
+    with pytest.raises(Crash):
+        apply(kernel)
+    assert kernel.changes == [] and kernel.services == {}
+    entry = record()["services"][KEY]
+    assert (entry["owner"], entry["state"], entry["spec"]) == (OWNER, "pending", spec())
+
+
+def test_a_create_killed_after_its_first_kernel_change_converges_on_the_next_apply(kernel):
+    kernel.crash_after = 3  # intent written, ip_forward set, service added: then kill -9
+    with pytest.raises(Crash):
+        apply(kernel)
+    assert kernel.table() == []  # a half-made service, no destination yet
+    fresh(kernel)
+    apply(kernel)  # the next `pulumi up` creates it again: not refused as foreign
+    assert kernel.table() == TWO and kernel.addresses == {(2, "203.0.113.201")}
+    assert record()["services"][KEY]["state"] == "applied"
+
+
+# --- item 4: state.json lost or corrupt ---
+
+
+def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_path):
+    apply(kernel, port=80)
+    apply(kernel, port=443)
+    for _ in range(2):
+        (tmp_path / "state.json").unlink()
+        agent.Ownership.forget()
+        assert read(kernel)["owned"] is True
+        assert record()["services"][KEY]["owner"] == OWNER
+        assert record()["addresses"] == {"203.0.113.201": {"interface": "eth0"}}
+    (tmp_path / "state.json").unlink()
+    agent.Ownership.forget()
+    with pytest.raises(agent.AgentError) as err:  # a create: no stack holds it yet
+        apply(kernel)
+    assert err.value.code == "foreign" and "ipvsadm -D" in str(err.value)
+    apply(kernel, adopt=True, servers=[("203.0.113.11", 4)])  # an update: adopted
+    assert kernel.table() == [("203.0.113.11", 80, 4, 3)]
+    assert delete(kernel, port=443) == {"deleted": True, "removedVip": False}
+    assert ("tcp", "203.0.113.201", 443) not in kernel.services
+    assert delete(kernel, port=80) == {"deleted": True, "removedVip": True}
+    assert kernel.services == {} and kernel.addresses == set()
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ('{"services": {', "is not valid JSON"),
+        ("\xff\xfe", "is not valid JSON"),
+        ("[]", "is not an ipvs-ingress record"),
+        ('{"services": []}', "is not an ipvs-ingress record"),
+        ('{"services": {"tcp/203.0.113.201:80": 5}}', "is not an ipvs-ingress record"),
+    ],
+)
+def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
+    kernel, tmp_path, text, what
+):
+    apply(kernel)
+    before = (dict(kernel.services), set(kernel.addresses))
+    path = tmp_path / "state.json"
+    path.write_text(text, encoding="latin-1")
+    kernel.changes.clear()
+    calls = [
+        lambda: apply(kernel, servers=[("203.0.113.13", 1)]),
+        lambda: agent.Agent(kernel).handle({"op": "plan", "spec": spec(), "interface": "eth0"}),
+        lambda: read(kernel),
+        lambda: delete(kernel),
+    ]
+    for call in calls:
+        agent.Ownership.forget()
+        with pytest.raises(agent.AgentError) as err:
+            call()
+        msg = str(err.value)
+        assert err.value.code == "corrupt-state" and "\n" not in msg
+        assert len(msg.replace(str(path), "")) < 200
+        assert msg.startswith(f"{path} {what}") and f"mv {path} {path}.bad" in msg
+        assert msg.endswith("then pulumi refresh re-adopts this stack's services")
+    assert (dict(kernel.services), set(kernel.addresses)) == before and kernel.changes == []
+    assert path.read_text(encoding="latin-1") == text
+
+
+# --- item 5: ownership per stack ---
+
+
+def test_another_stacks_apply_on_the_same_vip_port_is_refused_naming_the_owner(kernel):
+    apply(kernel, owner="ipvs-ingress/dev")
+    kernel.changes.clear()
+    for adopt in (False, True):
+        with pytest.raises(agent.AgentError) as err:
+            apply(kernel, owner="ipvs-ingress/prod", adopt=adopt, servers=[("203.0.113.13", 1)])
+        assert err.value.code == "owned" and "stack ipvs-ingress/dev" in str(err.value)
+    assert kernel.changes == [] and kernel.table() == TWO
+
+
+def test_a_destroy_never_touches_another_stacks_service(kernel):
+    apply(kernel, owner="ipvs-ingress/dev")
+    result = delete(kernel, owner="ipvs-ingress/prod")
+    assert result == {"deleted": False, "reason": "belongs to stack ipvs-ingress/dev"}
+    assert kernel.table() == TWO and kernel.addresses == {(2, "203.0.113.201")}
+    assert record()["services"][KEY]["owner"] == "ipvs-ingress/dev"
+
+
+def test_a_vip_shared_by_two_stacks_stays_bound_until_the_last_goes(kernel):
+    apply(kernel, port=80, owner="ipvs-ingress/dev")
+    apply(kernel, port=443, owner="ipvs-ingress/prod")
+    assert delete(kernel, port=80, owner="ipvs-ingress/dev") == {
+        "deleted": True,
+        "removedVip": False,
+    }
+    assert kernel.addresses == {(2, "203.0.113.201")}
+    assert delete(kernel, port=443, owner="ipvs-ingress/prod") == {
+        "deleted": True,
+        "removedVip": True,
+    }
+    assert kernel.addresses == set() and kernel.services == {}
+
+
+def test_the_deleted_record_reaches_the_disk(kernel):
+    apply(kernel)
+    delete(kernel)
+    assert record() == {"services": {}, "addresses": {}}
+
+
+def test_a_stale_record_of_another_stack_does_not_block_a_free_vip_port(kernel):
+    apply(kernel, owner="ipvs-ingress/dev")
+    kernel.services.clear()  # flushed by hand; dev's refresh dropped it from its state
+    apply(kernel, owner="ipvs-ingress/prod")
+    assert kernel.table() == TWO and record()["services"][KEY]["owner"] == "ipvs-ingress/prod"
+
+
+def test_records_of_the_old_format_are_adopted(kernel, tmp_path):
+    apply(kernel, port=80)
+    apply(kernel, port=443)
+    old = {
+        "services": {
+            KEY: {"vip": "203.0.113.201", "interface": "eth0"},
+            "tcp/203.0.113.201:443": {"vip": "203.0.113.201", "interface": "eth0"},
+        },
+        "addresses": {"203.0.113.201": {"interface": "eth0"}},
+    }
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    agent.Ownership.forget()
+    assert read(kernel, port=80)["owned"] is True
+    apply(kernel, port=443, servers=[("203.0.113.11", 1)])  # an apply of that stack
+    services = record()["services"]
+    assert services[KEY]["owner"] == services["tcp/203.0.113.201:443"]["owner"] == OWNER
+    with pytest.raises(agent.AgentError) as err:
+        apply(kernel, owner="ipvs-ingress/prod")
+    assert err.value.code == "owned"
+
+
+# --- item 6: kernel refusals ---
+
+
+@pytest.mark.parametrize(
+    "address, which", [("203.0.113.255", "broadcast"), ("203.0.113.0", "network")]
+)
+def test_a_network_or_broadcast_real_server_is_refused_before_any_change(kernel, address, which):
+    with pytest.raises(agent.AgentError) as err:
+        apply(kernel, servers=[("203.0.113.11", 1), (address, 1)])
+    assert str(err.value) == (
+        f"realServers[1].address: {address} is the {which} address of 203.0.113.0/24 on eth0,"
+        " not a node: list the nodes' own addresses"
+    )
+    assert kernel.changes == [] and kernel.services == {}
+
+
+def test_a_kernel_refusal_is_one_line_and_a_failed_create_leaves_nothing(kernel):
+    # 198.51.100.255 is a broadcast address of eth1's prefix: the kernel says EINVAL.
+    with pytest.raises(agent.AgentError) as err:
+        apply(kernel, servers=[("203.0.113.11", 1), ("198.51.100.255", 1)])
+    assert str(err.value) == (
+        "realServers: 198.51.100.255: the kernel refused add-dest tcp/203.0.113.201:80 ->"
+        " 198.51.100.255:80 (Invalid argument): list the nodes' own unicast addresses"
+    )
+    assert kernel.services == {} and kernel.addresses == set()
+    assert KEY not in record()["services"]
+    apply(kernel)
+    assert kernel.table() == TWO
+
+
+def test_a_refused_update_stays_this_stacks_and_the_next_apply_converges(kernel):
+    apply(kernel)
+    with pytest.raises(agent.AgentError):
+        apply(kernel, adopt=True, servers=[("203.0.113.13", 2), ("198.51.100.255", 1)])
+    assert record()["services"][KEY]["owner"] == OWNER
+    apply(kernel, adopt=True, servers=[("203.0.113.13", 2)])
+    assert kernel.table() == [("203.0.113.13", 80, 2, 3)]

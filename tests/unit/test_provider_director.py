@@ -1,0 +1,106 @@
+"""The provider's create/read/update/delete against the agent on the in-memory kernel, with the
+requests going through JSON as on the wire: what refresh shows and what the next up repairs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from providers import agent, virtual_service
+from tests.unit.test_agent_logic import OWNER
+from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
+INPUTS = {
+    "director": {"host": "203.0.113.2", "hostKey": HOST_KEY},
+    "vip": "203.0.113.201",
+    "port": 80.0,  # numbers arrive from gRPC as floats
+    "realServers": [{"address": "203.0.113.11", "weight": 1.0}],
+    "owner": OWNER,
+}
+
+
+class Session:
+    """Stands in for the transport: every request and reply crosses JSON, as over SSH."""
+
+    def __init__(self, kernel):
+        self.agent, self.sent = agent.Agent(kernel), []
+
+    def request(self, op, **fields):
+        request = json.loads(json.dumps({"op": op, **fields}))
+        self.sent.append(request)
+        return json.loads(json.dumps(self.agent.handle(request)))
+
+
+@pytest.fixture
+def provider(kernel, monkeypatch):
+    session = Session(kernel)
+    monkeypatch.setattr(virtual_service.POOL, "session", lambda _director, _key: session)
+    p = virtual_service.VirtualServiceProvider()
+    p._private_key = "unused by the stand-in session"
+    p.sent = session.sent
+    return p
+
+
+def created(provider):
+    inputs = provider.check({}, INPUTS).inputs
+    result = provider.create(inputs)
+    return result.id, inputs, result.outs
+
+
+@pytest.mark.parametrize("drift", ["vip-unbound", "ip_forward=0"])
+def test_refresh_shows_an_unbound_vip_or_forwarding_off_and_up_repairs_it(provider, kernel, drift):
+    id_, inputs, outs = created(provider)
+    assert (outs["vipBound"], outs["ipForward"], outs["inSync"]) == (True, True, True)
+    if drift == "vip-unbound":
+        kernel.addresses.clear()
+    else:
+        kernel.forwarding = False
+    refreshed = provider.read(id_, outs)
+    assert refreshed.id == id_
+    expected = (drift != "vip-unbound", drift != "ip_forward=0", False)
+    assert (
+        refreshed.outs["vipBound"],
+        refreshed.outs["ipForward"],
+        refreshed.outs["inSync"],
+    ) == expected
+    assert refreshed.outs["ipvsadm"] == ["TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1"]
+    assert provider.diff(id_, refreshed.outs, inputs).changes is True
+    repaired = provider.update(id_, refreshed.outs, inputs).outs
+    assert (repaired["vipBound"], repaired["ipForward"], repaired["inSync"]) == (True, True, True)
+    assert kernel.addresses == {(2, "203.0.113.201")} and kernel.forwarding is True
+
+
+def test_create_claims_only_what_is_free_and_the_others_adopt_with_the_owner(provider):
+    id_, inputs, outs = created(provider)
+    provider.read(id_, outs)
+    provider.update(id_, outs, inputs)
+    provider.delete(id_, outs)
+    ops = [(r["op"], r["adopt"], r.get("owner") or r["spec"]["owner"]) for r in provider.sent]
+    assert ops == [
+        ("apply", False, OWNER),
+        ("read", True, OWNER),
+        ("apply", True, OWNER),
+        ("delete", True, OWNER),
+    ]
+    assert all(r["interface"] == "eth0" for r in provider.sent)
+
+
+def test_after_the_state_file_is_lost_refresh_keeps_the_resource_and_destroy_removes_it(
+    provider, kernel
+):
+    id_, _, outs = created(provider)
+    os.unlink(agent.STATE_PATH)
+    agent.Ownership.forget()
+    refreshed = provider.read(id_, outs)
+    assert refreshed.id == id_ and refreshed.outs["inSync"] is True
+    provider.delete(id_, refreshed.outs)
+    assert kernel.services == {} and kernel.addresses == set()
+
+
+def test_read_of_a_service_gone_from_the_director_drops_it(provider, kernel):
+    id_, _, outs = created(provider)
+    kernel.services.clear()
+    assert provider.read(id_, outs).id == ""
