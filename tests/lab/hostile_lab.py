@@ -74,6 +74,14 @@ def owner_of(lab, key: str) -> str | None:
     return entry.get("owner") if isinstance(entry, dict) else None
 
 
+def recorded(lab) -> dict:
+    """state.json's services: {key: entry} ({} when there is no file)."""
+    try:
+        return json.loads(state_text(lab) or "{}").get("services", {})
+    except ValueError:
+        return {"<state.json is not JSON>": {}}
+
+
 def reset(lab, vips=()) -> None:
     """No IPVS service, none of `vips` bound, no state.json: where every hostile test starts."""
     unbind = "; ".join(f"ip addr del {v}/32 dev {lab.interface} 2>/dev/null" for v in vips)

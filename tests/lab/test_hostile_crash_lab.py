@@ -22,6 +22,7 @@ from tests.lab.hostile_lab import (
     owner_of,
     props,
     provider,
+    recorded,
     reset,
     state_text,
     table,
@@ -115,8 +116,12 @@ def test_kill_9_mid_apply_then_a_fresh_up_converges(lab, clean, op, after):
             seen, final = crash(lab, srv, lambda: srv.update(id_, outs, inputs), after)
     total = total_changes(old, new)
     assert after <= seen and 0 < final < total, f"not mid-{op}: {final} of {total} changes made"
-    left = len(table(lab))
-    print(f"\n    kill -9 mid-{op}: agent killed after {final} of {total} kernel changes", end="")
+    left, record = len(table(lab)), recorded(lab).get(KEY, {}).get("state", "no record")
+    print(
+        f"\n    kill -9 mid-{op}: agent killed after {final} of {total} kernel changes "
+        f"({left} ipvsadm -Sn lines, record: {record})",
+        end="",
+    )
     wait_no_agents(lab)
 
     with provider(lab) as srv:  # the next `pulumi up`
@@ -128,12 +133,12 @@ def test_kill_9_mid_apply_then_a_fresh_up_converges(lab, clean, op, after):
         assert outs["inSync"] is True
         assert table(lab) == expected_sn((VIP, 80, new)), table(lab)
         assert bound(lab) == [f"{VIP}/32"]
-        assert owner_of(lab, KEY) == OWNER, state_text(lab)
+        assert owner_of(lab, KEY) == OWNER and list(recorded(lab)) == [KEY], state_text(lab)
         gets = traffic(lab, VIP, count=6)
         srv.delete(id_, outs)
-    assert table(lab) == [] and bound(lab) == []
+    assert table(lab) == [] and bound(lab) == [] and recorded(lab) == {}
     print(
-        f" ({left} ipvsadm -Sn lines left); fresh provider's {op}: converged to "
+        f"; fresh provider's {op}: converged to "
         f"{len(expected_sn((VIP, 80, new)))} lines, nothing stray, {gets}/{gets} GETs ok"
     )
     hostile.record(crash_points=1, stuck=0, lost=0)

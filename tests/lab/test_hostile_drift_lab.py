@@ -22,6 +22,7 @@ from tests.lab.hostile_lab import (
     owner_of,
     props,
     provider,
+    recorded,
     reset,
     state_text,
     table,
@@ -83,6 +84,7 @@ class Drift:
             and bound(lab) == [f"{VIP}/32"]
             and ip_forward(lab) == "1"
             and owner_of(lab, KEY) == OWNER
+            and list(recorded(lab)) == [KEY]
         )
 
     def create(self) -> None:
@@ -181,7 +183,7 @@ def test_drift_is_shown_by_refresh_and_repaired_by_up(lab, drift, name):
     assert d.outs["inSync"] is True, d.outs
     assert table(lab) == d.expected(), table(lab)
     assert bound(lab) == [f"{VIP}/32"] and ip_forward(lab) == "1"
-    assert owner_of(lab, KEY) == OWNER, state_text(lab)
+    assert owner_of(lab, KEY) == OWNER and list(recorded(lab)) == [KEY], state_text(lab)
     gets = traffic(lab, VIP, count=8)
     print(
         f"\n    drift {name:<13} refresh: {shown:<52} up: {how:<9} "

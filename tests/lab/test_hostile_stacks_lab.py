@@ -22,6 +22,7 @@ from tests.lab.hostile_lab import (
     owner_of,
     props,
     provider,
+    recorded,
     reset,
     state_text,
     table,
@@ -96,6 +97,8 @@ def check_holdings(lab, *stacks: Stack) -> None:
     for s in stacks:
         for vip, port in s.held:
             assert owner_of(lab, f"tcp/{vip}:{port}") == s.owner, state_text(lab)
+    held = {f"tcp/{vip}:{port}" for s in stacks for vip, port in s.held}
+    assert set(recorded(lab)) == held, state_text(lab)
 
 
 def test_disjoint_stacks_applied_in_parallel_lose_nothing(lab, stacks):
