@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import importlib.util
 import ipaddress
 import json
@@ -20,27 +19,16 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import types
-from contextlib import contextmanager
 
 from providers import model
+from providers.ownership import AgentError, Ownership, director_lock
 
 PROTOCOL_VERSION = 1
 MIN_PYROUTE2 = (0, 9, 5)
-RUN_DIR = "/run/ipvs-ingress" if os.path.isdir("/run") else "/tmp/ipvs-ingress"
-LOCK_PATH = os.path.join(RUN_DIR, "lock")
-STATE_PATH = "/var/lib/ipvs-ingress/state.json"
-LOCK_WAIT_SECONDS = 300
 IP_VS_SVC_F_PERSISTENT = 0x1
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
-
-
-class AgentError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -162,7 +150,13 @@ class Kernel:
 
     def add_address(self, index: int, vip: str) -> None:
         prefix = 128 if ":" in vip else 32
-        self.ipr.addr("add", index=index, address=vip, prefixlen=prefix)
+        try:
+            self.ipr.addr("add", index=index, address=vip, prefixlen=prefix)
+        except self.NetlinkError as err:
+            raise AgentError(
+                "kernel-refused",
+                f"vip: {vip}: the kernel refused to bind it on interface {index} ({os.strerror(err.code)}): check director.interface",
+            ) from None
 
     def del_address(self, index: int, vip: str) -> None:
         prefix = 128 if ":" in vip else 32
@@ -284,142 +278,6 @@ def refusal(spec: model.VirtualServiceSpec, op: model.Op, code: int) -> AgentErr
         what = f"vip: {spec.key}: the kernel refused {op.action} (scheduler {spec.scheduler}, persistenceSeconds {spec.persistence_seconds}: {why})"
         fix = "check the VIP, scheduler and persistence"
     return AgentError("kernel-refused", f"{what}: {fix}")
-
-
-class Ownership:
-    """What ipvs-ingress made on this director: services by key (owner stack, intent, spec) and
-    the VIPs it bound. A change is recorded before it is made (write-ahead), so whatever step
-    a crash hits, the next apply of the same stack finds the service recorded as its own."""
-
-    _cache: dict[str, tuple[tuple, Ownership]] = {}
-
-    @classmethod
-    def load(cls, path: str | None = None) -> Ownership:
-        """The record, parsed again only when the file changed (another stack wrote it)."""
-        path = path or STATE_PATH
-        signature = _signature(path)
-        cached = cls._cache.get(path)
-        if cached is not None and signature is not None and cached[0] == signature:
-            return cached[1]
-        record = cls(path)
-        cls._cache[path] = (signature, record)
-        return record
-
-    @classmethod
-    def forget(cls) -> None:
-        """After a failed request the cached copy may hold changes that never reached disk."""
-        cls._cache.clear()
-
-    def __init__(self, path: str | None = None):
-        self.path = path = path or STATE_PATH
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode())
-        except FileNotFoundError:
-            data = {}
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise self._corrupt(f"is not valid JSON ({str(err)[:60]})") from None
-        if not _well_formed(data):
-            raise self._corrupt("is not an ipvs-ingress record")
-        self.services: dict = data.get("services", {})
-        self.addresses: dict = data.get("addresses", {})
-
-    def _corrupt(self, what: str) -> AgentError:
-        return AgentError(
-            "corrupt-state",
-            f"{self.path} {what}: nothing was changed; move it aside (mv {self.path} {self.path}.bad), then pulumi refresh re-adopts this stack's services",
-        )
-
-    def save(self) -> None:
-        # Until the file is replaced, the cached copy may be ahead of the disk: forget it.
-        Ownership._cache.pop(self.path, None)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(
-                {"services": self.services, "addresses": self.addresses},
-                f,
-                indent=1,
-                sort_keys=True,
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        Ownership._cache[self.path] = (_signature(self.path), self)
-
-    def standing(self, key: str, owner: str, adopt: bool, live) -> str:
-        """Whose `key` is, for the stack `owner`:
-        ours    - recorded for this stack, or recorded before owners existed (adopted on write);
-        new     - nothing live: free to create, whatever a stale record says;
-        adopt   - live, unrecorded, and the stack's own state holds it (the record was lost);
-        foreign - live and unrecorded: never ipvs-ingress's to change;
-        other   - live and recorded for another stack."""
-        entry = self.services.get(key)
-        if entry is not None and entry.get("owner") in (None, "", owner):
-            return "ours"
-        if live is None:
-            return "new"
-        if entry is None:
-            return "adopt" if adopt else "foreign"
-        return "other"
-
-    def record(self, key: str, spec: model.VirtualServiceSpec, interface: str, state: str):
-        self.services[key] = {
-            "owner": spec.owner or None,
-            "vip": spec.vip,
-            "interface": interface,
-            "state": state,
-            "spec": model.spec_to_dict(spec),
-        }
-
-    def vip_in_use(self, vip: str, kernel) -> bool:
-        """Some recorded service, of any stack, on `vip` still exists in the kernel."""
-        for key, entry in self.services.items():
-            if entry.get("vip") == vip:
-                protocol, rest = key.split("/", 1)
-                _, port = rest.rsplit(":", 1)
-                if kernel.get_service(protocol, vip, int(port)) is not None:
-                    return True
-        return False
-
-
-def _well_formed(data) -> bool:
-    if not isinstance(data, dict):
-        return False
-    tables = [data.get("services", {}), data.get("addresses", {})]
-    return all(
-        isinstance(t, dict) and all(isinstance(e, dict) for e in t.values()) for t in tables
-    ) and all(isinstance(e.get("vip"), str) for e in tables[0].values())
-
-
-def _signature(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-@contextmanager
-def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
-    path = path or LOCK_PATH
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AgentError(
-                        "busy", f"another ipvs-ingress run has held {path} for over {wait:.0f} s"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Agent:

@@ -45,6 +45,7 @@ _BOOT = (
 _SOURCES = [
     ("providers", ""),
     ("providers.model", (Path(__file__).parent / "model.py").read_text()),
+    ("providers.ownership", (Path(__file__).parent / "ownership.py").read_text()),
     ("providers.agent", (Path(__file__).parent / "agent.py").read_text()),
 ]
 _FIXES = {

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from providers import agent, model
+from providers import agent, model, ownership
 from tests import hostile
 from tests.unit.test_agent_logic import OWNER, Crash, MemoryKernel, spec
 
@@ -87,7 +87,7 @@ SCENARIOS = {
 
 def director(tmp_path, monkeypatch, name: str) -> MemoryKernel:
     """A fresh director: a new kernel, a new state file, set up as the scenario says."""
-    monkeypatch.setattr(agent, "STATE_PATH", str(tmp_path / "state.json"))
+    monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
     agent.Ownership.forget()
     kernel = MemoryKernel()
     setup, hook, _, _, _ = SCENARIOS[name]
@@ -116,7 +116,7 @@ CURRENT: list[MemoryKernel] = []
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch):
-    monkeypatch.setattr(agent, "LOCK_PATH", str(tmp_path / "lock"))
+    monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "lock"))
     _, _, killed, expected, vip_on = SCENARIOS[name]
     CURRENT[:] = [director(tmp_path / "count", monkeypatch, name)]
     agent.Agent(CURRENT[0]).handle(json.loads(json.dumps(killed)))
@@ -144,7 +144,7 @@ def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch
         lost += sum(1 for p in expected if p not in live)
         assert live == expected, f"{name}, killed before step {k}"
         assert kernel.addresses == ({(vip_on, VIP)} if vip_on else set()), name
-        with open(agent.STATE_PATH) as f:
+        with open(ownership.STATE_PATH) as f:
             record = json.load(f)
         assert sorted(record["services"]) == [f"tcp/{VIP}:{p}" for p in sorted(expected)]
         assert all(

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from providers import agent, model
+from providers import agent, model, ownership
 
 
 class Crash(BaseException):
@@ -143,8 +143,8 @@ class MemoryKernel:
 
 @pytest.fixture
 def kernel(tmp_path, monkeypatch):
-    monkeypatch.setattr(agent, "STATE_PATH", str(tmp_path / "state.json"))
-    monkeypatch.setattr(agent, "LOCK_PATH", str(tmp_path / "run" / "lock"))
+    monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
+    monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "run" / "lock"))
     return MemoryKernel()
 
 
@@ -340,11 +340,11 @@ def test_ownership_record_is_reread_when_another_stack_writes_it(kernel):
     apply(kernel, port=80)
     first = agent.Ownership.load()
     assert agent.Ownership.load() is first  # unchanged file: no re-parse
-    signature = agent.Ownership._cache[agent.STATE_PATH][0]
-    other = agent.Ownership(agent.STATE_PATH)  # another agent process on the same director
+    signature = agent.Ownership._cache[ownership.STATE_PATH][0]
+    other = agent.Ownership(ownership.STATE_PATH)  # another agent process on the same director
     other.services["tcp/203.0.113.202:80"] = {"vip": "203.0.113.202", "interface": "eth0"}
     other.save()
-    agent.Ownership._cache[agent.STATE_PATH] = (signature, first)  # this process's old copy
+    agent.Ownership._cache[ownership.STATE_PATH] = (signature, first)  # this process's old copy
     reloaded = agent.Ownership.load()
     assert reloaded is not first
     assert set(reloaded.services) == {"tcp/203.0.113.201:80", "tcp/203.0.113.202:80"}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from providers import agent, model
+from providers import agent, model, ownership
 from tests.unit.test_agent_logic import OWNER, Crash, apply, delete, read, spec
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
 
@@ -18,7 +18,7 @@ TWO = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
 def record() -> dict:
     """The state file as a fresh agent process reads it."""
     agent.Ownership.forget()
-    with open(agent.STATE_PATH) as f:
+    with open(ownership.STATE_PATH) as f:
         return json.load(f)
 
 
@@ -273,3 +273,38 @@ def test_a_refused_update_stays_this_stacks_and_the_next_apply_converges(kernel)
     assert record()["services"][KEY]["owner"] == OWNER
     apply(kernel, adopt=True, servers=[("203.0.113.13", 2)])
     assert kernel.table() == [("203.0.113.13", 80, 2, 3)]
+
+
+class NetlinkError(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def netlink_kernel(code):
+    """The real Kernel adapter over a netlink stand-in that refuses everything with `code`."""
+
+    def refuse(*_args, **_kw):
+        raise NetlinkError(code)
+
+    k = object.__new__(agent.Kernel)
+    k.NetlinkError = NetlinkError
+    k._apply = refuse
+    k.ipr = type("IPRoute", (), {"addr": staticmethod(refuse)})()
+    return k
+
+
+def test_the_kernel_adapter_maps_netlink_refusals_to_one_line():
+    vs = model.spec_from_dict(spec())
+    with pytest.raises(agent.AgentError) as err:
+        netlink_kernel(22).apply(vs, model.Op("add-dest", "203.0.113.11", 80, 1))
+    assert str(err.value).startswith("realServers: 203.0.113.11: the kernel refused add-dest")
+    with pytest.raises(agent.AgentError) as err:
+        netlink_kernel(2).apply(vs, model.Op("add-service"))
+    assert err.value.code == "no-scheduler" and "ip_vs_wlc" in str(err.value)
+    with pytest.raises(agent.AgentError) as err:
+        netlink_kernel(1).add_address(2, "203.0.113.201")
+    assert str(err.value) == (
+        "vip: 203.0.113.201: the kernel refused to bind it on interface 2"
+        " (Operation not permitted): check director.interface"
+    )

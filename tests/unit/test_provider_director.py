@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from providers import agent, virtual_service
+from providers import agent, ownership, virtual_service
 from tests.unit.test_agent_logic import OWNER
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
 
@@ -92,7 +92,7 @@ def test_after_the_state_file_is_lost_refresh_keeps_the_resource_and_destroy_rem
     provider, kernel
 ):
     id_, _, outs = created(provider)
-    os.unlink(agent.STATE_PATH)
+    os.unlink(ownership.STATE_PATH)
     agent.Ownership.forget()
     refreshed = provider.read(id_, outs)
     assert refreshed.id == id_ and refreshed.outs["inSync"] is True
