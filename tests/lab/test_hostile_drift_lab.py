@@ -148,8 +148,11 @@ def _shown(name: str, d: Drift, rid: str, live: dict) -> str:
     if name == "foreign-dest":
         assert {"address": FOREIGN_DEST, "weight": 1} in live["realServers"], live
         return f"inSync false, {FOREIGN_DEST} in realServers"
-    changed = sorted(k for k in live if live[k] != d.outs.get(k))
-    return f"inSync false, changed {','.join(changed)}"
+    # masquerade / other-port: the ipvsadm output names the hand-made destination.
+    first = d.servers[0][0]
+    dest = f"{first}:80 Masq" if name == "masquerade" else f"{first}:8080 Masq"
+    assert any(line.endswith(f"-> {dest} 1") for line in live["ipvsadm"]), live["ipvsadm"]
+    return f"inSync false, ipvsadm shows {dest}"
 
 
 def _corrupt(d: Drift) -> str:
