@@ -443,7 +443,7 @@ class Agent:
         if settled:
             return
         owners.record(spec.key, spec, interface, "pending")
-        if claim:
+        if claim or (bind and not move_from):
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()
         k.ensure_forwarding()
@@ -452,12 +452,13 @@ class Agent:
                 k.apply(spec, op)
         except Exception:
             if live is None:
-                self._roll_back(owners, spec)
+                self._roll_back(owners, spec, bind)
             raise
         # The VIP last: until the service exists, answering ARP for it would blackhole it.
         if move_from:
+            # Recorded on the new interface only once gone from the old one, so a kill in
+            # between leaves it recorded where it still is.
             k.del_address(k.ifindex(move_from), spec.vip)
-        if move_from or bind:
             if bind:
                 owners.addresses[spec.vip] = {"interface": interface}
             else:  # someone else has it bound on the new interface: it is not ours there
@@ -468,12 +469,14 @@ class Agent:
         owners.services[spec.key]["state"] = "applied"
         owners.save()
 
-    def _roll_back(self, owners: Ownership, spec) -> None:
+    def _roll_back(self, owners: Ownership, spec, bind: bool) -> None:
         """A create failed part-way: take away what it made, so no half service is left."""
         try:
             if self.kernel.get_service(spec.protocol, spec.vip, spec.port) is not None:
                 self.kernel.apply(spec, model.Op("del-service"))
             del owners.services[spec.key]
+            if bind:  # recorded ahead of a bind that never came
+                owners.addresses.pop(spec.vip, None)
             owners.save()
         except Exception:  # it stays recorded as this stack's: the next apply converges from it
             pass
