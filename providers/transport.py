@@ -13,6 +13,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import shlex
 import threading
 from pathlib import Path
 
@@ -251,13 +253,34 @@ class AgentSession:
 def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
     if not d.proxy_command:
         return None
-    command = d.proxy_command.replace("%h", d.host).replace("%p", str(d.port))
     try:
-        return paramiko.ProxyCommand(command)
+        return paramiko.ProxyCommand(proxy_command_line(d))
     except (OSError, ValueError, paramiko.SSHException) as err:
         raise DirectorError(
             f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
         ) from None
+
+
+_TOKEN = re.compile(r"%(.)", re.DOTALL)
+
+
+def proxy_command_line(d: model.Director) -> str:
+    """director.proxyCommand with %h, %p and %r (and %% for a literal %) filled in.
+
+    Each word of the command gets the values shell-quoted (shlex.quote) in place: a word that a
+    shell reads later (the script of `sh -c '... %h'`, or the remote command of
+    `ssh bastion nc %h %p`) sees each value as one word, never as shell text. paramiko splits
+    the line it is given with shlex, so the words are joined back with shlex.join.
+    """
+    values = {"h": d.host, "p": str(d.port), "r": d.user}
+
+    def fill(match: re.Match) -> str:
+        token = match[1]
+        if token == "%":
+            return "%"
+        return shlex.quote(values[token]) if token in values else match[0]
+
+    return shlex.join(_TOKEN.sub(fill, word) for word in shlex.split(d.proxy_command))
 
 
 def _shell_quote(text: str) -> str:
