@@ -34,8 +34,14 @@ if os.environ.get("IPVS_INGRESS_LOG"):
 
 CONNECT_TIMEOUT = 15.0
 AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts
-# Longer than the agent's own wait for the director lock, so a busy director answers "busy".
-REQUEST_TIMEOUT = 360.0
+# A dead connection is told from a long apply by the line protocol, not by a request timeout:
+# while a request runs the agent sends {"id", "working": true} every 5 s (agent.HEARTBEAT_SECONDS),
+# so SILENCE_SECONDS without a byte means the connection is lost, however long the apply takes.
+# The provider pings every PING_SECONDS while the session is open; the agent exits after 30 s
+# without a line (agent.IDLE_EXIT_SECONDS), so a dropped session leaves no agent behind.
+SILENCE_SECONDS = 20.0
+PING_SECONDS = 5.0
+_PING = b'{"op":"ping"}\n'
 # Sent as a tiny `python3 -c` program; it reads the agent's modules from the first stdin line.
 _BOOT = (
     "import json,sys,types\n"
@@ -95,6 +101,8 @@ class AgentSession:
         self._client: paramiko.SSHClient | None = None
         self._channel = None
         self._out = None
+        self._send_lock = threading.Lock()  # requests and pings share the channel
+        self._stop_pings = threading.Event()
         self.handshakes = 0
         self.agent_starts = 0
 
@@ -169,15 +177,34 @@ class AgentSession:
             raise DirectorError(
                 f"director {d.host}: {greeting.get('error')}: {_FIXES.get(code, 'see the director')}"
             )
-        channel.settimeout(REQUEST_TIMEOUT)
+        channel.settimeout(SILENCE_SECONDS)
         self.agent_starts += 1
         log.info("agent started on director %s (pyroute2 %s)", d.label, greeting.get("pyroute2"))
+        self._stop_pings = stop = threading.Event()
+        threading.Thread(
+            target=self._ping, args=(channel, stop), name=f"ping {d.label}", daemon=True
+        ).start()
+
+    def _ping(self, channel, stop: threading.Event) -> None:
+        """Tell the agent the session is alive; a failed send ends it (the next request sees why)."""
+        while not stop.wait(PING_SECONDS):
+            try:
+                with self._send_lock:
+                    channel.sendall(_PING)
+            except (OSError, EOFError, paramiko.SSHException):
+                return
 
     def _read_line(self, doing: str) -> dict:
         try:
             line = self._out.readline()
         except TimeoutError:
             self.close()
+            if doing.startswith("running"):
+                raise DirectorError(
+                    f"lost the connection to director {self.director.label}: nothing came back for "
+                    f"{SILENCE_SECONDS:.0f} s while {doing} (the network dropped it or the director "
+                    "stopped): check the path to the director and run again"
+                ) from None
             raise DirectorError(f"director {self.director.host} did not answer while {doing}: check its load and python3") from None  # fmt: skip
         if not line:
             detail = self._stderr_tail()
@@ -223,10 +250,13 @@ class AgentSession:
     def _exchange(self, op: str, fields: dict) -> dict:
         rid = next(self._ids)
         try:
-            self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+            with self._send_lock:
+                self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
         except OSError as err:
             raise ConnectionError(str(err)) from None
         reply = self._read_line(f"running {op}")
+        while reply.get("working"):  # a heartbeat: the agent is alive and busy, keep waiting
+            reply = self._read_line(f"running {op}")
         if reply.get("id") != rid:
             self.close()
             raise DirectorError(
@@ -241,6 +271,7 @@ class AgentSession:
         return reply["result"]
 
     def close(self) -> None:
+        self._stop_pings.set()
         for thing in (self._channel, self._client):
             try:
                 if thing is not None:
