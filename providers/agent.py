@@ -482,7 +482,8 @@ def _emit(doc: dict, out=None) -> None:
 
 def main() -> int:
     try:
-        agent = Agent(Kernel())
+        with _heartbeats(None):  # loading pyroute2 can take seconds on a small director
+            agent = Agent(Kernel())
     except AgentError as err:
         _emit({"ready": False, "code": err.code, "error": str(err)})
         return 1
@@ -538,24 +539,32 @@ def _answer(handle, line: str, out) -> None:
     if request.get("op") == "ping":
         return  # keepalive only: hearing it is the point
     rid = request.get("id")
-    done = threading.Event()
-
-    def heartbeat() -> None:
-        try:
-            while not done.wait(HEARTBEAT_SECONDS):
-                _emit({"id": rid, "working": True}, out)
-        except OSError:  # the session is gone; the request still finishes
-            pass
-
-    beat = threading.Thread(target=heartbeat, name="agent-heartbeat", daemon=True)
-    beat.start()
     try:
-        reply = {"id": rid, "ok": True, "result": handle(request)}
+        with _heartbeats(rid, out):
+            reply = {"id": rid, "ok": True, "result": handle(request)}
     except AgentError as err:
         reply = {"id": rid, "ok": False, "code": err.code, "error": str(err)}
     except Exception as err:  # report, keep serving: one bad request must not kill the pool
         reply = {"id": rid, "ok": False, "code": "internal", "error": f"{type(err).__name__}: {err}"}  # fmt: skip
+    _emit(reply, out)
+
+
+@contextmanager
+def _heartbeats(rid, out=None):
+    """{"id": rid, "working": true} every HEARTBEAT_SECONDS until the block ends."""
+    done = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not done.wait(HEARTBEAT_SECONDS):
+                _emit({"id": rid, "working": True}, out)
+        except OSError:  # the session is gone; the work still finishes
+            pass
+
+    thread = threading.Thread(target=beat, name="agent-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
     finally:
         done.set()
-        beat.join()  # no heartbeat for this request after its answer
-    _emit(reply, out)
+        thread.join()  # no heartbeat after the answer

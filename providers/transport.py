@@ -170,7 +170,11 @@ class AgentSession:
         channel.settimeout(AGENT_START_TIMEOUT)
         channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
         channel.sendall((json.dumps(_SOURCES) + "\n").encode())
-        greeting = self._read_line(f"starting the agent on director {d.host} (python3 -u -c ...)")
+        doing = f"starting the agent on director {d.host} (python3 -u -c ...)"
+        greeting = self._read_line(doing)
+        while greeting.get("working"):  # the agent runs and is loading pyroute2: it heartbeats
+            channel.settimeout(SILENCE_SECONDS)
+            greeting = self._read_line(doing, heartbeating=True)
         if not greeting.get("ready"):
             code = greeting.get("code", "agent")
             self.close()
@@ -180,6 +184,7 @@ class AgentSession:
         channel.settimeout(SILENCE_SECONDS)
         self.agent_starts += 1
         log.info("agent started on director %s (pyroute2 %s)", d.label, greeting.get("pyroute2"))
+        self._stop_pings.set()  # a previous connection's pinger, if that one died on its own
         self._stop_pings = stop = threading.Event()
         threading.Thread(
             target=self._ping, args=(channel, stop), name=f"ping {d.label}", daemon=True
@@ -194,12 +199,12 @@ class AgentSession:
             except (OSError, EOFError, paramiko.SSHException):
                 return
 
-    def _read_line(self, doing: str) -> dict:
+    def _read_line(self, doing: str, heartbeating: bool = False) -> dict:
         try:
             line = self._out.readline()
         except TimeoutError:
             self.close()
-            if doing.startswith("running"):
+            if heartbeating:  # the agent heartbeats while it works: this silence is the network
                 raise DirectorError(
                     f"lost the connection to director {self.director.label}: nothing came back for "
                     f"{SILENCE_SECONDS:.0f} s while {doing} (the network dropped it or the director "
@@ -254,9 +259,9 @@ class AgentSession:
                 self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
         except OSError as err:
             raise ConnectionError(str(err)) from None
-        reply = self._read_line(f"running {op}")
+        reply = self._read_line(f"running {op}", heartbeating=True)
         while reply.get("working"):  # a heartbeat: the agent is alive and busy, keep waiting
-            reply = self._read_line(f"running {op}")
+            reply = self._read_line(f"running {op}", heartbeating=True)
         if reply.get("id") != rid:
             self.close()
             raise DirectorError(

@@ -159,3 +159,21 @@ def test_an_unexpected_error_is_answered_and_the_agent_keeps_serving():
         },
         {"id": 2, "ok": True, "result": {"pong": "hello"}},
     ]
+
+
+def test_the_agent_heartbeats_while_its_kernel_interface_loads(monkeypatch):
+    class SlowKernel:
+        version = "0.9.7"
+
+        def __init__(self):
+            time.sleep(4 * HEARTBEAT)  # importing pyroute2 on a small director
+
+    monkeypatch.setattr(agent, "HEARTBEAT_SECONDS", HEARTBEAT)
+    monkeypatch.setattr(agent, "Kernel", SlowKernel)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    assert agent.main() == 0
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert len(lines) >= 3 and lines[-1]["ready"] is True
+    assert lines[:-1] == [{"id": None, "working": True}] * (len(lines) - 1)

@@ -160,3 +160,28 @@ def test_a_drop_during_a_long_request(fast, director):
     # The agent finishes the running request first (2 s more), then exits: silent since the drop.
     assert d.exited.wait(5)
     assert time.monotonic() - dropped >= 1.5
+
+
+def test_a_drop_while_the_agent_starts_is_named_within_the_silence_bound(
+    fast, monkeypatch, private_key
+):
+    # The agent began (its first heartbeat came) and then nothing more arrives.
+    monkeypatch.setattr(transport, "AGENT_START_TIMEOUT", 60.0)
+
+    def starts_then_silent(channel, command):
+        channel.makefile("r").readline()
+        channel.sendall(b'{"id":null,"working":true}\n')
+
+    sshd = FakeSSHD(transport.load_private_key(private_key), starts_then_silent)
+    try:
+        director = model.Director(host="127.0.0.1", port=sshd.port, host_key=sshd.host_key_line)
+        started = time.monotonic()
+        with pytest.raises(transport.DirectorError) as err:
+            transport.AgentSession(director, private_key).request("hello")
+        assert time.monotonic() - started < transport.SILENCE_SECONDS + 3  # not the 60 s
+        assert str(err.value).startswith(
+            f"lost the connection to director root@127.0.0.1:{sshd.port}: "
+        )
+        assert "while starting the agent" in str(err.value)
+    finally:
+        sshd.close()
