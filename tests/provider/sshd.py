@@ -91,7 +91,11 @@ class Relay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self._port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._port))
+            except OSError:
+                client.close()
+                continue
             self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
