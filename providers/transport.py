@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import select
 import shlex
 import threading
 from pathlib import Path
@@ -290,11 +291,30 @@ def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
     if not d.proxy_command:
         return None
     try:
-        return paramiko.ProxyCommand(proxy_command_line(d))
+        return _ProxyCommand(proxy_command_line(d))
     except (OSError, ValueError, paramiko.SSHException) as err:
         raise DirectorError(
             f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
         ) from None
+
+
+class _ProxyCommand(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand, except that a command that exited reads as end of file.
+
+    paramiko's own recv loops on a closed pipe until its timeout, busy: 15 s of a CPU before
+    "unreachable" for a proxy that failed at once.
+    """
+
+    def recv(self, size: int) -> bytes:
+        try:
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError()
+            return os.read(self.process.stdout.fileno(), size)  # b"" at EOF: paramiko's EOFError
+        except OSError as err:
+            if isinstance(err, TimeoutError):
+                raise
+            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), err.strerror) from None
 
 
 _TOKEN = re.compile(r"%(.)", re.DOTALL)

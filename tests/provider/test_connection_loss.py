@@ -156,7 +156,7 @@ def test_a_drop_during_a_long_request(fast, director):
     dropped = time.monotonic()
     worker.join(timeout=10)
     assert failed and failed[0][1].startswith("lost the connection to director ")
-    assert failed[0][0] - dropped <= transport.SILENCE_SECONDS + 1
+    assert failed[0][0] - dropped <= transport.SILENCE_SECONDS + 3
     # The agent finishes the running request first (2 s more), then exits: silent since the drop.
     assert d.exited.wait(5)
     assert time.monotonic() - dropped >= 1.5

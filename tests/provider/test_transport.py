@@ -221,3 +221,13 @@ def test_proxy_command_fills_in_host_port_user_and_percent(tmp_path, private_key
     )  # fmt: skip
     _run_proxy(director, private_key)
     assert out.read_text() == "2001:db8::2 2222 admin 100% %x\n"
+
+
+def test_a_proxy_command_that_closes_its_output_fails_at_once(private_key):
+    # Not after CONNECT_TIMEOUT of reading a closed pipe (paramiko's own ProxyCommand spins).
+    director = model.Director(
+        host="203.0.113.2", host_key=HOST_KEY, proxy_command="sh -c 'exec >&-; sleep 2'"
+    )
+    started = time.monotonic()
+    _run_proxy(director, private_key)
+    assert time.monotonic() - started < transport.CONNECT_TIMEOUT / 3
