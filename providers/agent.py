@@ -16,11 +16,15 @@ import importlib.util
 import ipaddress
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import types
+from contextlib import contextmanager
 
 from providers import model
 from providers.ownership import AgentError, Ownership, director_lock
@@ -517,33 +521,110 @@ class Agent:
         return {"deleted": True, "removedVip": removed_vip}
 
 
-def _emit(doc: dict) -> None:
-    sys.stdout.write(json.dumps(doc, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+# The line protocol's timing (the provider's side is in providers/transport.py): while a request
+# runs, the agent says {"id", "working": true} every HEARTBEAT_SECONDS, so the provider, which
+# gives up after 20 s of silence, can tell a long apply from a dead connection. The provider
+# pings every 5 s while its session is open; after IDLE_EXIT_SECONDS without a line from it the
+# session is dead (a dropped network keeps sshd's pipe open for hours), so the agent exits.
+HEARTBEAT_SECONDS = 5.0
+IDLE_EXIT_SECONDS = 30.0
+
+_EMIT_LOCK = threading.Lock()
+
+
+def _emit(doc: dict, out=None) -> None:
+    line = json.dumps(doc, separators=(",", ":")) + "\n"
+    out = out or sys.stdout  # looked up per call: tests swap sys.stdout
+    with _EMIT_LOCK:  # heartbeats come from another thread: lines must not interleave
+        out.write(line)
+        out.flush()
 
 
 def main() -> int:
     try:
-        agent = Agent(Kernel())
+        with _heartbeats(None):  # loading pyroute2 can take seconds on a small director
+            agent = Agent(Kernel())
     except AgentError as err:
         _emit({"ready": False, "code": err.code, "error": str(err)})
         return 1
     _emit({"ready": True, "agent": PROTOCOL_VERSION, "pyroute2": agent.kernel.version})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
+    return serve(agent.handle)
+
+
+def serve(handle, stdin=None, out=None) -> int:
+    """Answer request lines from `stdin` until it ends or the provider falls silent.
+
+    Requests run one at a time on this thread; a reader thread takes lines off stdin so that
+    silence can be timed. Silence is judged only between requests: a running request always
+    finishes (and answers) first, so a kill never comes halfway through a change.
+    """
+    stdin = stdin or sys.stdin
+    inbox: queue.Queue[str | None] = queue.Queue()
+    heard = [time.monotonic()]
+
+    def read() -> None:
         try:
-            _emit({"id": request.get("id"), "ok": True, "result": agent.handle(request)})
-        except AgentError as err:
-            _emit({"id": request.get("id"), "ok": False, "code": err.code, "error": str(err)})
-        except Exception as err:  # report, keep serving: one bad request must not kill the pool
-            _emit(
-                {
-                    "id": request.get("id"),
-                    "ok": False,
-                    "code": "internal",
-                    "error": f"{type(err).__name__}: {err}",
-                }
-            )
-    return 0
+            for line in stdin:
+                heard[0] = time.monotonic()
+                inbox.put(line)
+        finally:
+            inbox.put(None)
+
+    threading.Thread(target=read, name="agent-stdin", daemon=True).start()
+    while True:
+        try:
+            line = inbox.get(timeout=max(0.0, IDLE_EXIT_SECONDS - (time.monotonic() - heard[0])))
+        except queue.Empty:
+            if time.monotonic() - heard[0] < IDLE_EXIT_SECONDS:
+                continue  # a line arrived just now
+            print(f"ipvs-ingress agent: no word from the provider for {IDLE_EXIT_SECONDS:g} s: exiting", file=sys.stderr)  # fmt: skip
+            return 0
+        if line is None:
+            return 0  # the provider closed the session
+        if line.strip():
+            try:
+                _answer(handle, line, out)
+            except OSError:  # stdout is gone with the session: nobody to answer
+                return 0
+
+
+def _answer(handle, line: str, out) -> None:
+    try:
+        request = json.loads(line)
+        if not isinstance(request, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        _emit({"id": None, "ok": False, "code": "bad-request", "error": f"unreadable request ({err})"}, out)  # fmt: skip
+        return
+    if request.get("op") == "ping":
+        return  # keepalive only: hearing it is the point
+    rid = request.get("id")
+    try:
+        with _heartbeats(rid, out):
+            reply = {"id": rid, "ok": True, "result": handle(request)}
+    except AgentError as err:
+        reply = {"id": rid, "ok": False, "code": err.code, "error": str(err)}
+    except Exception as err:  # report, keep serving: one bad request must not kill the pool
+        reply = {"id": rid, "ok": False, "code": "internal", "error": f"{type(err).__name__}: {err}"}  # fmt: skip
+    _emit(reply, out)
+
+
+@contextmanager
+def _heartbeats(rid, out=None):
+    """{"id": rid, "working": true} every HEARTBEAT_SECONDS until the block ends."""
+    done = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not done.wait(HEARTBEAT_SECONDS):
+                _emit({"id": rid, "working": True}, out)
+        except OSError:  # the session is gone; the work still finishes
+            pass
+
+    thread = threading.Thread(target=beat, name="agent-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()  # no heartbeat after the answer

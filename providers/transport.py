@@ -13,6 +13,9 @@ import itertools
 import json
 import logging
 import os
+import re
+import select
+import shlex
 import threading
 from pathlib import Path
 
@@ -32,8 +35,14 @@ if os.environ.get("IPVS_INGRESS_LOG"):
 
 CONNECT_TIMEOUT = 15.0
 AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts
-# Longer than the agent's own wait for the director lock, so a busy director answers "busy".
-REQUEST_TIMEOUT = 360.0
+# A dead connection is told from a long apply by the line protocol, not by a request timeout:
+# while a request runs the agent sends {"id", "working": true} every 5 s (agent.HEARTBEAT_SECONDS),
+# so SILENCE_SECONDS without a byte means the connection is lost, however long the apply takes.
+# The provider pings every PING_SECONDS while the session is open; the agent exits after 30 s
+# without a line (agent.IDLE_EXIT_SECONDS), so a dropped session leaves no agent behind.
+SILENCE_SECONDS = 20.0
+PING_SECONDS = 5.0
+_PING = b'{"op":"ping"}\n'
 # Sent as a tiny `python3 -c` program; it reads the agent's modules from the first stdin line.
 _BOOT = (
     "import json,sys,types\n"
@@ -94,6 +103,8 @@ class AgentSession:
         self._client: paramiko.SSHClient | None = None
         self._channel = None
         self._out = None
+        self._send_lock = threading.Lock()  # requests and pings share the channel
+        self._stop_pings = threading.Event()
         self.handshakes = 0
         self.agent_starts = 0
 
@@ -161,22 +172,46 @@ class AgentSession:
         channel.settimeout(AGENT_START_TIMEOUT)
         channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
         channel.sendall((json.dumps(_SOURCES) + "\n").encode())
-        greeting = self._read_line(f"starting the agent on director {d.host} (python3 -u -c ...)")
+        doing = f"starting the agent on director {d.host} (python3 -u -c ...)"
+        greeting = self._read_line(doing)
+        while greeting.get("working"):  # the agent runs and is loading pyroute2: it heartbeats
+            channel.settimeout(SILENCE_SECONDS)
+            greeting = self._read_line(doing, heartbeating=True)
         if not greeting.get("ready"):
             code = greeting.get("code", "agent")
             self.close()
             raise DirectorError(
                 f"director {d.host}: {greeting.get('error')}: {_FIXES.get(code, 'see the director')}"
             )
-        channel.settimeout(REQUEST_TIMEOUT)
+        channel.settimeout(SILENCE_SECONDS)
         self.agent_starts += 1
         log.info("agent started on director %s (pyroute2 %s)", d.label, greeting.get("pyroute2"))
+        self._stop_pings.set()  # a previous connection's pinger, if that one died on its own
+        self._stop_pings = stop = threading.Event()
+        threading.Thread(
+            target=self._ping, args=(channel, stop), name=f"ping {d.label}", daemon=True
+        ).start()
 
-    def _read_line(self, doing: str) -> dict:
+    def _ping(self, channel, stop: threading.Event) -> None:
+        """Tell the agent the session is alive; a failed send ends it (the next request sees why)."""
+        while not stop.wait(PING_SECONDS):
+            try:
+                with self._send_lock:
+                    channel.sendall(_PING)
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+
+    def _read_line(self, doing: str, heartbeating: bool = False) -> dict:
         try:
             line = self._out.readline()
         except TimeoutError:
             self.close()
+            if heartbeating:  # the agent heartbeats while it works: this silence is the network
+                raise DirectorError(
+                    f"lost the connection to director {self.director.label}: nothing came back for "
+                    f"{SILENCE_SECONDS:.0f} s while {doing} (the network dropped it or the director "
+                    "stopped): check the path to the director and run again"
+                ) from None
             raise DirectorError(f"director {self.director.host} did not answer while {doing}: check its load and python3") from None  # fmt: skip
         if not line:
             detail = self._stderr_tail()
@@ -222,10 +257,13 @@ class AgentSession:
     def _exchange(self, op: str, fields: dict) -> dict:
         rid = next(self._ids)
         try:
-            self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+            with self._send_lock:
+                self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
         except OSError as err:
             raise ConnectionError(str(err)) from None
-        reply = self._read_line(f"running {op}")
+        reply = self._read_line(f"running {op}", heartbeating=True)
+        while reply.get("working"):  # a heartbeat: the agent is alive and busy, keep waiting
+            reply = self._read_line(f"running {op}", heartbeating=True)
         if reply.get("id") != rid:
             self.close()
             raise DirectorError(
@@ -240,6 +278,7 @@ class AgentSession:
         return reply["result"]
 
     def close(self) -> None:
+        self._stop_pings.set()
         for thing in (self._channel, self._client):
             try:
                 if thing is not None:
@@ -252,13 +291,53 @@ class AgentSession:
 def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
     if not d.proxy_command:
         return None
-    command = d.proxy_command.replace("%h", d.host).replace("%p", str(d.port))
     try:
-        return paramiko.ProxyCommand(command)
+        return _ProxyCommand(proxy_command_line(d))
     except (OSError, ValueError, paramiko.SSHException) as err:
         raise DirectorError(
             f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
         ) from None
+
+
+class _ProxyCommand(paramiko.ProxyCommand):
+    """paramiko's ProxyCommand, except that a command that exited reads as end of file.
+
+    paramiko's own recv loops on a closed pipe until its timeout, busy: 15 s of a CPU before
+    "unreachable" for a proxy that failed at once.
+    """
+
+    def recv(self, size: int) -> bytes:
+        try:
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError()
+            return os.read(self.process.stdout.fileno(), size)  # b"" at EOF: paramiko's EOFError
+        except OSError as err:
+            if isinstance(err, TimeoutError):
+                raise
+            raise paramiko.ProxyCommandFailure(" ".join(self.cmd), err.strerror) from None
+
+
+_TOKEN = re.compile(r"%(.)", re.DOTALL)
+
+
+def proxy_command_line(d: model.Director) -> str:
+    """director.proxyCommand with %h, %p and %r (and %% for a literal %) filled in.
+
+    Each word of the command gets the values shell-quoted (shlex.quote) in place: a word that a
+    shell reads later (the script of `sh -c '... %h'`, or the remote command of
+    `ssh bastion nc %h %p`) sees each value as one word, never as shell text. paramiko splits
+    the line it is given with shlex, so the words are joined back with shlex.join.
+    """
+    values = {"h": d.host, "p": str(d.port), "r": d.user}
+
+    def fill(match: re.Match) -> str:
+        token = match[1]
+        if token == "%":
+            return "%"
+        return shlex.quote(values[token]) if token in values else match[0]
+
+    return shlex.join(_TOKEN.sub(fill, word) for word in shlex.split(d.proxy_command))
 
 
 def _shell_quote(text: str) -> str:

@@ -8,12 +8,16 @@ the pickled provider, never a resource input, and never an output.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
 import traceback
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import pulumi
+import pulumi.output
 from pulumi.dynamic import (
     CheckFailure,
     CheckResult,
@@ -25,17 +29,36 @@ from pulumi.dynamic import (
     ResourceProvider,
     UpdateResult,
 )
+from pulumi.runtime import rpc
 
 from providers import model
 from providers.transport import POOL, DirectorError
 
 log = logging.getLogger("ipvs_ingress.provider")
 PRIVATE_KEY_CONFIG = "ipvs-ingress:sshPrivateKey"
-_UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"  # pulumi.runtime.rpc.UNKNOWN, during previews
+MAX_REASON = 300  # a check failure is one line the engine prints; never a wall of text
 
 
 def _is_unknown(value: object) -> bool:
-    return value == _UNKNOWN or isinstance(value, pulumi.Output)
+    """A computed input during a preview, as the SDK delivers it to Check and Diff.
+
+    The SDK deserializes with keep_unknowns, so unknowns are `pulumi.output.Unknown` objects;
+    the raw sentinel string is accepted too, in case a value arrives unconverted.
+    """
+    return isinstance(value, pulumi.output.Unknown) or (
+        isinstance(value, str) and value == rpc.UNKNOWN
+    )
+
+
+def _has_unknown(value: object) -> bool:
+    """True if `value` is unknown or holds one anywhere inside (director.host, realServers[i])."""
+    if _is_unknown(value):
+        return True
+    if isinstance(value, Mapping):
+        return any(_has_unknown(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_unknown(v) for v in value)
+    return False
 
 
 class VirtualServiceProvider(ResourceProvider):
@@ -52,26 +75,31 @@ class VirtualServiceProvider(ResourceProvider):
     # -- pure: no SSH --
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         problems = model.check_virtual_service(news, unknown=_is_unknown)
+        if _is_unknown(news.get("director")):
+            # A director that is computed is not yet known, not "not an object".
+            problems = [p for p in problems if p.field != "director"]
         if problems:
-            return CheckResult(news, [CheckFailure(p.field, p.message) for p in problems])
-        if any(_is_unknown(v) for v in news.values()):
+            return CheckResult(
+                news, [CheckFailure(p.field, _one_line(p.message)) for p in problems]
+            )
+        if _has_unknown([news.get(k) for k in model.INPUT_KEYS]):
+            # Preview: the known parts passed; the rest is checked again once it is known.
             return CheckResult(news, [])
         director, spec = model.parse_virtual_service(news)
         return CheckResult(model.to_props(director, spec), [])
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        changed = model.changed_keys(_normalized(olds), _normalized(news))
-        replaces = [k for k in changed if k in model.REPLACE_KEYS]
         # Drift that refresh found and the inputs cannot show (e.g. a forwarding method) is repaired too.
         drift = olds.get("inSync") is False
-        # Same VIP:port/protocol under another director address (a new SSH port, an IP that
-        # became a name) may be the same kernel: delete first, or the new resource would adopt
-        # the old service and the old one's delete would then remove it.
-        same_service = not {"vip", "port", "protocol"} & set(changed)
+        old, new = _parsed_inputs(olds), _parsed_inputs(news)
+        if old is None or new is None:
+            return _diff_unparsed(olds, news, drift)
+        changed = model.changed_keys(old, new)
+        replaces = [k for k in changed if k in model.REPLACE_KEYS]
         return DiffResult(
             changes=bool(changed) or drift,
             replaces=replaces,
-            delete_before_replace=bool(replaces) and same_service,
+            delete_before_replace=_delete_first(replaces),
         )
 
     # -- through the director --
@@ -131,6 +159,85 @@ def _normalized(props: dict[str, Any]) -> dict[str, Any]:
         return model.to_props(*model.parse_virtual_service(inputs))
     except model.InvalidSpec:
         return inputs
+
+
+def _parsed_inputs(props: dict[str, Any]) -> dict[str, Any] | None:
+    """Normalized inputs, or None when they hold unknowns (preview) or do not parse."""
+    inputs = {k: props[k] for k in model.INPUT_KEYS if k in props}
+    if _has_unknown(inputs):
+        return None
+    try:
+        return model.to_props(*model.parse_virtual_service(inputs))
+    except model.InvalidSpec:
+        return None
+
+
+def _delete_first(replaces: list[str]) -> bool:
+    # Same VIP:port/protocol under another director address (a new SSH port, an IP that became
+    # a name) may be the same kernel: delete first, or the new resource would adopt the old
+    # service and the old one's delete would then remove it.
+    return bool(replaces) and not {"vip", "port", "protocol"} & set(replaces)
+
+
+_UNSEEN = object()  # stands for a value that is unknown in a preview
+
+
+def _diff_unparsed(olds: dict[str, Any], news: dict[str, Any], drift: bool) -> DiffResult:
+    """Diff when a side cannot be normalized: unknown values in a preview, or junk.
+
+    An unknown value may turn out different, so it counts as a change, and as a replacement if
+    it is one of the identity keys. Known identity values are compared in canonical form, so a
+    preview does not announce a replacement that the apply will not make.
+    """
+    old_id, new_id = _identity(olds), _identity(news)
+    replaces = [k for k in model.REPLACE_KEYS if new_id[k] is _UNSEEN or new_id[k] != old_id[k]]
+    inputs = [{k: p.get(k) for k in model.INPUT_KEYS} for p in (olds, news)]
+    changes = bool(replaces) or drift or _has_unknown(inputs[1]) or inputs[0] != inputs[1]
+    return DiffResult(
+        changes=changes, replaces=replaces, delete_before_replace=_delete_first(replaces)
+    )
+
+
+def _identity(props: Mapping[str, Any]) -> dict[str, Any]:
+    """The replace keys of (possibly unknown or invalid) props, each in canonical form."""
+    director = props.get("director")
+    if _is_unknown(director):
+        host = port = _UNSEEN
+    else:
+        director = director if isinstance(director, Mapping) else {}
+        host, port = director.get("host"), director.get("port", 22)
+    raw = {
+        "director.host": host,
+        "director.port": port,
+        "vip": props.get("vip"),
+        "port": props.get("port"),
+        "protocol": props.get("protocol", "tcp"),
+    }
+    return {k: _canonical(v) for k, v in raw.items()}
+
+
+def _canonical(value: Any) -> Any:
+    if value is _UNSEEN or _has_unknown(value):
+        return _UNSEEN
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return value.lower()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping | list):
+        return repr(value)  # junk: compared as text, never hashed or ordered
+    return value
+
+
+def _one_line(reason: str) -> str:
+    """A failure reason as one bounded line; the middle goes, so field and fix both stay."""
+    text = " ".join(str(reason).split())
+    if len(text) <= MAX_REASON:
+        return text
+    keep = (MAX_REASON - 5) // 2
+    return f"{text[:keep]} ... {text[-keep:]}"
 
 
 def _where(director: model.Director, spec: model.VirtualServiceSpec) -> dict:
@@ -193,16 +300,39 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
         )
 
 
-# The SDK's provider server answers every exception with a full traceback. A DirectorError is an
-# expected, explained failure (unreachable, wrong key, missing IPVS): show its one line only.
-_format_exc = traceback.format_exc
+class _ServerTraceback:
+    """The `traceback` module as the SDK's provider server sees it, with one difference.
+
+    The server (pulumi/dynamic/__main__.py, `_abort_with_traceback`) reports every exception
+    from Check/Diff/Create/Read/Update/Delete as `traceback.format_exc()`. A DirectorError or
+    InvalidSpec is an expected, explained failure (unreachable, wrong key, bad input): its one
+    line is the whole message. Anything else keeps its full traceback.
+    """
+
+    def __init__(self, real: types.ModuleType):
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def format_exc(self, *args: Any, **kwargs: Any) -> str:
+        err = sys.exc_info()[1]
+        if isinstance(err, DirectorError | model.InvalidSpec):
+            return " ".join(str(err).split())
+        return self._real.format_exc(*args, **kwargs)
 
 
-def _one_line_for_director_errors(*args, **kwargs) -> str:
-    err = sys.exc_info()[1]
-    if isinstance(err, DirectorError | model.InvalidSpec):
-        return str(err)
-    return _format_exc(*args, **kwargs)
+def _scope_one_line_errors_to_the_provider_server() -> None:
+    """Install _ServerTraceback as the provider server module's own `traceback` name only.
+
+    Nothing changes in any other process (the Pulumi program imports this module too) or for
+    any other code in this one. It always wraps the real traceback module, so importing or
+    reloading this module again replaces the shim instead of stacking shims.
+    """
+    server = sys.modules.get("__main__")
+    spec = getattr(server, "__spec__", None)
+    if getattr(spec, "name", None) == "pulumi.dynamic.__main__" and hasattr(server, "traceback"):
+        server.traceback = _ServerTraceback(traceback)
 
 
-traceback.format_exc = _one_line_for_director_errors
+_scope_one_line_errors_to_the_provider_server()

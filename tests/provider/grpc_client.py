@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from pulumi.dynamic.dynamic import serialize_provider
 from pulumi.runtime.proto import provider_pb2, provider_pb2_grpc
 
@@ -24,11 +24,23 @@ PROVIDER_KEY = "__provider"
 
 
 def to_struct(props: dict) -> struct_pb2.Struct:
-    return json_format.ParseDict(props, struct_pb2.Struct())
+    # Not json_format: a Struct carries inf and nan, which hostile tests send.
+    struct = struct_pb2.Struct()
+    struct.update(props)
+    return struct
 
 
 def from_struct(struct: struct_pb2.Struct) -> dict:
-    return json_format.MessageToDict(struct)
+    return {k: _from_value(v) for k, v in struct.fields.items()}
+
+
+def _from_value(value: struct_pb2.Value):
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return from_struct(value.struct_value)
+    if kind == "list_value":
+        return [_from_value(v) for v in value.list_value.values]
+    return None if kind in (None, "null_value") else getattr(value, kind)
 
 
 class ProviderServer:

@@ -224,3 +224,21 @@ def test_unreachable_director_is_one_line_naming_the_director_and_fix(tmp_path):
         assert "director.proxyCommand" in msg
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize(
+    "real_servers",
+    [
+        # Only one real server's address changes (same weights, same count).
+        [{"address": "203.0.113.13", "weight": 1}, {"address": "203.0.113.12", "weight": 1}],
+        # Only one real server's weight changes (same addresses).
+        [{"address": "203.0.113.11", "weight": 1}, {"address": "203.0.113.12", "weight": 2}],
+    ],
+    ids=["address-only", "weight-only"],
+)
+def test_diff_sees_a_change_of_only_an_address_or_only_a_weight(server, real_servers):
+    old, _ = server.check(props())
+    new, failures = server.check(props(realServers=real_servers))
+    assert failures == []
+    resp = server.diff("id", {**old, "inSync": True}, new)
+    assert resp.changes == resp.DIFF_SOME and list(resp.replaces) == []

@@ -175,3 +175,59 @@ def test_the_agent_is_started_once_and_reused(sshd, private_key):
     assert len(starts) == 1 and starts[0].startswith("exec python3 -u -c ")
     assert (session.handshakes, session.agent_starts) == (1, 1)
     session.close()
+
+
+HOSTILE_HOST = "fe80::1%x;touch${{IFS}}{marker};true"  # item 11: shell text in an IPv6 scope id
+
+
+def _run_proxy(director: model.Director, private_key: str) -> None:
+    # The proxy command runs, prints nothing SSH can use and exits: the connection fails.
+    with pytest.raises(transport.DirectorError, match="is unreachable"):
+        transport.AgentSession(director, private_key).request("hello")
+
+
+def test_proxy_command_values_cannot_run_a_command_in_a_shell_script(tmp_path, private_key):
+    marker, out = tmp_path / "marker", tmp_path / "out"
+    host = HOSTILE_HOST.format(marker=marker)
+    director = model.Director(
+        host=host, host_key=HOST_KEY, proxy_command=f"sh -c 'echo %h > {out}'"
+    )
+    _run_proxy(director, private_key)
+    assert not marker.exists()
+    assert out.read_text() == host + "\n"  # the value arrived whole, as one word
+
+
+def test_proxy_command_values_cannot_run_a_command_on_a_bastion(tmp_path, private_key):
+    # Like `ssh root@bastion nc %h %p`: ssh joins its arguments and the bastion's shell runs them.
+    fake_ssh = tmp_path / "ssh"
+    fake_ssh.write_text('#!/bin/sh\nshift\nexec sh -c "$*"\n')
+    fake_ssh.chmod(0o755)
+    marker, out = tmp_path / "marker", tmp_path / "out"
+    host = HOSTILE_HOST.format(marker=marker)
+    director = model.Director(
+        host=host, port=2222, host_key=HOST_KEY,
+        proxy_command=f"{fake_ssh} root@bastion echo %h %p > {out}",
+    )  # fmt: skip
+    _run_proxy(director, private_key)
+    assert not marker.exists()
+    assert out.read_text() == f"{host} 2222\n"
+
+
+def test_proxy_command_fills_in_host_port_user_and_percent(tmp_path, private_key):
+    out = tmp_path / "out"
+    director = model.Director(
+        host="2001:db8::2", port=2222, user="admin", host_key=HOST_KEY,
+        proxy_command=f"sh -c 'echo %h %p %r 100%% %x > {out}'",
+    )  # fmt: skip
+    _run_proxy(director, private_key)
+    assert out.read_text() == "2001:db8::2 2222 admin 100% %x\n"
+
+
+def test_a_proxy_command_that_closes_its_output_fails_at_once(private_key):
+    # Not after CONNECT_TIMEOUT of reading a closed pipe (paramiko's own ProxyCommand spins).
+    director = model.Director(
+        host="203.0.113.2", host_key=HOST_KEY, proxy_command="sh -c 'exec >&-; sleep 2'"
+    )
+    started = time.monotonic()
+    _run_proxy(director, private_key)
+    assert time.monotonic() - started < transport.CONNECT_TIMEOUT / 3
