@@ -143,6 +143,9 @@ def agent_exec(handle: Callable[[dict], dict], exited: threading.Event) -> Exec:
             agent.serve(handle, stdin=reader, out=out)
         finally:
             exited.set()
-            channel.close()
+            try:
+                channel.close()  # sshd closes the channel when the agent exits
+            except EOFError:  # the client already went away
+                pass
 
     return run

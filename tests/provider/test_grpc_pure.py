@@ -22,6 +22,7 @@ DIRECTOR = model.Director(host="203.0.113.2", host_key=HOST_KEY)
 def props(**over) -> dict:
     base = {
         "director": {"host": "203.0.113.2", "hostKey": HOST_KEY},
+        "owner": "ipvs-ingress/test",  # the owning stack (issue 7 item 5); ignored where unknown
         "vip": "203.0.113.201",
         "port": 80,
         "protocol": "tcp",
