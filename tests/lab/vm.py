@@ -7,7 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.lab.initramfs import READY_MARKER
+from tests.lab.initramfs import MASKED_UNITS, READY_MARKER
 from tests.lab.provision import Artifacts
 
 QEMU = "qemu-system-x86_64"
@@ -18,6 +18,7 @@ _FATAL = ("Kernel panic", "stage1:", "stage2:", "internal-error")
 INITS = ("busybox", "systemd")
 DISK_MIB = 64
 # systemd as PID 1: no udev renames eth0, no gettys waiting for devices, errors only on the console.
+_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE, with its NUL
 _SYSTEMD_CMDLINE = ("net.ifnames=0", "systemd.getty_auto=0", "systemd.show_status=error")
 
 
@@ -47,7 +48,8 @@ def qemu_argv(
     )
     extra: list[str] = []
     if init == "systemd":
-        cmdline += " " + " ".join((f"lab_stage2={art.stage2_systemd}", *_SYSTEMD_CMDLINE))
+        masks = (f"systemd.mask={unit}" for unit in MASKED_UNITS)
+        cmdline += " " + " ".join((f"lab_stage2={art.stage2_systemd}", *_SYSTEMD_CMDLINE, *masks))
         # Writeback: a guest fsync still reaches the image file (qemu flushes on request).
         extra = [
             "-drive",
@@ -55,6 +57,11 @@ def qemu_argv(
             "-device",
             "virtio-blk-pci,drive=st",
         ]
+    if len(cmdline) > _CMDLINE_MAX:
+        raise ValueError(
+            f"the director's kernel command line is {len(cmdline)} bytes, over the kernel's "
+            f"{_CMDLINE_MAX}: use a shorter IPVS_INGRESS_LAB_CACHE path than {art.cache}"
+        )
     return [
         QEMU,
         "-name",
