@@ -160,18 +160,20 @@ def reboot(power_cut: bool) -> int:
     if not labs:
         print("no lab is up (start one with `python -m tests.lab up --init systemd`)")
         return 1
+    code = 0
     for run in labs:
         try:
             took = harness.restart_director(run, run.info, clean=not power_cut)
         except (ValueError, RuntimeError) as exc:
             print(f"lab {run.id}: {exc}", file=sys.stderr)
-            return 1
+            code = 1
+            continue
         how = "power cut" if power_cut else "reboot"
         print(
             f"lab {run.id}: {how}: VM down after {took.down:.1f}s, "
             f"sshd answers {took.up:.1f}s after qemu started ({took.total:.1f}s in all)"
         )
-    return 0
+    return code
 
 
 def down() -> int:
