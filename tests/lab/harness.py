@@ -501,12 +501,12 @@ def restart_director(run: state.RunState, info: dict, clean: bool) -> Restart:
     config = vm.load_config(run_dir)
     if config["init"] != "systemd":
         raise ValueError(
-            f"lab {run.id} runs the busybox init, which has no disk to reboot to: "
+            "its director runs the busybox init, which has no disk to reboot to: "
             "start the lab with init systemd (`./dev lab up --init systemd`)"
         )
     running = [p for p in run.procs if p.what == "qemu" and p.alive()]
     if not running:
-        raise RuntimeError(f"the director VM of lab {run.id} is not running")
+        raise RuntimeError("its director VM is not running (`./dev lab down` cleans up)")
     qemu = running[-1]
     if run.owner == qemu:  # a lab left up by the CLI: keep it from looking stale meanwhile
         run.owner = state.Proc.of(os.getpid(), "lab reboot")
