@@ -78,6 +78,7 @@ def assert_up(request: pytest.FixtureRequest, lab: harness.Lab, when: str) -> No
         check=False,
         timeout=150,
     ).stdout.splitlines()
+    assert len(out) >= 2, f"no answer from systemctl / systemd-analyze: {out}"
     status, analyze, failed = out[0], out[1], [line.split()[0] for line in out[2:] if line]
     _say(request, f"systemd lab, {when}: {status}; {analyze.strip()}")
     if failed:
