@@ -4,7 +4,7 @@
 set -eu
 
 PKGS="qemu-system-x86 kmod iptables tcpdump openssh-server ipvsadm busybox-static cpio socat \
-iproute2 procps python3 python3-venv"
+iproute2 procps python3 python3-venv systemd e2fsprogs"
 
 missing=""
 for pkg in $PKGS; do

@@ -1,8 +1,9 @@
-"""A director lab for people: ``python -m tests.lab up|status|down`` (as root).
+"""A director lab for people: ``python -m tests.lab up|status|reboot|down`` (as root).
 
 ``up`` boots a lab that stays up after the command returns (its state lives under the lab cache)
 and prints how to reach the director and how to point a stack at it; ``status`` shows it again;
-``down`` tears it down. Everything runs inside the lab's own network namespaces, so the
+``reboot`` reboots the director (a lab started with ``up --init systemd``: systemd as PID 1 on a
+disk that survives reboots); ``down`` tears it down. Everything runs inside the lab's own network namespaces, so the
 director is reached through the printed ProxyCommand.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.lab import harness, provision, state
+from tests.lab import harness, provision, state, vm
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_FILE = REPO / "stacks" / "Pulumi.lab.yaml"
@@ -53,6 +54,7 @@ def _print_info(info: dict) -> None:
   ProxyCommand {info["proxyCommand"]}
   nodes        {nodes} (each DNATs {info["vip"]}:80 to its :{harness.NODE_PORT})
   namespaces   lab {ns["lab"]}, client {ns["client"]}
+  init         {info.get("init", "busybox")}
 
 Try it (as root; the director is only reachable through the lab's namespace):
   {shlex.join(ssh)}
@@ -111,7 +113,7 @@ def write_lab_stack(info: dict, pulumi: str | None = None) -> None:
     print("stack lab selected, its sshPrivateKey set (secret)", file=sys.stderr)
 
 
-def up(nodes: int) -> int:
+def up(nodes: int, init: str) -> int:
     art = provision.provision()
     print(f"provisioning: {art.elapsed:.1f}s", file=sys.stderr)
     for run in _persistent(art.cache):
@@ -120,7 +122,7 @@ def up(nodes: int) -> int:
             write_lab_stack(run.info)
             _print_info(run.info)
             return 0
-    lab = harness.Lab(nodes=nodes, artifacts=art, persistent=True).start()
+    lab = harness.Lab(nodes=nodes, artifacts=art, persistent=True, init=init).start()
     lab.adopt_by_vm()
     print(f"boot: {lab.boot_seconds:.1f}s", file=sys.stderr)
     write_lab_stack(lab.describe())
@@ -153,6 +155,27 @@ def status() -> int:
     return code
 
 
+def reboot(power_cut: bool) -> int:
+    labs = [r for r in _persistent(provision.cache_dir()) if r.owner.alive()]
+    if not labs:
+        print("no lab is up (start one with `python -m tests.lab up --init systemd`)")
+        return 1
+    code = 0
+    for run in labs:
+        try:
+            took = harness.restart_director(run, run.info, clean=not power_cut)
+        except (ValueError, RuntimeError) as exc:
+            print(f"lab {run.id}: {exc}", file=sys.stderr)
+            code = 1
+            continue
+        how = "power cut" if power_cut else "reboot"
+        print(
+            f"lab {run.id}: {how}: VM down after {took.down:.1f}s, "
+            f"sshd answers {took.up:.1f}s after qemu started ({took.total:.1f}s in all)"
+        )
+    return code
+
+
 def down() -> int:
     cache = provision.cache_dir()
     labs = _persistent(cache)
@@ -174,16 +197,29 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="boot a lab that stays up").add_argument(
-        "--nodes", type=int, default=2, help="node namespaces (default 2)"
+    up_args = sub.add_parser("up", help="boot a lab that stays up")
+    up_args.add_argument("--nodes", type=int, default=2, help="node namespaces (default 2)")
+    up_args.add_argument(
+        "--init",
+        choices=vm.INITS,
+        default="busybox",
+        help="the director's PID 1: busybox (default, fastest) or systemd (a disk that "
+        "survives `reboot`)",
     )
     sub.add_parser("status", help="show the running lab and its IPVS table")
+    sub.add_parser(
+        "reboot", help="reboot the director (a lab up with --init systemd)"
+    ).add_argument(
+        "--power-cut", action="store_true", help="kill qemu instead of `systemctl reboot`"
+    )
     sub.add_parser("down", help="tear the lab down")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("the lab needs root (network namespaces, tap, iptables)")
     if args.command == "up":
-        return up(args.nodes)
+        return up(args.nodes, args.init)
+    if args.command == "reboot":
+        return reboot(args.power_cut)
     return status() if args.command == "status" else down()
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.lab import capture, provision, state, vm
@@ -32,6 +33,7 @@ NODE_PORT = 8080
 NODE_SERVER = Path(__file__).with_name("node_server.py")
 HOST_PYTHON = "/usr/bin/python3"  # stdlib only; fast to start, independent of any venv
 BOOT_TIMEOUT = 120.0
+SHUTDOWN_TIMEOUT = 60.0  # `systemctl reboot` until qemu exits (-no-reboot); seen: 4-5 s
 
 _CLIENT = """
 import json, sys, urllib.request
@@ -74,12 +76,21 @@ class Lab:
     client_ip = "203.0.113.10"
 
     def __init__(
-        self, nodes: int = 2, artifacts: provision.Artifacts | None = None, persistent: bool = False
+        self,
+        nodes: int = 2,
+        artifacts: provision.Artifacts | None = None,
+        persistent: bool = False,
+        init: str = "busybox",
     ) -> None:
+        """`init="systemd"`: the director runs systemd as PID 1 on a disk of its own that
+        survives `reboot()` and `power_cut()`; the default busybox init boots faster."""
         if not 2 <= nodes <= 50:
             raise ValueError("a lab has 2..50 nodes")
+        if init not in vm.INITS:
+            raise ValueError(f"init {init!r} is not one of {', '.join(vm.INITS)}")
         self.art = artifacts or provision.provision()
         self.persistent = persistent
+        self.init = init
         self.id = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.lab_ns = f"lab-{self.id}"
         self.client_ns = f"{self.lab_ns}-cli"
@@ -94,6 +105,7 @@ class Lab:
         self.known_hosts = self.run_dir / "known_hosts"
         self.control_path = self.run_dir / "ssh.sock"  # see _ssh_master_opts
         self.boot_seconds: float | None = None
+        self.director_boot_seconds: float | None = None  # qemu start -> ssh answers
         self.stale_cleaned: list[str] = []  # ids of dead runs' labs removed by start()
         self._state: state.RunState | None = None
         self._creator = os.getpid()
@@ -133,8 +145,16 @@ class Lab:
 
     def adopt_by_vm(self) -> None:
         """A lab left up by `python -m tests.lab up` lives exactly as long as its VM."""
-        self._state.owner = next(p for p in self._state.procs if p.what == "qemu")
+        self._state.owner = [p for p in self._state.procs if p.what == "qemu"][-1]
         self._state.save()
+
+    def reboot(self) -> Restart:
+        """`systemctl reboot` on the director (systemd lab only); back when ssh works."""
+        return restart_director(self._state, self.describe(), clean=True)
+
+    def power_cut(self) -> Restart:
+        """Kill the director's qemu with SIGKILL and start it again on the same disk."""
+        return restart_director(self._state, self.describe(), clean=False)
 
     def close(self) -> None:
         if self._closed or os.getpid() != self._creator or self._state is None:
@@ -266,25 +286,23 @@ class Lab:
 
     def _boot_director(self, wait_ready: bool) -> None:
         self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
+        disk = vm.make_disk(self.run_dir) if self.init == "systemd" else None
         argv = vm.qemu_argv(
-            self.art, self.run_dir, f"{self.director_ip}/24", f"ipvs-ingress-lab-{self.id}"
+            self.art,
+            self.run_dir,
+            f"{self.director_ip}/24",
+            f"ipvs-ingress-lab-{self.id}",
+            init=self.init,
+            disk=disk,
         )
+        vm.save_config(self.run_dir, self.init, argv)
+        started = time.monotonic()
         proc = vm.start(self.lab_ns, argv, self.run_dir)
         self._state.add_proc(proc.pid, "qemu")
         if not wait_ready:
             return
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        vm.wait_console_ready(proc, self.run_dir, BOOT_TIMEOUT)
-        while True:  # sshd was started; wait until it accepts us
-            probe = self.director("true", check=False, timeout=15)
-            if probe.returncode == 0:
-                self._start_ssh_master()
-                return
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(
-                    f"no ssh to the director: {probe.stderr}\n{vm.serial_tail(self.run_dir)}"
-                )
-            time.sleep(0.3)
+        _wait_for_ssh(self._state, self.describe(), proc)
+        self.director_boot_seconds = time.monotonic() - started
 
     # -- running things -----------------------------------------------------------------------
 
@@ -299,25 +317,6 @@ class Lab:
 
     def _ssh_master_opts(self) -> list[str]:
         return _ssh_master_opts(Path(self.describe()["runDir"]))
-
-    def _start_ssh_master(self) -> None:
-        if not self._ssh_master_opts():
-            return
-        argv = self.ssh_argv("")[:-2]
-        argv[argv.index("ControlMaster=no")] = "ControlMaster=yes"
-        proc = subprocess.Popen(
-            [*argv, "-N", f"{self.ssh_user}@{self.director_ip}"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self._state.add_proc(proc.pid, "ssh master")
-        deadline = time.monotonic() + 15
-        while not self.control_path.exists() and proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError("ssh master connection to the director did not come up")
-            time.sleep(0.05)
 
     def director(
         self, cmd: str, check: bool = True, timeout: float = 60
@@ -430,7 +429,114 @@ class Lab:
             "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
             "runDir": str(self.run_dir),
             "knownHosts": str(self.known_hosts),
+            "init": self.init,
         }
+
+
+# -- booting and rebooting the director (also for `python -m tests.lab reboot`) ---------------
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Seconds of one director restart: until the old VM was gone, and from starting the new
+    qemu until ssh worked (sshd runs under systemd, so ssh working means systemd got that far)."""
+
+    down: float
+    up: float
+
+    @property
+    def total(self) -> float:
+        return self.down + self.up
+
+
+def _wait_for_ssh(run: state.RunState, info: dict, proc: subprocess.Popen) -> None:
+    run_dir = Path(run.dir)
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    vm.wait_console_ready(proc, run_dir, BOOT_TIMEOUT)
+    while True:  # sshd was started; wait until it accepts us
+        probe = _run(ssh_argv(info, "true"), False, 15)
+        if probe.returncode == 0:
+            _start_ssh_master(run, info)
+            return
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"no ssh to the director: {probe.stderr}\n{vm.serial_tail(run_dir)}")
+        time.sleep(0.3)
+
+
+def _start_ssh_master(run: state.RunState, info: dict) -> None:
+    run_dir = Path(info["runDir"])
+    if not _ssh_master_opts(run_dir):
+        return
+    argv = ssh_argv(info, "")[:-2]
+    argv[argv.index("ControlMaster=no")] = "ControlMaster=yes"
+    proc = subprocess.Popen(
+        [*argv, "-N", f"{info['user']}@{info['host']}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    run.add_proc(proc.pid, "ssh master")
+    control_path = run_dir / "ssh.sock"
+    deadline = time.monotonic() + 15
+    while not control_path.exists() and proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("ssh master connection to the director did not come up")
+        time.sleep(0.05)
+
+
+def _forget(run: state.RunState, what: str) -> None:
+    """Kill (if alive) and stop tracking the run's processes called `what`."""
+    for proc in [p for p in run.procs if p.what == what]:
+        state.kill(proc)
+        run.procs.remove(proc)
+    run.save()
+
+
+def restart_director(run: state.RunState, info: dict, clean: bool) -> Restart:
+    """Reboot the director VM of a systemd lab and wait until ssh works again: `clean` asks
+    systemd (qemu exits on the guest's reboot: -no-reboot), otherwise qemu is killed with
+    SIGKILL, a power cut. qemu then starts again on the same disk, with the same command line."""
+    run_dir = Path(run.dir)
+    config = vm.load_config(run_dir)
+    if config["init"] != "systemd":
+        raise ValueError(
+            "its director runs the busybox init, which has no disk to reboot to: "
+            "start the lab with init systemd (`./dev lab up --init systemd`)"
+        )
+    running = [p for p in run.procs if p.what == "qemu" and p.alive()]
+    if not running:
+        raise RuntimeError("its director VM is not running (`./dev lab down` cleans up)")
+    qemu = running[-1]
+    if run.owner == qemu:  # a lab left up by the CLI: keep it from looking stale meanwhile
+        run.owner = state.Proc.of(os.getpid(), "lab reboot")
+        run.save()
+    started = time.monotonic()
+    if clean:
+        # The ssh session may end with the connection (255); qemu's exit is the evidence.
+        _run(ssh_argv(info, "systemctl reboot"), False, 30)
+    else:
+        os.kill(qemu.pid, signal.SIGKILL)
+    deadline = time.monotonic() + (SHUTDOWN_TIMEOUT if clean else 10)
+    while qemu.alive():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"qemu (pid {qemu.pid}) did not exit\n{vm.serial_tail(run_dir)}")
+        state.reap(qemu.pid)
+        time.sleep(0.1)
+    state.reap(qemu.pid)
+    down = time.monotonic() - started
+    _forget(run, "ssh master")  # its connection died with the VM; a power cut leaves it hanging
+    (run_dir / "ssh.sock").unlink(missing_ok=True)
+    run.procs.remove(qemu)
+    vm.rotate_logs(run_dir)
+    started = time.monotonic()
+    proc = vm.start(info["namespaces"]["lab"], config["argv"], run_dir)
+    new = run.add_proc(proc.pid, "qemu")
+    if run.persistent:
+        run.owner = new
+        run.save()
+    _wait_for_ssh(run, info, proc)
+    return Restart(down=down, up=time.monotonic() - started)
 
 
 def _ssh_master_opts(run_dir: Path) -> list[str]:

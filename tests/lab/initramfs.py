@@ -41,13 +41,13 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \\
     || {{ echo "stage1: overlay mount failed"; exit 1; }}
 umount /proc
-exec switch_root /newroot /bin/sh "$LAB_CACHE/boot/stage2.sh"
+# lab_stage2 picks another stage 2 (the systemd lab's); the busybox one by default.
+exec switch_root /newroot /bin/sh "${{LAB_STAGE2:-$LAB_CACHE/boot/stage2.sh}}"
 """
 
-STAGE2 = f"""#!/bin/sh
-# Stage 2, PID 1 of the director VM on the overlay root. Leaves ip_vs and ip_forward alone:
-# setting them up is the product's job. Exiting panics the kernel, which stops qemu.
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+# Stage 2's setup, shared by both inits: API filesystems, the VM's view of the lab cache, eth0,
+# root's authorized key.
+_STAGE2_SETUP = f"""export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 set -eu
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -73,11 +73,113 @@ ip link set eth0 up
 mkdir -p -m 700 /root/.ssh
 cp "$LAB_CACHE/keys/client_ed25519.pub" /root/.ssh/authorized_keys
 chmod 600 /root/.ssh/authorized_keys
-mkdir -p -m 755 /run/sshd
+"""
+
+STAGE2 = f"""#!/bin/sh
+# Stage 2, PID 1 of the director VM on the overlay root. Leaves ip_vs and ip_forward alone:
+# setting them up is the product's job. Exiting panics the kernel, which stops qemu.
+{_STAGE2_SETUP}mkdir -p -m 755 /run/sshd
 /usr/sbin/sshd -D -e -f "$LAB_CACHE/boot/sshd_config" &
 echo "{READY_MARKER}"
 wait
 echo "stage2: sshd exited"
+"""
+
+# The systemd lab's persistent disk (a raw image on the host, /dev/vda in the VM) and what of it
+# the director sees: the product's state directory, and the upper layer of /etc/systemd/system.
+DISK_MOUNT = "/lab-disk"
+STATE_DIR = "/var/lib/ipvs-ingress"
+SSHD_UNIT = "lab-sshd.service"
+# Host units that would wait (gettys: no udev, 90 s device timeouts), start needlessly or clash
+# (the host's own ssh.service: the lab's sshd is SSHD_UNIT). Masked by `systemd.mask=` kernel
+# options (see vm.py): no process start per unit in stage 2, and nothing of it on the disk.
+MASKED_UNITS = (
+    "ssh.service",
+    "serial-getty@ttyS0.service",
+    "getty@tty1.service",
+    "postgresql.service",
+    "postgresql@.service",
+    "systemd-timesyncd.service",
+    "systemd-pstore.service",
+    "e2scrub_reap.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "man-db.timer",
+    "fstrim.timer",
+    "e2scrub_all.timer",
+    # No use in this VM, and each costs a process start under TCG before sshd comes up.
+    "modprobe@drm.service",
+    "modprobe@dm_mod.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    "dev-hugepages.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    "systemd-binfmt.service",
+    "systemd-sysusers.service",
+)
+
+STAGE2_SYSTEMD = f"""#!/bin/sh
+# Stage 2 of the systemd lab (tests/lab, Lab(init="systemd")): the busybox stage 2's setup, the
+# lab's disk, then systemd as PID 1. Every boot passes through stage 1, so this runs on every boot.
+step=setup
+trap 'echo "stage2: $step failed"' EXIT
+{_STAGE2_SETUP}
+step="mount the lab disk"
+modprobe virtio_blk
+modprobe ext4
+i=0
+while [ ! -b /dev/vda ]; do  # devtmpfs adds the node shortly after the driver binds
+    i=$((i + 1))
+    [ "$i" -le 100 ]
+    sleep 0.1
+done
+mkdir -p {DISK_MOUNT}
+mount -t ext4 /dev/vda {DISK_MOUNT}
+mkdir -p {DISK_MOUNT}/state {DISK_MOUNT}/units/upper {DISK_MOUNT}/units/work {STATE_DIR}
+mount --bind {DISK_MOUNT}/state {STATE_DIR}
+# Units enabled at run time land in the upper layer, on the disk: they survive a reboot.
+mount -t overlay -o lowerdir=/etc/systemd/system,upperdir={DISK_MOUNT}/units/upper,\\
+workdir={DISK_MOUNT}/units/work lab-units /etc/systemd/system
+
+step="prepare systemd"
+if [ ! -s {DISK_MOUNT}/machine-id ]; then  # one machine for the life of the disk
+    tr -d - < /proc/sys/kernel/random/uuid > {DISK_MOUNT}/machine-id.new
+    sync {DISK_MOUNT}/machine-id.new
+    mv {DISK_MOUNT}/machine-id.new {DISK_MOUNT}/machine-id
+    sync {DISK_MOUNT}
+fi
+read -r machine_id < {DISK_MOUNT}/machine-id  # shell builtins: each exec costs under TCG
+echo "$machine_id" > /etc/machine-id
+echo director > /etc/hostname
+# The host image is a container: with /.dockerenv systemd runs in container mode (ignores the
+# systemd.* kernel options, skips what a VM's PID 1 does).
+rm -f /.dockerenv
+# Debian's rule empties /tmp at boot: through the overlay that takes minutes and deletes the
+# host's /tmp as this VM sees it (the lab cache may live there).
+echo 'd /tmp 1777 root root -' > /etc/tmpfiles.d/tmp.conf
+units=/run/systemd/system
+mkdir -p "$units/multi-user.target.wants"
+# Written on every boot by this script, so sshd comes back after any reboot.
+cat > "$units/{SSHD_UNIT}" <<UNIT
+[Unit]
+Description=sshd of the ipvs-ingress director lab (tests/lab)
+After=network.target
+
+[Service]
+ExecStart=/usr/sbin/sshd -D -e -f $LAB_CACHE/boot/sshd_config
+ExecStartPost=/bin/sh -c 'echo {READY_MARKER} > /dev/console'
+RuntimeDirectory=sshd
+RuntimeDirectoryMode=0755
+KillMode=process
+Restart=always
+RestartSec=1
+UNIT
+ln -sfn "../{SSHD_UNIT}" "$units/multi-user.target.wants/{SSHD_UNIT}"
+trap - EXIT
+exec /lib/systemd/systemd
 """
 
 

@@ -13,6 +13,7 @@ Run ``python -m tests.lab.provision`` to provision by hand.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import lzma
 import os
 import shutil
@@ -42,6 +43,7 @@ class Artifacts:
     vmlinux: Path
     initrd: Path
     stage2: Path
+    stage2_systemd: Path  # stage 2 of Lab(init="systemd")
     sshd_config: Path
     pyroute2_dir: Path
     vm_site_packages: str  # where the VM's python3 reads .pth files
@@ -234,6 +236,10 @@ def provision() -> Artifacts:
         stage2, sshd_config = boot / "stage2.sh", boot / "sshd_config"
         _write_if_changed(stage2, initramfs.STAGE2, 0o755)
         _write_if_changed(sshd_config, initramfs.sshd_config(host_key))
+        # Named by content: labs of other checkouts may share this cache and boot concurrently.
+        digest = hashlib.sha256(initramfs.STAGE2_SYSTEMD.encode()).hexdigest()[:12]
+        stage2_systemd = boot / f"stage2-systemd-{digest}.sh"
+        _write_if_changed(stage2_systemd, initramfs.STAGE2_SYSTEMD, 0o755)
     return Artifacts(
         cache=cache,
         kernel_version=version,
@@ -241,6 +247,7 @@ def provision() -> Artifacts:
         vmlinux=vmlinux,
         initrd=initrd,
         stage2=stage2,
+        stage2_systemd=stage2_systemd,
         sshd_config=sshd_config,
         pyroute2_dir=pyroute2_dir,
         vm_site_packages=vm_site_packages(),

@@ -50,7 +50,7 @@ class Proc:
         return start_time(self.pid) == self.start
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -68,11 +68,11 @@ def kill(proc: Proc, grace: float = 3.0) -> None:
             break
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            _reap(proc.pid)
+            reap(proc.pid)
             if not proc.alive():
                 break
             time.sleep(0.05)
-    _reap(proc.pid)
+    reap(proc.pid)
     if proc.alive():
         raise RuntimeError(f"could not kill {proc.what} (pid {proc.pid})")
 

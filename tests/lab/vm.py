@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
-from tests.lab.initramfs import READY_MARKER
+from tests.lab.initramfs import MASKED_UNITS, READY_MARKER
 from tests.lab.provision import Artifacts
 
 QEMU = "qemu-system-x86_64"
@@ -14,9 +15,23 @@ MAC = "52:54:00:a0:00:02"
 TAP = "tap0"
 # Seen on the serial console when the VM will never get ready.
 _FATAL = ("Kernel panic", "stage1:", "stage2:", "internal-error")
+INITS = ("busybox", "systemd")
+DISK_MIB = 64
+# systemd as PID 1: no udev renames eth0, no gettys waiting for devices, errors only on the console.
+_CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE, with its NUL
+_SYSTEMD_CMDLINE = ("net.ifnames=0", "systemd.getty_auto=0", "systemd.show_status=error")
 
 
-def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[str]:
+def qemu_argv(
+    art: Artifacts,
+    run_dir: Path,
+    address: str,
+    name: str,
+    init: str = "busybox",
+    disk: Path | None = None,
+) -> list[str]:
+    """qemu's command line; with `init="systemd"`, stage 2 ends in systemd and `disk` (see
+    make_disk) is the VM's /dev/vda."""
     # Values for stage 1 and 2 (see initramfs.py); the kernel ignores unknown parameters.
     cmdline = " ".join(
         [
@@ -31,6 +46,22 @@ def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[st
             f"lab_pysite={art.vm_site_packages}",
         ]
     )
+    extra: list[str] = []
+    if init == "systemd":
+        masks = (f"systemd.mask={unit}" for unit in MASKED_UNITS)
+        cmdline += " " + " ".join((f"lab_stage2={art.stage2_systemd}", *_SYSTEMD_CMDLINE, *masks))
+        # Writeback: a guest fsync still reaches the image file (qemu flushes on request).
+        extra = [
+            "-drive",
+            f"file={disk},format=raw,if=none,id=st,cache=writeback",
+            "-device",
+            "virtio-blk-pci,drive=st",
+        ]
+    if len(cmdline) > _CMDLINE_MAX:
+        raise ValueError(
+            f"the director's kernel command line is {len(cmdline)} bytes, over the kernel's "
+            f"{_CMDLINE_MAX}: use a shorter IPVS_INGRESS_LAB_CACHE path than {art.cache}"
+        )
     return [
         QEMU,
         "-name",
@@ -70,7 +101,43 @@ def qemu_argv(art: Artifacts, run_dir: Path, address: str, name: str) -> list[st
         f"tap,id=n0,ifname={TAP},script=no,downscript=no",
         "-device",
         f"virtio-net-pci,netdev=n0,mac={MAC}",
+        *extra,
     ]
+
+
+def make_disk(run_dir: Path) -> Path:
+    """A fresh ext4 image for the systemd lab; it lives (and dies) with the run directory."""
+    disk = run_dir / "disk.img"
+    with open(disk, "wb") as fh:
+        fh.truncate(DISK_MIB * 1024 * 1024)
+    done = subprocess.run(
+        ["mkfs.ext4", "-F", "-q", "-L", "lab-disk", str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"mkfs.ext4 {disk} failed: {done.stderr.strip()}")
+    return disk
+
+
+def save_config(run_dir: Path, init: str, argv: list[str]) -> None:
+    """What a later process (`python -m tests.lab reboot`) needs to start this VM again."""
+    (run_dir / "vm.json").write_text(json.dumps({"init": init, "argv": argv}))
+
+
+def load_config(run_dir: Path) -> dict:
+    path = run_dir / "vm.json"
+    return json.loads(path.read_text()) if path.exists() else {"init": "busybox", "argv": []}
+
+
+def rotate_logs(run_dir: Path) -> None:
+    """Keep the logs of every earlier boot of this run (serial.1.log, ...); qemu truncates."""
+    boots = 1 + sum(1 for _ in run_dir.glob("serial.*.log"))
+    for name in ("serial", "qemu"):
+        path = run_dir / f"{name}.log"
+        if path.exists():
+            path.rename(run_dir / f"{name}.{boots}.log")
 
 
 def can_start() -> str | None:
