@@ -1,7 +1,10 @@
 """ipvs-ingress: nginx behind VIPs that an IPVS director forwards to the nodes (Direct Routing)."""
 
+import os
+
 import pulumi
 
+from components import kubeconfig
 from components.admission import ExternalIPGuard
 from components.config import KEYS, SECRET_KEY, TEXT_KEYS, ConfigError, load, path
 from components.ingress import Ingress
@@ -28,17 +31,27 @@ if cfg.bootstrap:
             f"`pulumi config set --secret {SECRET_KEY} < ~/.ssh/id_ed25519`"
         )
 
-# The guard first: it must name the Service before the Service claims the VIPs.
-guard = [ExternalIPGuard("external-ip-guard", cfg)] if cfg.guard.enabled else []
-web = WebApp(
-    cfg.app.name,
-    cfg,
-    instance=f"{cfg.app.name}-{pulumi.get_stack()}",
-    opts=pulumi.ResourceOptions(depends_on=guard),
-)
-ingress = Ingress("ingress", cfg, service=web.service, private_key=private_key)
+web = None
+if cfg.kubernetes:
+    # Stop the preview here, not pulumi-kubernetes half way through an apply.
+    k8s = pulumi.Config("kubernetes")
+    missing = kubeconfig.problem(
+        os.environ, {k: k8s.get(k) for k in ("kubeconfig", "renderYamlToDirectory")}
+    )
+    if missing:
+        raise pulumi.RunError(missing)
+    # The guard first: it must name the Service before the Service claims the VIPs.
+    guard = [ExternalIPGuard("external-ip-guard", cfg)] if cfg.guard.enabled else []
+    web = WebApp(
+        cfg.app.name,
+        cfg,
+        instance=f"{cfg.app.name}-{pulumi.get_stack()}",
+        opts=pulumi.ResourceOptions(depends_on=guard),
+    )
+ingress = Ingress("ingress", cfg, service=web.service if web is not None else None, private_key=private_key)
 
 pulumi.export("vips", [vip.address for vip in cfg.vips])
 pulumi.export("urls", list(cfg.urls))
 pulumi.export("virtualServices", ingress.ipvsadm)
-pulumi.export("service", web.service_name)
+if web is not None:  # director side only: no Service, so no `service` output at all
+    pulumi.export("service", web.service_name)

@@ -29,9 +29,9 @@ from providers.model import _short as _short
 
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
-KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS)
+KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes")
 # Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
-TEXT_KEYS = ("guardExternalIPs",)
+TEXT_KEYS = ("guardExternalIPs", "kubernetes")
 SECRET_KEY = "sshPrivateKey"
 
 APP_DEFAULTS: dict[str, Any] = {
@@ -102,6 +102,8 @@ class StackConfig:
     # One per (VIP, port, protocol), exactly as the VirtualService resource receives it.
     virtual_services: tuple[VirtualServiceSpec, ...]
     guard: Guard = dataclasses.field(default_factory=lambda: Guard(True, ()))
+    # False: the director side only (no Deployment, Service or guard; the nodes forward the VIPs).
+    kubernetes: bool = True
 
     @property
     def service_ports(self) -> tuple[VipPort, ...]:
@@ -182,6 +184,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
     specs = _virtual_services(report, vips, real_servers, values.get("director"))
     targets = _target_ports(report, vips, app.container_port)
     guard = _guard(report, values)
+    kubernetes = _kubernetes(report, values.get("kubernetes"), guard)
     if report.problems:
         raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
@@ -200,6 +203,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         bootstrap=bootstrap,
         virtual_services=tuple(s for group in specs for s in group),
         guard=guard,
+        kubernetes=kubernetes,
     )
 
 
@@ -538,3 +542,21 @@ def _cidr(value: Any) -> tuple[str | None, str]:
     if network.network_address != ipaddress.ip_address(address):
         return None, f"it has host bits set: write {network}"
     return str(network), ""
+
+
+# --- the Kubernetes side on or off -------------------------------------------------------------
+
+
+def _kubernetes(report: _Report, raw: Any, guard: Guard) -> bool:
+    """Whether the program manages the cluster side (Deployment, Service, guard): on unless off."""
+    name = path("kubernetes")
+    if raw is None or isinstance(raw, bool):
+        enabled = raw is not False
+    elif raw in ("true", "false"):  # the engine hands a boolean over as text
+        enabled = raw == "true"
+    else:
+        report.add(name, f"{_short(raw)} is not a boolean: use true to manage the app's Deployment and Service on the cluster too, false to manage only the director")  # fmt: skip
+        return True
+    if guard.pool and guard.enabled and not enabled:
+        report.add(path("externalIPPool"), f"{_short(list(guard.pool))} is set but {name} is false, so no guard is deployed to enforce it: remove {path('externalIPPool')} or set {name} true")  # fmt: skip
+    return enabled

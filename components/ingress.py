@@ -30,13 +30,14 @@ class Ingress(pulumi.ComponentResource):
         self,
         name: str,
         cfg: StackConfig,
-        service: pulumi.Resource,
+        service: pulumi.Resource | None,
         private_key: pulumi.Input[str] | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ):
         super().__init__("ipvs-ingress:index:Ingress", name, None, opts)
-        # Send VIP traffic only once the Service (its externalIPs on every node) exists.
-        depends_on: list[pulumi.Resource] = [service]
+        # Send VIP traffic only once the Service (its externalIPs on every node) exists. None:
+        # the director side only, the nodes' forwarding is managed elsewhere (ipvs-ingress:kubernetes).
+        depends_on: list[pulumi.Resource] = [service] if service is not None else []
         self.bootstrap = None
         if cfg.bootstrap:
             if private_key is None:

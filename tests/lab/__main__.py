@@ -70,10 +70,15 @@ Or any other stack by hand:
 
 
 def lab_stack(info: dict) -> dict:
-    """A complete stack config for this lab: its VIP on :80, its nodes, its director."""
+    """A complete stack config for this lab: its VIP on :80, its nodes, its director.
+
+    The director side only (kubernetes: false): the lab's nodes are stand-ins that forward the
+    VIP themselves, as kube-proxy would, so `pulumi up --stack lab` needs no cluster.
+    """
     director = harness.director_config(info)
     return {
         "config": {
+            "ipvs-ingress:kubernetes": False,
             "ipvs-ingress:vips": [
                 {"address": info["vip"], "ports": [{"port": 80, "protocol": "tcp"}]}
             ],

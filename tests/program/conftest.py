@@ -55,6 +55,17 @@ DEV_CONFIG: dict[str, Any] = {
 }
 
 
+# The kubeconfig itself as the stack's kubernetes:kubeconfig (pulumi-kubernetes takes a path or
+# the contents): the program sees a cluster configured without a file on this machine.
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: test, cluster: {server: "https://192.0.2.10:6443"}}]
+contexts: [{name: test, context: {cluster: test, user: test}}]
+current-context: test
+users: [{name: test, user: {token: test-only}}]
+"""
+
+
 def dev_config(**director: Any) -> dict[str, Any]:
     cfg = copy.deepcopy(DEV_CONFIG)
     cfg["director"].update(director)
@@ -153,13 +164,17 @@ def run_program(
     private_key: str | None = None,
     stack: str = "dev",
     raw: dict[str, str] | None = None,
+    kubeconfig: str | None = KUBECONFIG,
 ) -> Run:
     """Run __main__.py with `values` (bare keys) as the stack config; return what it did.
 
-    `raw` sets config strings as-is (the engine hands structured values over as JSON text).
+    `raw` sets config strings as-is (the engine hands structured values over as JSON text);
+    `kubeconfig` is the stack's kubernetes:kubeconfig (None: unset).
     """
     config = {f"{PROJECT}:{k}": json.dumps(v) for k, v in values.items()}
     config.update({f"{PROJECT}:{k}": v for k, v in (raw or {}).items()})
+    if kubeconfig is not None:
+        config["kubernetes:kubeconfig"] = kubeconfig
     if private_key is not None:
         config[f"{PROJECT}:sshPrivateKey"] = private_key
     run = Run()

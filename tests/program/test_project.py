@@ -54,20 +54,24 @@ def test_private_key_is_a_secret_without_a_default(project):
     assert decl == {"type": "string", "secret": True, "description": decl["description"]}
 
 
-def test_only_app_and_the_guard_are_optional(project):
+def test_only_app_the_guard_and_kubernetes_are_optional(project):
     # Every other key has no sensible default: the engine then insists that a stack sets it.
     config = project["config"]
     assert {k for k, d in config.items() if "default" in d} == {
         "app",
         "guardExternalIPs",
         "externalIPPool",
+        "kubernetes",
     }
     assert config["app"]["default"] == {}
+    assert config["kubernetes"] == {**config["kubernetes"], "type": "boolean", "default": True}
     # The defaults the engine passes mean what the program assumes when a key is unset: on, no pool.
     stack = yaml.safe_load(STACKS[0].read_text())["config"]
     defaults = {f"ipvs-ingress:{k}": config[k]["default"] for k in GUARD_KEYS}
     assert load_stack_file({**stack, **defaults}).guard == load_stack_file(stack).guard
     assert load_stack_file(stack).guard == Guard(enabled=True, pool=())
+    with_default = {**stack, "ipvs-ingress:kubernetes": config["kubernetes"]["default"]}
+    assert load_stack_file(with_default).kubernetes is load_stack_file(stack).kubernetes is True
 
 
 def test_there_are_dev_and_prod_stacks():
