@@ -3,6 +3,7 @@
 import os
 
 import pulumi
+from pulumi.runtime.config import is_config_secret
 
 from components import kubeconfig
 from components.admission import ExternalIPGuard
@@ -36,7 +37,9 @@ if cfg.kubernetes:
     # Stop the preview here, not pulumi-kubernetes half way through an apply.
     k8s = pulumi.Config("kubernetes")
     missing = kubeconfig.problem(
-        os.environ, {k: k8s.get(k) for k in ("kubeconfig", "renderYamlToDirectory")}
+        os.environ,
+        {k: k8s.get(k) for k in ("kubeconfig", "renderYamlToDirectory")},
+        secret=is_config_secret("kubernetes:kubeconfig"),
     )
     if missing:
         raise pulumi.RunError(missing)
@@ -48,7 +51,8 @@ if cfg.kubernetes:
         instance=f"{cfg.app.name}-{pulumi.get_stack()}",
         opts=pulumi.ResourceOptions(depends_on=guard),
     )
-ingress = Ingress("ingress", cfg, service=web.service if web is not None else None, private_key=private_key)
+service = web.service if web is not None else None
+ingress = Ingress("ingress", cfg, service=service, private_key=private_key)
 
 pulumi.export("vips", [vip.address for vip in cfg.vips])
 pulumi.export("urls", list(cfg.urls))

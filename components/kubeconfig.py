@@ -62,16 +62,20 @@ def problem(
     env: Mapping[str, str],
     stack: Mapping[str, str | None],
     usable: Callable[[str], bool] = has_content,
+    secret: bool = False,
 ) -> str | None:
-    """One line naming what is missing and the fixes, or None when a kubeconfig is at hand."""
+    """One line naming what is missing and the fixes, or None when a kubeconfig is at hand.
+
+    `secret`: kubernetes:kubeconfig is a secret, so the line does not echo it.
+    """
     if find(env, stack, usable) is not None:
         return None
     kubeconfig = (stack.get("kubeconfig") or "").strip()
     if kubeconfig:
         return (
-            f"kubernetes:kubeconfig: {_short(kubeconfig)} is not a kubeconfig file: give an "
-            "existing path or the kubeconfig itself, or `pulumi config set "
-            "ipvs-ingress:kubernetes false` to manage only the director"
+            f"kubernetes:kubeconfig: {'[secret]' if secret else _short(kubeconfig)} names no "
+            "kubeconfig file: give an existing path or the kubeconfig's contents, or `pulumi "
+            "config set ipvs-ingress:kubernetes false` to manage only the director"
         )
     looked = (
         f"no file in KUBECONFIG={_short(env['KUBECONFIG'])}"
@@ -80,7 +84,7 @@ def problem(
     )
     return (
         f"{path('kubernetes')}: true but no kubeconfig found ({looked}, kubernetes:kubeconfig "
-        "unset, not in a cluster): point KUBECONFIG at one, or run `pulumi config set "
+        "unset, not in a cluster): point KUBECONFIG or ~/.kube/config at one, or run `pulumi config set "
         "kubernetes:kubeconfig <path>`, or `pulumi config set ipvs-ingress:kubernetes false` "
         "to manage only the director"
     )

@@ -165,11 +165,13 @@ def run_program(
     stack: str = "dev",
     raw: dict[str, str] | None = None,
     kubeconfig: str | None = KUBECONFIG,
+    run: Run | None = None,
 ) -> Run:
     """Run __main__.py with `values` (bare keys) as the stack config; return what it did.
 
     `raw` sets config strings as-is (the engine hands structured values over as JSON text);
-    `kubeconfig` is the stack's kubernetes:kubeconfig (None: unset).
+    `kubeconfig` is the stack's kubernetes:kubeconfig (None: unset); `run` records into a
+    Run of the caller's, so what was registered stays visible when the program raises.
     """
     config = {f"{PROJECT}:{k}": json.dumps(v) for k, v in values.items()}
     config.update({f"{PROJECT}:{k}": v for k, v in (raw or {}).items()})
@@ -177,7 +179,7 @@ def run_program(
         config["kubernetes:kubeconfig"] = kubeconfig
     if private_key is not None:
         config[f"{PROJECT}:sshPrivateKey"] = private_key
-    run = Run()
+    run = Run() if run is None else run
     settings.set_root_resource(None)  # a fresh Stack per run, so outputs never leak between runs
     pulumi.runtime.set_mocks(
         ProgramMocks(), project=PROJECT, stack=stack, preview=False, monitor=RecordingMonitor(run)
