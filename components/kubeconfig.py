@@ -78,14 +78,14 @@ def problem(
             "config set ipvs-ingress:kubernetes false` to manage only the director"
         )
     looked = (
-        f"no file in KUBECONFIG={_short(env['KUBECONFIG'])}"
+        f"KUBECONFIG={_short(env['KUBECONFIG'])} lists no file"
         if any(env.get("KUBECONFIG", "").split(os.pathsep))
-        else "KUBECONFIG unset, no ~/.kube/config"
+        else "no KUBECONFIG, no ~/.kube/config"
     )
     return (
-        f"{path('kubernetes')}: true but no kubeconfig found ({looked}, kubernetes:kubeconfig "
-        "unset, not in a cluster): point KUBECONFIG or ~/.kube/config at one, or run `pulumi config set "
-        "kubernetes:kubeconfig <path>`, or `pulumi config set ipvs-ingress:kubernetes false` "
+        f"{path('kubernetes')}: true, but no kubeconfig ({looked}, no kubernetes:kubeconfig, "
+        "not in a pod): set KUBECONFIG, write ~/.kube/config or `pulumi config set "
+        "kubernetes:kubeconfig <path>`; or `pulumi config set ipvs-ingress:kubernetes false` "
         "to manage only the director"
     )
 
