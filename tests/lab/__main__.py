@@ -60,7 +60,8 @@ Try it (as root; the director is only reachable through the lab's namespace):
   {shlex.join(ssh)}
   ip netns exec {ns["client"]} curl -s http://{info["vip"]}/
 
-Point a stack at it: {STACK_FILE.relative_to(REPO)} is written for this lab (stack "lab"); then
+Point a stack at it: {STACK_FILE.relative_to(REPO)} is written for this lab (stack "lab", the
+director side only: no cluster needed); then
   pulumi stack select --create lab
   pulumi config set --secret ipvs-ingress:sshPrivateKey < {shlex.quote(info["keyPath"])}
   pulumi up --stack lab
@@ -93,7 +94,11 @@ def lab_stack(info: dict) -> dict:
 def write_lab_stack(info: dict, pulumi: str | None = None) -> None:
     """Write stacks/Pulumi.lab.yaml; with the Pulumi CLI at hand, also select the stack and set
     its secret key, so that `pulumi up --stack lab` is all that is left to run."""
-    header = "# Written by `./dev lab up` for the local director lab; not committed.\n"
+    header = (
+        "# Written by `./dev lab up` for the local director lab; not committed.\n"
+        "# kubernetes: false: the lab's nodes forward the VIP themselves, so the stack manages\n"
+        "# only the director and `pulumi up --stack lab` needs no cluster or kubeconfig.\n"
+    )
     STACK_FILE.write_text(header + yaml.safe_dump(lab_stack(info), sort_keys=False))
     pulumi = pulumi or shutil.which("pulumi")
     if pulumi is None:
