@@ -1,9 +1,6 @@
 """ipvs-ingress: nginx behind VIPs that an IPVS director forwards to the nodes (Direct Routing)."""
 
-import os
-
 import pulumi
-from pulumi.runtime.config import is_config_secret
 
 from components import kubeconfig
 from components.admission import ExternalIPGuard
@@ -34,13 +31,7 @@ if cfg.bootstrap:
 
 web = None
 if cfg.kubernetes:
-    # Stop the preview here, not pulumi-kubernetes half way through an apply.
-    k8s = pulumi.Config("kubernetes")
-    missing = kubeconfig.problem(
-        os.environ,
-        {k: k8s.get(k) for k in ("kubeconfig", "renderYamlToDirectory")},
-        secret=is_config_secret("kubernetes:kubeconfig"),
-    )
+    missing = kubeconfig.stack_problem()  # stop the preview, not pulumi-kubernetes mid-apply
     if missing:
         raise pulumi.RunError(missing)
     # The guard first: it must name the Service before the Service claims the VIPs.

@@ -6,13 +6,17 @@ pulumi-kubernetes finds its cluster the way kubectl does (client-go's loading ru
 ~/.kube/config, else the pod's service account when it runs inside a cluster. With none of them
 it fails in the middle of an apply, after the director side may already have changed, so the
 program checks first and stops the preview with one line instead. Only presence is checked:
-whether the cluster answers is pulumi-kubernetes' own business.
+whether the cluster answers is pulumi-kubernetes' own business. find() and problem() are pure
+(the environment, the config and the file check are passed in); stack_problem() feeds them.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+
+import pulumi
+from pulumi.runtime.config import is_config_secret
 
 from components.config import path
 from providers.model import _short
@@ -87,6 +91,16 @@ def problem(
         "not in a pod): set KUBECONFIG, write ~/.kube/config or `pulumi config set "
         "kubernetes:kubeconfig <path>`; or `pulumi config set ipvs-ingress:kubernetes false` "
         "to manage only the director"
+    )
+
+
+def stack_problem() -> str | None:
+    """problem() for this process's environment and the running stack's kubernetes:* config."""
+    k8s = pulumi.Config("kubernetes")
+    return problem(
+        os.environ,
+        {key: k8s.get(key) for key in ("kubeconfig", "renderYamlToDirectory")},
+        secret=is_config_secret("kubernetes:kubeconfig"),
     )
 
 

@@ -46,12 +46,6 @@ def test_director_side_only_registers_no_kubernetes_resource(no_cluster):
     assert kubernetes_types(run) == []
 
 
-def test_director_side_only_as_a_yaml_boolean(no_cluster):
-    # `kubernetes: false` in the stack file; the engine may hand it over as JSON false.
-    run = run_program({**DEV_CONFIG, "kubernetes": False}, kubeconfig=None)
-    assert sorted({r.typ for r in run.resources}) == [INGRESS, VS_TYPE]
-
-
 def test_director_side_only_keeps_the_virtual_services_exact_and_unattached(no_cluster):
     run = run_program(DEV_CONFIG, raw={"kubernetes": "false"}, kubeconfig=None)
     director = {

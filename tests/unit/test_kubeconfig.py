@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.kubeconfig import SERVICE_ACCOUNT_TOKEN, find, has_content, problem
+from components.kubeconfig import SERVICE_ACCOUNT_TOKEN, find, has_content, problem, stack_problem
 
 CONTENTS = "apiVersion: v1\nkind: Config\nclusters: []\n"
 HOME = {"HOME": "/home/ann"}
@@ -108,3 +108,30 @@ def test_has_content_on_real_files(tmp_path):
     assert not has_content(str(tmp_path / "missing"))
     assert find({"KUBECONFIG": f"{empty}:{full}"}, {}) == f"KUBECONFIG ({full})"
     assert find({"HOME": str(tmp_path)}, {}) is None
+
+
+@pytest.fixture
+def stack_config():
+    """Set the running stack's config as the engine would; cleared afterwards."""
+    from pulumi.runtime import set_all_config
+
+    yield set_all_config
+    set_all_config({}, [])
+
+
+def test_stack_problem_reads_the_stack_and_hides_a_secret(stack_config, monkeypatch, tmp_path):
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    value = "YXBpVmVyc2lvbjogdjEKa2luZDogQ29uZmln"
+    stack_config({"kubernetes:kubeconfig": value}, ["kubernetes:kubeconfig"])
+    assert stack_problem().startswith("kubernetes:kubeconfig: [secret] names no kubeconfig file")
+    stack_config({"kubernetes:kubeconfig": value}, [])
+    assert stack_problem().startswith(f"kubernetes:kubeconfig: '{value}' names no")
+    stack_config({"kubernetes:kubeconfig": CONTENTS}, ["kubernetes:kubeconfig"])
+    assert stack_problem() is None
+    stack_config({}, [])
+    assert stack_problem().startswith("ipvs-ingress:kubernetes: true, but no kubeconfig (no ")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    (tmp_path / "config").write_text(CONTENTS)
+    assert stack_problem() is None
