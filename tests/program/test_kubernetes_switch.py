@@ -36,8 +36,10 @@ def no_cluster(monkeypatch, tmp_path):
 
 
 def kubernetes_types(run: Run) -> list[str]:
-    # pulumi-kubernetes types are kubernetes:<group>/<version>:<Kind>; ours wrap them.
-    return [r.typ for r in run.resources if r.typ.startswith("kubernetes:") or "WebApp" in r.typ]
+    # pulumi-kubernetes types (kubernetes:<group>/<version>:<Kind>, pulumi:providers:kubernetes)
+    # and our components that wrap them.
+    cluster_side = ("kubernetes", "WebApp", "ExternalIPGuard")
+    return [r.typ for r in run.resources if any(word in r.typ for word in cluster_side)]
 
 
 def test_director_side_only_registers_no_kubernetes_resource(no_cluster):
