@@ -294,8 +294,12 @@ def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
     try:
         return _ProxyCommand(proxy_command_line(d))
     except (OSError, ValueError, paramiko.SSHException) as err:
+        # The value and the OS's reason (which may quote the program) are cut to a few words.
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 80 else reason[:77] + "..."
         raise DirectorError(
-            f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
+            f"director.proxyCommand {model._short(d.proxy_command)} cannot start ({reason}): "
+            "fix the command"
         ) from None
 
 

@@ -318,7 +318,7 @@ class _ServerTraceback:
     def format_exc(self, *args: Any, **kwargs: Any) -> str:
         err = sys.exc_info()[1]
         if isinstance(err, DirectorError | model.InvalidSpec):
-            return " ".join(str(err).split())
+            return _one_line(str(err))  # bounded too: a message may quote a long value
         return self._real.format_exc(*args, **kwargs)
 
 

@@ -156,6 +156,21 @@ def test_a_proxy_command_that_cannot_start_is_one_line(private_key):
     assert str(err.value).endswith("fix the command")
 
 
+@pytest.mark.parametrize(
+    "proxy",
+    ["ssh '" + "x" * 100_000, "n" * 100_000 + " %h %p"],  # unsplittable; a missing program
+    ids=["unbalanced-quote", "long-program-name"],
+)
+def test_a_proxy_command_failure_echoes_a_bounded_value(private_key, proxy):
+    # State written before check split proxyCommand can still hold such a value.
+    director = model.Director(host="203.0.113.2", host_key=HOST_KEY, proxy_command=proxy)
+    with pytest.raises(transport.DirectorError) as err:
+        transport.AgentSession(director, private_key).request("hello")
+    msg = str(err.value)
+    assert msg.startswith(f"director.proxyCommand {proxy[:10]!r}"[:-1])
+    assert msg.endswith("fix the command") and "\n" not in msg and len(msg) < 200, len(msg)
+
+
 def test_the_agent_is_started_once_and_reused(sshd, private_key):
     starts = []
 

@@ -193,6 +193,39 @@ def test_bad_proxy_command_is_refused(proxy):
     assert fields(props({"proxyCommand": proxy})) == ["director.proxyCommand"]
 
 
+@pytest.mark.parametrize(
+    ("proxy", "words"),
+    [
+        ("ssh '" + "x" * 1_000_000, "characters long"),  # would reach create, echoed whole
+        ("ssh -W %h:%p " + "b" * 1100, "characters long"),
+        ("ssh -W %h:%p 'bastion", "balance its quotes"),
+        ('ssh -W %h:%p "bastion', "balance its quotes"),
+        ("ssh -W %h:%p bastion\\", "balance its quotes"),  # a final backslash escapes nothing
+        ("'' %h %p", "names no program"),
+        ("ssh -W %h:%p\tbastion", "control character"),
+    ],
+)
+def test_proxy_command_that_cannot_be_split_is_refused_at_preview(proxy, words):
+    found = problems_of(props({"proxyCommand": proxy}))
+    assert [p.field for p in found] == ["director.proxyCommand"]
+    assert words in found[0].message and "ssh -W %h:%p bastion" in found[0].message
+    assert found[0].message.startswith(model._short(proxy)) and len(str(found[0])) < 250
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "ssh -W %h:%p bastion.example.net",
+        "ssh -W '[%h]:%p' -p 2222 ops@bastion",
+        "sh -c 'exec nc %h %p'",
+        "ssh " + "b" * 1000,  # long, within the cap
+    ],
+)
+def test_proxy_commands_that_split_into_words_pass(proxy):
+    director, found = model.check_director({"host": "203.0.113.2", "hostKey": HOST_KEY, "proxyCommand": proxy})  # fmt: skip
+    assert found == [] and director.proxy_command == proxy
+
+
 def test_configured_user_interface_and_port_are_kept():
     director, _ = model.parse_virtual_service(
         props({"user": "ops-deploy", "interface": "ens3.100", "port": 2222.0})
