@@ -223,10 +223,13 @@ def canonical_host(value: object) -> str:
     """
     addr = plain_ip(value)
     if addr is not None:
-        if addr.is_unspecified or addr.is_multicast:
-            raise ValueError("cannot be reached over SSH: give the director's own address")
-        if addr.version == 6 and addr.is_link_local:
-            raise ValueError("is link-local, which needs a zone id: give a global or ULA address")
+        # The rule for VIPs, except loopback: sshd is reachable there through a tunnel
+        # (ssh -L) or when pulumi runs on the director, and this is only the SSH address.
+        reason = None if addr.is_loopback else unservable(addr)
+        if reason:
+            raise ValueError(
+                f"cannot be reached over SSH ({reason}): give the director's own address or DNS name"
+            )
         return str(addr)
     if _zoned(value):
         raise ValueError("has a zone id: give the address without %<zone>, or a DNS name")

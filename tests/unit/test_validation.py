@@ -103,6 +103,36 @@ def test_director_host_that_is_not_strictly_an_address_or_a_name_is_refused(host
     assert found[0].message.startswith(model._short(host))
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("255.255.255.255", "the broadcast address"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:203.0.113.2", "IPv4-mapped"),
+        ("240.0.0.1", "reserved"),
+        ("0.1.2.3", "0.0.0.0/8"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+    ],
+)
+def test_director_host_that_cannot_be_an_ssh_peer_is_refused_with_the_reason(host, reason):
+    found = problems_of(props({"host": host}))
+    assert [p.field for p in found] == ["director.host"]
+    message = found[0].message
+    assert message.startswith(f"{host!r} cannot be reached over SSH (") and reason in message
+    assert message.endswith("give the director's own address or DNS name")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1"])
+def test_loopback_director_host_is_kept_for_tunnels(host):
+    # `ssh -L 2222:director:22 bastion` then host 127.0.0.1 port 2222, or pulumi on the director.
+    director, found = model.check_director({"host": host, "hostKey": HOST_KEY, "port": 2222})
+    assert found == [] and (director.host, director.port) == (host, 2222)
+
+
 def test_director_host_echo_is_capped():
     found = problems_of(props({"host": "a" * 1_000_000}))
     assert [p.field for p in found] == ["director.host"]
