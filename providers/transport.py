@@ -339,9 +339,18 @@ def proxy_command_line(d: model.Director) -> str:
         token = match[1]
         if token == "%":
             return "%"
+        if token == "h" and _host_of_hostport(match) and ":" in d.host:
+            # `ssh -W %h:%p`: 2001:db8::2:22 is ambiguous, ssh (and socat) take [2001:db8::2]:22.
+            return f"[{shlex.quote(d.host)}]"
         return shlex.quote(values[token]) if token in values else match[0]
 
     return shlex.join(_TOKEN.sub(fill, word) for word in shlex.split(d.proxy_command))
+
+
+def _host_of_hostport(match: re.Match) -> bool:
+    """This %h is written `%h:%p` in its word, not already bracketed as `[%h]:%p`."""
+    word, start, end = match.string, match.start(), match.end()
+    return word.startswith(":%p", end) and not word[:start].endswith("[")
 
 
 def _shell_quote(text: str) -> str:

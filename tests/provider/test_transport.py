@@ -246,3 +246,27 @@ def test_a_proxy_command_that_closes_its_output_fails_at_once(private_key):
     started = time.monotonic()
     _run_proxy(director, private_key)
     assert time.monotonic() - started < transport.CONNECT_TIMEOUT / 3
+
+
+@pytest.mark.parametrize(
+    ("host", "command", "argv"),
+    [
+        ("2001:db8::2", "-W %h:%p bastion", ["-W", "[2001:db8::2]:2222", "bastion"]),
+        ("2001:db8::2", "-W [%h]:%p bastion", ["-W", "[2001:db8::2]:2222", "bastion"]),
+        ("2001:db8::2", "bastion nc %h %p", ["bastion", "nc", "2001:db8::2", "2222"]),
+        ("2001:db8::2", "bastion socat - TCP:%h:%p", ["bastion", "socat", "-", "TCP:[2001:db8::2]:2222"]),
+        ("2001:db8::2", "-W %h:%%p %h:%r", ["-W", "2001:db8::2:%p", "2001:db8::2:admin"]),
+        ("203.0.113.2", "-W %h:%p bastion", ["-W", "203.0.113.2:2222", "bastion"]),
+        ("director.example.net", "-W %h:%p bastion", ["-W", "director.example.net:2222", "bastion"]),
+    ],
+)  # fmt: skip
+def test_an_ipv6_host_in_host_colon_port_is_bracketed(tmp_path, private_key, host, command, argv):
+    # The arguments as the proxy program receives them (no shell): what `ssh -W` would parse.
+    fake_ssh, out = tmp_path / "ssh", tmp_path / "argv"
+    fake_ssh.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {out}\n")
+    fake_ssh.chmod(0o755)
+    director = model.Director(
+        host=host, port=2222, user="admin", host_key=HOST_KEY, proxy_command=f"{fake_ssh} {command}"
+    )
+    _run_proxy(director, private_key)
+    assert out.read_text().splitlines() == argv
