@@ -11,6 +11,7 @@ import binascii
 import ipaddress
 import math
 import re
+import shlex
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -222,10 +223,13 @@ def canonical_host(value: object) -> str:
     """
     addr = plain_ip(value)
     if addr is not None:
-        if addr.is_unspecified or addr.is_multicast:
-            raise ValueError("cannot be reached over SSH: give the director's own address")
-        if addr.version == 6 and addr.is_link_local:
-            raise ValueError("is link-local, which needs a zone id: give a global or ULA address")
+        # The rule for VIPs, except loopback: sshd is reachable there through a tunnel
+        # (ssh -L) or when pulumi runs on the director, and this is only the SSH address.
+        reason = None if addr.is_loopback else unservable(addr)
+        if reason:
+            raise ValueError(
+                f"cannot be reached over SSH ({reason}): give the director's own address or DNS name"
+            )
         return str(addr)
     if _zoned(value):
         raise ValueError("has a zone id: give the address without %<zone>, or a DNS name")
@@ -316,6 +320,31 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\$?")
 
 
+MAX_PROXY_COMMAND = 1024  # a bastion hop is one short line; more is a pasted file or an attack
+
+
+def proxy_command_problem(value: object) -> str | None:
+    """Why director.proxyCommand cannot run (reason and fix), or None.
+
+    Split into words exactly as the transport (and paramiko) will split it, so a command that
+    cannot start is refused at preview, not at create after other resources have changed.
+    """
+    example = "remove it or give e.g. 'ssh -W %h:%p bastion'"
+    if not isinstance(value, str) or not value.strip():
+        return f"is not a command: {example}"
+    if len(value) > MAX_PROXY_COMMAND:
+        return f"is {len(value)} characters long: give one command of at most {MAX_PROXY_COMMAND}, e.g. 'ssh -W %h:%p bastion'"  # fmt: skip
+    if not value.isprintable():
+        return f"holds a line break or control character: {example} on one line"
+    try:
+        words = shlex.split(value)
+    except ValueError as err:  # "No closing quotation", "No escaped character"
+        return f"cannot be split into words ({str(err).lower()}): balance its quotes and escapes, e.g. 'ssh -W %h:%p bastion'"  # fmt: skip
+    if not words or not words[0]:
+        return f"names no program to run: {example}"
+    return None
+
+
 def check_director(
     props: object, unknown=_never_unknown, prefix="director"
 ) -> tuple[Director | None, list[Problem]]:
@@ -358,11 +387,9 @@ def check_director(
         values["interface"] = iface
     proxy = props.get("proxyCommand")
     if proxy is not None and not unknown(proxy):
-        if not isinstance(proxy, str) or not proxy.strip() or not proxy.isprintable():
-            c.fail(
-                f"{prefix}.proxyCommand",
-                f"{_short(proxy)} is not a one-line command: remove it or give e.g. 'ssh -W %h:%p bastion'",
-            )
+        why = proxy_command_problem(proxy)
+        if why:
+            c.fail(f"{prefix}.proxyCommand", f"{_short(proxy)} {why}")
         values["proxy_command"] = proxy
     if c.problems or any(unknown(v) for v in props.values()):
         return None, c.problems

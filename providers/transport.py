@@ -294,8 +294,12 @@ def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
     try:
         return _ProxyCommand(proxy_command_line(d))
     except (OSError, ValueError, paramiko.SSHException) as err:
+        # The value and the OS's reason (which may quote the program) are cut to a few words.
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 80 else reason[:77] + "..."
         raise DirectorError(
-            f"director.proxyCommand {d.proxy_command!r} cannot start ({err}): fix the command"
+            f"director.proxyCommand {model._short(d.proxy_command)} cannot start ({reason}): "
+            "fix the command"
         ) from None
 
 
@@ -335,9 +339,18 @@ def proxy_command_line(d: model.Director) -> str:
         token = match[1]
         if token == "%":
             return "%"
+        if token == "h" and _host_of_hostport(match) and ":" in d.host:
+            # `ssh -W %h:%p`: 2001:db8::2:22 is ambiguous, ssh (and socat) take [2001:db8::2]:22.
+            return f"[{shlex.quote(d.host)}]"
         return shlex.quote(values[token]) if token in values else match[0]
 
     return shlex.join(_TOKEN.sub(fill, word) for word in shlex.split(d.proxy_command))
+
+
+def _host_of_hostport(match: re.Match) -> bool:
+    """This %h is written `%h:%p` in its word, not already bracketed as `[%h]:%p`."""
+    word, start, end = match.string, match.start(), match.end()
+    return word.startswith(":%p", end) and not word[:start].endswith("[")
 
 
 def _shell_quote(text: str) -> str:

@@ -205,7 +205,7 @@ def _identity(props: Mapping[str, Any]) -> dict[str, Any]:
         host = port = _UNSEEN
     else:
         director = director if isinstance(director, Mapping) else {}
-        host, port = director.get("host"), director.get("port", 22)
+        host, port = _canonical_host(director.get("host")), director.get("port", 22)
     raw = {
         "director.host": host,
         "director.port": port,
@@ -214,6 +214,16 @@ def _identity(props: Mapping[str, Any]) -> dict[str, Any]:
         "protocol": props.get("protocol", "tcp"),
     }
     return {k: _canonical(v) for k, v in raw.items()}
+
+
+def _canonical_host(host: Any) -> Any:
+    # The model's one spelling (case, trailing dot, IPv6 form), as a parsed diff compares it.
+    if _has_unknown(host):
+        return host
+    try:
+        return model.canonical_host(host)
+    except ValueError:
+        return host  # invalid: compared as given
 
 
 def _canonical(value: Any) -> Any:
@@ -318,7 +328,7 @@ class _ServerTraceback:
     def format_exc(self, *args: Any, **kwargs: Any) -> str:
         err = sys.exc_info()[1]
         if isinstance(err, DirectorError | model.InvalidSpec):
-            return " ".join(str(err).split())
+            return _one_line(str(err))  # bounded too: a message may quote a long value
         return self._real.format_exc(*args, **kwargs)
 
 

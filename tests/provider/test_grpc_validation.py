@@ -72,6 +72,8 @@ def test_another_ipv6_director_is_still_a_replace(server):
         ({"vip": "2001:db8::201%eth0"}, "vip"),
         ({"vip": "fe80::1"}, "vip"),
         ({"director": {"host": "fe80::1%x;touch${IFS}marker;true", "hostKey": HOST_KEY}}, "director.host"),
+        ({"director": {"host": "169.254.1.1", "hostKey": HOST_KEY}}, "director.host"),
+        ({"director": {"host": "::ffff:203.0.113.2", "hostKey": HOST_KEY}}, "director.host"),
         ({"director": {"host": "203.0.113.2", "hostKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5"}}, "director.hostKey"),
         ({"director": {"host": "203.0.113.2", "hostKey": HOST_KEY, "port": 1e300}}, "director.port"),
         ({"director": {"host": "203.0.113.2", "hostKey": HOST_KEY, "user": "root\n"}}, "director.user"),

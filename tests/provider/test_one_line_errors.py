@@ -64,6 +64,26 @@ def test_invalid_specs_are_one_line_from_create_read_and_delete(server):
         assert "\n" not in details and "Traceback" not in details
 
 
+def test_an_unsplittable_100_kb_proxy_command_is_one_short_line_at_check_and_create(tmp_path):
+    # Before: check passed it, and create echoed all 100,082 characters from the transport.
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    proxy = "ssh '" + "x" * 100_000
+    bad = props(director={**props()["director"], "proxyCommand": proxy})
+    srv = ProviderServer()
+    try:
+        srv.configure({"ipvs-ingress:sshPrivateKey": (tmp_path / "k").read_text()})
+        _, failures = srv.check(bad)
+        assert [f for f, _ in failures] == ["director.proxyCommand"]
+        assert len(failures[0][1]) <= 300
+        details = _details(lambda: srv.create(bad, timeout=30))
+        assert details.startswith("director.proxyCommand: \"ssh 'xxx") and "at most 1024" in details
+        assert "\n" not in details and len(details) <= 300, len(details)
+    finally:
+        srv.close()
+
+
 def test_unexpected_errors_keep_their_traceback(server):
     # No serialized provider in the request: a bug, not an operational failure.
     request = provider_pb2.CreateRequest(urn=URN, properties=to_struct(props()))
@@ -124,6 +144,11 @@ def test_in_the_provider_server_the_shim_is_idempotent_and_never_recurses():
         except vs.model.InvalidSpec:
             text = traceback.format_exc()
             assert text.startswith("director: None is not an object") and "\\n" not in text
+        try:
+            raise vs.DirectorError("director.proxyCommand " + "x" * 100_000 + " cannot start")
+        except vs.DirectorError:
+            text = traceback.format_exc()  # a long message is cut in the middle, to one line
+            assert len(text) <= 300 and text.endswith(" cannot start"), len(text)
         try:
             {}["missing"]
         except KeyError:

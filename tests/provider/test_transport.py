@@ -156,6 +156,21 @@ def test_a_proxy_command_that_cannot_start_is_one_line(private_key):
     assert str(err.value).endswith("fix the command")
 
 
+@pytest.mark.parametrize(
+    "proxy",
+    ["ssh '" + "x" * 100_000, "n" * 100_000 + " %h %p"],  # unsplittable; a missing program
+    ids=["unbalanced-quote", "long-program-name"],
+)
+def test_a_proxy_command_failure_echoes_a_bounded_value(private_key, proxy):
+    # State written before check split proxyCommand can still hold such a value.
+    director = model.Director(host="203.0.113.2", host_key=HOST_KEY, proxy_command=proxy)
+    with pytest.raises(transport.DirectorError) as err:
+        transport.AgentSession(director, private_key).request("hello")
+    msg = str(err.value)
+    assert msg.startswith(f"director.proxyCommand {proxy[:10]!r}"[:-1])
+    assert msg.endswith("fix the command") and "\n" not in msg and len(msg) < 200, len(msg)
+
+
 def test_the_agent_is_started_once_and_reused(sshd, private_key):
     starts = []
 
@@ -231,3 +246,27 @@ def test_a_proxy_command_that_closes_its_output_fails_at_once(private_key):
     started = time.monotonic()
     _run_proxy(director, private_key)
     assert time.monotonic() - started < transport.CONNECT_TIMEOUT / 3
+
+
+@pytest.mark.parametrize(
+    ("host", "command", "argv"),
+    [
+        ("2001:db8::2", "-W %h:%p bastion", ["-W", "[2001:db8::2]:2222", "bastion"]),
+        ("2001:db8::2", "-W [%h]:%p bastion", ["-W", "[2001:db8::2]:2222", "bastion"]),
+        ("2001:db8::2", "bastion nc %h %p", ["bastion", "nc", "2001:db8::2", "2222"]),
+        ("2001:db8::2", "bastion socat - TCP:%h:%p", ["bastion", "socat", "-", "TCP:[2001:db8::2]:2222"]),
+        ("2001:db8::2", "-W %h:%%p %h:%r", ["-W", "2001:db8::2:%p", "2001:db8::2:admin"]),
+        ("203.0.113.2", "-W %h:%p bastion", ["-W", "203.0.113.2:2222", "bastion"]),
+        ("director.example.net", "-W %h:%p bastion", ["-W", "director.example.net:2222", "bastion"]),
+    ],
+)  # fmt: skip
+def test_an_ipv6_host_in_host_colon_port_is_bracketed(tmp_path, private_key, host, command, argv):
+    # The arguments as the proxy program receives them (no shell): what `ssh -W` would parse.
+    fake_ssh, out = tmp_path / "ssh", tmp_path / "argv"
+    fake_ssh.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {out}\n")
+    fake_ssh.chmod(0o755)
+    director = model.Director(
+        host=host, port=2222, user="admin", host_key=HOST_KEY, proxy_command=f"{fake_ssh} {command}"
+    )
+    _run_proxy(director, private_key)
+    assert out.read_text().splitlines() == argv

@@ -136,3 +136,33 @@ def test_known_identity_in_another_spelling_is_not_a_replacement(server, old):
     news.update(protocol="TCP", port=80.0, vip="203.0.113.201")
     resp = server.diff("id", old, news)
     assert resp.changes == resp.DIFF_SOME and list(resp.replaces) == []
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("director.example.net", "Director.Example.NET."),
+        ("director.example.net", "director.example.net."),
+        ("director.example.net.", "DIRECTOR.example.net"),  # state from before canonical hosts
+        ("2001:db8::2", "2001:DB8:0::2"),
+    ],
+)
+@pytest.mark.parametrize("unknown", [("scheduler",), ("realServers", 0, "weight")])
+def test_a_spelling_only_change_of_director_host_is_no_replace_while_others_are_unknown(
+    server, before, after, unknown
+):
+    # Item 8 in a preview: another input is computed, so the diff cannot normalize both sides.
+    olds = full_props()
+    olds["director"]["host"] = before
+    news = with_unknown(unknown)
+    news["director"]["host"] = after
+    resp = server.diff("id", {**olds, "ipvsadm": [], "inSync": True}, news)
+    assert resp.changes == resp.DIFF_SOME  # the unknown may still change
+    assert list(resp.replaces) == [] and not resp.deleteBeforeReplace
+
+
+def test_another_director_host_is_still_a_replace_while_others_are_unknown(server, old):
+    news = with_unknown(("scheduler",))
+    news["director"]["host"] = "director-2.example.net."
+    resp = server.diff("id", old, news)
+    assert list(resp.replaces) == ["director.host"] and resp.deleteBeforeReplace

@@ -103,6 +103,36 @@ def test_director_host_that_is_not_strictly_an_address_or_a_name_is_refused(host
     assert found[0].message.startswith(model._short(host))
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("255.255.255.255", "the broadcast address"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:203.0.113.2", "IPv4-mapped"),
+        ("240.0.0.1", "reserved"),
+        ("0.1.2.3", "0.0.0.0/8"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+    ],
+)
+def test_director_host_that_cannot_be_an_ssh_peer_is_refused_with_the_reason(host, reason):
+    found = problems_of(props({"host": host}))
+    assert [p.field for p in found] == ["director.host"]
+    message = found[0].message
+    assert message.startswith(f"{host!r} cannot be reached over SSH (") and reason in message
+    assert message.endswith("give the director's own address or DNS name")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1"])
+def test_loopback_director_host_is_kept_for_tunnels(host):
+    # `ssh -L 2222:director:22 bastion` then host 127.0.0.1 port 2222, or pulumi on the director.
+    director, found = model.check_director({"host": host, "hostKey": HOST_KEY, "port": 2222})
+    assert found == [] and (director.host, director.port) == (host, 2222)
+
+
 def test_director_host_echo_is_capped():
     found = problems_of(props({"host": "a" * 1_000_000}))
     assert [p.field for p in found] == ["director.host"]
@@ -191,6 +221,39 @@ def test_bad_interface_is_refused(iface):
 @pytest.mark.parametrize("proxy", ["ssh -W %h:%p jump\nrm -rf /", "ssh\x00jump", "", "   "])
 def test_bad_proxy_command_is_refused(proxy):
     assert fields(props({"proxyCommand": proxy})) == ["director.proxyCommand"]
+
+
+@pytest.mark.parametrize(
+    ("proxy", "words"),
+    [
+        ("ssh '" + "x" * 1_000_000, "characters long"),  # would reach create, echoed whole
+        ("ssh -W %h:%p " + "b" * 1100, "characters long"),
+        ("ssh -W %h:%p 'bastion", "balance its quotes"),
+        ('ssh -W %h:%p "bastion', "balance its quotes"),
+        ("ssh -W %h:%p bastion\\", "balance its quotes"),  # a final backslash escapes nothing
+        ("'' %h %p", "names no program"),
+        ("ssh -W %h:%p\tbastion", "control character"),
+    ],
+)
+def test_proxy_command_that_cannot_be_split_is_refused_at_preview(proxy, words):
+    found = problems_of(props({"proxyCommand": proxy}))
+    assert [p.field for p in found] == ["director.proxyCommand"]
+    assert words in found[0].message and "ssh -W %h:%p bastion" in found[0].message
+    assert found[0].message.startswith(model._short(proxy)) and len(str(found[0])) < 250
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "ssh -W %h:%p bastion.example.net",
+        "ssh -W '[%h]:%p' -p 2222 ops@bastion",
+        "sh -c 'exec nc %h %p'",
+        "ssh " + "b" * 1000,  # long, within the cap
+    ],
+)
+def test_proxy_commands_that_split_into_words_pass(proxy):
+    director, found = model.check_director({"host": "203.0.113.2", "hostKey": HOST_KEY, "proxyCommand": proxy})  # fmt: skip
+    assert found == [] and director.proxy_command == proxy
 
 
 def test_configured_user_interface_and_port_are_kept():
