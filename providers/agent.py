@@ -304,11 +304,7 @@ class Agent:
         }.get(op)
         if handler is None:
             raise AgentError("bad-request", f"unknown op {op!r}")
-        try:
-            return handler(request)
-        except BaseException:
-            Ownership.forget()
-            raise
+        return handler(request)
 
     def hello(self, _request: dict) -> dict:
         return {"agent": PROTOCOL_VERSION, "pyroute2": self.kernel.version, "pid": os.getpid()}

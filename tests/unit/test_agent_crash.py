@@ -96,7 +96,6 @@ SCENARIOS = {
 def director(tmp_path, monkeypatch, name: str) -> MemoryKernel:
     """A fresh director: a new kernel, a new state file, set up as the scenario says."""
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
-    agent.Ownership.forget()
     kernel = MemoryKernel()
     setup, hook, _, _, _ = SCENARIOS[name]
     for r in setup:
@@ -140,8 +139,6 @@ def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch
                 agent.Agent(kernel).handle(json.loads(json.dumps(killed)))
         else:
             agent.Agent(kernel).handle(json.loads(json.dumps(killed)))
-        # A new agent process: nothing cached, nothing of the dead one's memory.
-        agent.Ownership.forget()
         kernel.crash_after = None
         try:
             agent.Agent(kernel).handle(json.loads(json.dumps(killed)))

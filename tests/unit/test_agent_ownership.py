@@ -3,7 +3,9 @@ corrupt state files, per-stack ownership and kernel refusals. Expected tables ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 
@@ -16,15 +18,13 @@ TWO = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
 
 
 def record() -> dict:
-    """The state file as a fresh agent process reads it."""
-    agent.Ownership.forget()
+    """The state file as it is on disk."""
     with open(ownership.STATE_PATH) as f:
         return json.load(f)
 
 
 def fresh(kernel):
-    """A new agent process after a kill: nothing cached, the kill switch off."""
-    agent.Ownership.forget()
+    """A new agent process after a kill: the kill switch off."""
     kernel.crash_after = None
 
 
@@ -112,12 +112,10 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
     apply(kernel, port=443)
     for _ in range(2):
         (tmp_path / "state.json").unlink()
-        agent.Ownership.forget()
         assert read(kernel)["owned"] is True
         assert record()["services"][KEY]["owner"] == OWNER
         assert record()["addresses"] == {"203.0.113.201": {"interface": "eth0"}}
     (tmp_path / "state.json").unlink()
-    agent.Ownership.forget()
     with pytest.raises(agent.AgentError) as err:  # a create: no stack holds it yet
         apply(kernel)
     assert err.value.code == "foreign" and "ipvsadm -D" in str(err.value)
@@ -155,7 +153,6 @@ def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
         lambda: delete(kernel),
     ]
     for call in calls:
-        agent.Ownership.forget()
         with pytest.raises(agent.AgentError) as err:
             call()
         msg = str(err.value)
@@ -227,7 +224,6 @@ def test_records_of_the_old_format_are_adopted(kernel, tmp_path):
         "addresses": {"203.0.113.201": {"interface": "eth0"}},
     }
     (tmp_path / "state.json").write_text(json.dumps(old))
-    agent.Ownership.forget()
     assert read(kernel, port=80)["owned"] is True
     apply(kernel, port=443, servers=[("203.0.113.11", 1)])  # an apply of that stack
     services = record()["services"]
@@ -309,3 +305,34 @@ def test_the_kernel_adapter_maps_netlink_refusals_to_one_line():
         "vip: 203.0.113.201: the kernel refused to bind it on interface 2"
         " (Operation not permitted): check director.interface"
     )
+
+
+# --- the record is read fresh under the lock ---
+
+
+def test_a_record_rewritten_in_place_with_the_same_size_and_mtime_is_read_fresh(kernel):
+    apply(kernel, port=80, owner="team-a/prod")
+    apply(kernel, port=443, owner="team-b/prod")
+    # Another agent process: B moved its service from :443 to :444. Written in place (same inode),
+    # the same length, within one tick of a coarse mtime: (inode, mtime, size) all unchanged.
+    path = ownership.STATE_PATH
+    before = os.stat(path)
+    with open(path, "r+") as f:
+        text = f.read()
+        moved = text.replace(":443", ":444").replace('"port":443', '"port":444')
+        assert len(moved) == len(text) and moved != text
+        f.seek(0)
+        f.write(moved)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    svc = kernel.services.pop(("tcp", "203.0.113.201", 443))
+    kernel.services[("tcp", "203.0.113.201", 444)] = dataclasses.replace(svc, port=444)
+    apply(kernel, port=81, owner="team-a/prod")  # A's next apply saves the whole record
+    services = record()["services"]
+    assert set(services) == {KEY, "tcp/203.0.113.201:444", "tcp/203.0.113.201:81"}
+    assert services["tcp/203.0.113.201:444"]["owner"] == "team-b/prod"

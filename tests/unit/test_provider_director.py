@@ -94,7 +94,6 @@ def test_after_the_state_file_is_lost_refresh_keeps_the_resource_and_destroy_rem
 ):
     id_, _, outs = created(provider)
     os.unlink(ownership.STATE_PATH)
-    agent.Ownership.forget()
     refreshed = provider.read(id_, outs)
     assert refreshed.id == id_ and refreshed.outs["inSync"] is True
     provider.delete(id_, refreshed.outs)
