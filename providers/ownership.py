@@ -8,6 +8,7 @@ and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-a
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import time
@@ -115,16 +116,57 @@ class Ownership:
 
 
 def _well_formed(data) -> bool:
-    """The shape the agent relies on: services with a VIP, addresses with an interface."""
+    """The shape the agent relies on, checked before anything is done: the agent splits service
+    keys and hands VIPs and interfaces to the kernel, so a bad field found half-way through a
+    delete would leave the kernel changed and the record unsaved, failing every retry."""
     if not isinstance(data, dict):
         return False
     services, addresses = data.get("services", {}), data.get("addresses", {})
     if not (isinstance(services, dict) and isinstance(addresses, dict)):
         return False
     return all(
-        isinstance(e, dict) and isinstance(e.get("vip"), str) for e in services.values()
+        isinstance(e, dict)
+        and isinstance(e.get("vip"), str)
+        and _key_of(k, e["vip"])
+        and _fields_ok(e)
+        for k, e in services.items()
     ) and all(
-        isinstance(e, dict) and isinstance(e.get("interface"), str) for e in addresses.values()
+        _canonical_ip(vip) and isinstance(e, dict) and isinstance(e.get("interface"), str)
+        for vip, e in addresses.items()
+    )
+
+
+# Pure functions of strings, cached: they are most of the time of a load (200 services: 2.4 ms
+# uncached, vs 0.9 ms for the JSON itself), and the same keys come back on every request.
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(vip: str) -> bool:
+    addr = model.plain_ip(vip)
+    return addr is not None and str(addr) == vip
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(key: str, vip: str) -> bool:
+    """`key` is exactly model.service_key(protocol, vip, port): "tcp/203.0.113.201:80",
+    "udp/[2001:db8::1]:53"."""
+    protocol, _, rest = key.partition("/")
+    port = rest.rpartition(":")[2]
+    return (
+        protocol in model.PROTOCOLS
+        and _canonical_ip(vip)
+        and port.isascii()
+        and port.isdigit()
+        and 0 < int(port) < 65536
+        and key == model.service_key(protocol, vip, int(port))
+    )
+
+
+def _fields_ok(entry: dict) -> bool:
+    """Optional fields (records from before owners lack them) of the types record() writes."""
+    return (
+        isinstance(entry.get("owner"), str | None)
+        and entry.get("state", "applied") in ("pending", "applied")
+        and isinstance(entry.get("spec", {}), dict)
+        and isinstance(entry.get("interface", ""), str)
     )
 
 

@@ -136,6 +136,31 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
         ('{"services": []}', "is not an ipvs-ingress record"),
         ('{"services": {"tcp/203.0.113.201:80": 5}}', "is not an ipvs-ingress record"),
         ('{"addresses": {"203.0.113.201": {"iface": "eth0"}}}', "is not an ipvs-ingress record"),
+        # JSON of the right overall shape, but not what the agent wrote: keys it splits, fields
+        # it compares or hands to the kernel.
+        *[
+            (
+                json.dumps({"services": {key: {"vip": vip, **extra}}}),
+                "is not an ipvs-ingress record",
+            )
+            for key, vip, extra in [
+                ("garbage-key", "203.0.113.201", {}),
+                ("tcp/203.0.113.201", "203.0.113.201", {}),
+                ("sctp/203.0.113.201:80", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:0", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:080", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:70000", "203.0.113.201", {}),
+                ("tcp/2001:db8::1:80", "2001:db8::1", {}),  # IPv6 without brackets
+                ("tcp/[2001:DB8::1]:80", "2001:DB8::1", {}),  # not as the agent writes it
+                ("tcp/203.0.113.202:80", "203.0.113.201", {}),  # the key names another VIP
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"owner": 7}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"state": "done"}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"spec": []}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"interface": ["eth0"]}),
+            ]
+        ],
+        ('{"addresses": {"eth0": {"interface": "eth0"}}}', "is not an ipvs-ingress record"),
+        ('{"addresses": {"None": {"interface": "eth0"}}}', "is not an ipvs-ingress record"),
     ],
 )
 def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
@@ -198,6 +223,23 @@ def test_a_vip_shared_by_two_stacks_stays_bound_until_the_last_goes(kernel):
         "removedVip": True,
     }
     assert kernel.addresses == set() and kernel.services == {}
+
+
+def test_a_malformed_record_is_refused_before_a_delete_changes_anything(kernel, tmp_path):
+    path = tmp_path / "state.json"
+    text = json.dumps(
+        {
+            "services": {"garbage-key": {"vip": "203.0.113.201"}},
+            "addresses": {"203.0.113.201": {"interface": "eth0"}},
+        }
+    )
+    path.write_text(text)
+    for call in (lambda: apply(kernel, port=81), lambda: delete(kernel, port=81)):
+        with pytest.raises(agent.AgentError) as err:
+            call()
+        assert err.value.code == "corrupt-state"
+        assert str(err.value).startswith(f"{path} is not an ipvs-ingress record: nothing was")
+    assert kernel.changes == [] and kernel.services == {} and path.read_text() == text
 
 
 def test_the_deleted_record_reaches_the_disk(kernel):
