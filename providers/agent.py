@@ -314,9 +314,11 @@ class Agent:
         key, owner = model.service_key(protocol, vip, port), request.get("owner", "")
         interface = request.get("interface")
         owners = Ownership.load()  # a corrupt record is named before anything is done
-        k = self.kernel
-        k.ensure_ipvs()
-        live = k.get_service(protocol, vip, port)
+        k, live = self.kernel, None
+        # A refresh changes nothing on the director, so it loads no module: no ip_vs, no service.
+        if "ip_vs" not in k.missing_modules():
+            k.open_ipvs()
+            live = k.get_service(protocol, vip, port)
         standing = owners.standing(key, owner, bool(request.get("adopt")), live)
         old_format = standing == "ours" and not owners.services[key].get("owner")
         if live is not None and owner and (standing == "adopt" or old_format):

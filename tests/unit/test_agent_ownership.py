@@ -59,6 +59,16 @@ def test_read_reports_ownership_vip_binding_and_forwarding(kernel):
     assert read(kernel, interface="eth9")["vipBound"] is False  # no such NIC: nothing bound
 
 
+def test_a_read_loads_no_module_and_without_ip_vs_the_service_is_absent(kernel):
+    apply(kernel)
+    kernel.services.clear()  # the director rebooted: ip_vs is not loaded, so no service
+    kernel.loaded = False
+    kernel.changes.clear()
+    result = read(kernel)
+    assert (result["live"], result["owned"], result["vipBound"]) == (None, False, True)
+    assert kernel.changes == [] and kernel.loaded is False  # no modprobe
+
+
 def test_update_after_an_unbound_vip_and_ip_forward_off_rebinds_and_sets_it(kernel):
     apply(kernel)
     kernel.addresses.clear()
