@@ -352,9 +352,8 @@ class Agent:
             iface = entry.get("interface") or interface or ""
             owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied")
             owners.services[key].pop("spec")  # the live table is not this stack's intent
-            # A lost record lost the VIP too: the VIP bound on the interface came with it.
-            if live.vip not in owners.addresses and iface and self._bound(iface, live.vip):
-                owners.addresses[live.vip] = {"interface": iface}
+            # The VIP is not claimed, bound or not: whoever bound it (keepalived, an operator)
+            # may not be ipvs-ingress, and a destroy removes only addresses recorded as ours.
             owners.save()
             return owners, "ours"
 
@@ -390,9 +389,7 @@ class Agent:
             # A VIP we bound on another interface (director.interface changed) moves with it.
             recorded = owners.addresses.get(spec.vip, {}).get("interface")
             move_from = recorded if recorded not in (None, interface) else None
-            bind = not k.has_address(index, spec.vip)
-            # Re-adopted after the record was lost: the bound VIP came with the service.
-            claim = standing == "adopt" and not bind and spec.vip not in owners.addresses
+            bind = not k.has_address(index, spec.vip)  # a VIP bound by anyone else is not claimed
             if dry_run:
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
@@ -402,7 +399,7 @@ class Agent:
                     + [f"bind {spec.vip} on {interface}"] * bind
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(owners, spec, interface, live, ops, move_from, bind, claim)
+            self._apply(owners, spec, interface, live, ops, move_from, bind)
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
@@ -437,11 +434,11 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind, claim) -> None:
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind) -> None:
         """The changes, each preceded by its record on disk (write-ahead)."""
         k, entry = self.kernel, owners.services.get(spec.key)
         settled = (
-            not (ops or move_from or bind or claim)
+            not (ops or move_from or bind)
             and k.forwarding_on()
             and entry is not None
             and entry.get("state") == "applied"
@@ -451,7 +448,7 @@ class Agent:
         if settled:
             return
         owners.record(spec.key, spec, interface, "pending")
-        if claim or (bind and not move_from):
+        if bind and not move_from:
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()
         k.ensure_forwarding()

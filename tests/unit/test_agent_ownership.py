@@ -124,7 +124,7 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
         (tmp_path / "state.json").unlink()
         assert read(kernel)["owned"] is True
         assert record()["services"][KEY]["owner"] == OWNER
-        assert record()["addresses"] == {"203.0.113.201": {"interface": "eth0"}}
+        assert record()["addresses"] == {}  # bound, but nothing says by whom: never claimed
     (tmp_path / "state.json").unlink()
     with pytest.raises(agent.AgentError) as err:  # a create: no stack holds it yet
         apply(kernel)
@@ -133,8 +133,22 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
     assert kernel.table() == [("203.0.113.11", 80, 4, 3)]
     assert delete(kernel, port=443) == {"deleted": True, "removedVip": False}
     assert ("tcp", "203.0.113.201", 443) not in kernel.services
-    assert delete(kernel, port=80) == {"deleted": True, "removedVip": True}
-    assert kernel.services == {} and kernel.addresses == set()
+    assert delete(kernel, port=80) == {"deleted": True, "removedVip": False}
+    assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
+
+
+def test_readoption_never_claims_a_vip_someone_else_bound(kernel, tmp_path):
+    kernel.addresses.add((2, "203.0.113.201"))  # keepalived's VIP
+    apply(kernel, port=80)
+    apply(kernel, port=443)
+    assert record()["addresses"] == {} and kernel.changes.count("bind 203.0.113.201@2") == 0
+    (tmp_path / "state.json").unlink()  # lost: now nothing tells keepalived's VIP from ours
+    assert read(kernel, port=80)["owned"] is True  # refresh re-adopts
+    apply(kernel, port=443, adopt=True, servers=[("203.0.113.11", 2)])  # up re-adopts
+    assert record()["addresses"] == {}
+    assert delete(kernel, port=80)["removedVip"] is False
+    assert delete(kernel, port=443)["removedVip"] is False
+    assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
 
 
 @pytest.mark.parametrize(
