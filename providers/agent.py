@@ -319,7 +319,8 @@ class Agent:
         if "ip_vs" not in k.missing_modules():
             k.open_ipvs()
             live = k.get_service(protocol, vip, port)
-        standing = owners.standing(key, owner, bool(request.get("adopt")), live)
+        former = request.get("formerOwner") or ""
+        standing = owners.standing(key, owner, bool(request.get("adopt")), live, former)
         old_format = standing == "ours" and not owners.services[key].get("owner")
         if live is not None and owner and (standing == "adopt" or old_format):
             # The stack's state holds it: re-adopt it (record lost) or claim it (old record).
@@ -374,7 +375,10 @@ class Agent:
             # Every refusal comes before the first change, so a refused request changes nothing.
             self._refuse_unusable_real_servers(spec, interface, index)
             live = None if "ip_vs" in missing else k.get_service(spec.protocol, spec.vip, spec.port)
-            standing = owners.standing(spec.key, spec.owner, bool(request.get("adopt")), live)
+            former = request.get("formerOwner") or ""  # update: the stack's name before a rename
+            standing = owners.standing(
+                spec.key, spec.owner, bool(request.get("adopt")), live, former
+            )
             if standing == "foreign":
                 raise AgentError(
                     "foreign",
@@ -384,6 +388,11 @@ class Agent:
                 raise AgentError(
                     "owned",
                     f"vip: {spec.key} belongs to stack {owners.services[spec.key]['owner']} on this director: choose another VIP/port, or destroy it in that stack first",
+                )
+            if standing == "legacy":  # only a request carrying the resource's id may adopt it
+                raise AgentError(
+                    "owned",
+                    f"vip: {spec.key} was recorded by an ipvs-ingress too old to name its stack: run pulumi refresh in the stack that holds it (it adopts it), or choose another VIP/port",
                 )
             ops = model.plan(live, spec)
             # A VIP we bound on another interface (director.interface changed) moves with it.
@@ -399,7 +408,7 @@ class Agent:
                     + [f"bind {spec.vip} on {interface}"] * bind
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(owners, spec, interface, live, ops, move_from, bind)
+            self._apply(owners, spec, interface, live, ops, move_from, bind, former)
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
@@ -434,7 +443,7 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind) -> None:
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former) -> None:
         """The changes, each preceded by its record on disk (write-ahead)."""
         k, entry = self.kernel, owners.services.get(spec.key)
         settled = (
@@ -447,7 +456,9 @@ class Agent:
         )
         if settled:
             return
-        owners.record(spec.key, spec, interface, "pending")
+        # A renamed stack's record keeps the old name too: that stack's state still holds it
+        # until this reply lands, so its refresh and destroy must still find the service.
+        owners.record(spec.key, spec, interface, "pending", former)
         if bind and not move_from:
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()
@@ -497,9 +508,13 @@ class Agent:
                 return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k.ensure_ipvs()
             live = k.get_service(protocol, vip, port)
-            standing = owners.standing(key, request.get("owner", ""), True, live)
-            if standing == "other":  # never another stack's service
-                return {"deleted": False, "reason": f"belongs to stack {entry['owner']}"}
+            owner = request.get("owner") or ""
+            standing = owners.standing(key, owner, True, live, request.get("formerOwner") or "")
+            if standing == "other":  # never another stack's service: and say so, not a no-op
+                raise AgentError(
+                    "owned",
+                    f"vip: {key} belongs to stack {entry['owner']} on this director, not to {owner or 'this stack'}: nothing was deleted; if this stack should not hold it, pulumi state delete its URN",
+                )
             if standing != "ours" and live is None:
                 return {"deleted": False, "reason": "not on the director"}
             if live is not None:

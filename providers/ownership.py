@@ -79,23 +79,29 @@ class Ownership:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def standing(self, key: str, owner: str, adopt: bool, live) -> str:
-        """Whose `key` is, for the stack `owner`:
-        ours    - recorded for this stack, or recorded before owners existed (adopted on write);
+    def standing(self, key: str, owner: str, adopt: bool, live, former: str = "") -> str:
+        """Whose `key` is, for the stack `owner` (`former`: its name before a rename):
+        ours    - recorded for this stack; or, for a request that carries the resource's id
+                  (`adopt`: read, update, delete), recorded before owners existed, or under the
+                  stack's former name (either side of a rename whose reply may have been lost);
         new     - nothing live: free to create, whatever a stale record says;
         adopt   - live, unrecorded, and the stack's own state holds it (the record was lost);
+        legacy  - live, recorded before owners existed, and a create: nothing says whose it is;
         foreign - live and unrecorded: never ipvs-ingress's to change;
         other   - live and recorded for another stack."""
         entry = self.services.get(key)
-        if entry is not None and entry.get("owner") in (None, "", owner):
-            return "ours"
+        if entry is not None:
+            recorded = entry.get("owner") or ""
+            renamed = recorded == former or entry.get("formerOwner") == owner
+            if recorded == owner or (adopt and (recorded == "" or renamed)):
+                return "ours"
         if live is None:
             return "new"
         if entry is None:
             return "adopt" if adopt else "foreign"
-        return "other"
+        return "other" if entry.get("owner") else "legacy"
 
-    def record(self, key: str, spec: model.VirtualServiceSpec, interface: str, state: str):
+    def record(self, key, spec: model.VirtualServiceSpec, interface: str, state: str, former=""):
         self.services[key] = {
             "owner": spec.owner or None,
             "vip": spec.vip,
@@ -103,6 +109,8 @@ class Ownership:
             "state": state,
             "spec": model.spec_to_dict(spec),
         }
+        if former and former != spec.owner:  # until the stack's state has the new name
+            self.services[key]["formerOwner"] = former
 
     def vip_in_use(self, vip: str, kernel) -> bool:
         """Some recorded service, of any stack, on `vip` still exists in the kernel."""
@@ -164,6 +172,7 @@ def _fields_ok(entry: dict) -> bool:
     """Optional fields (records from before owners lack them) of the types record() writes."""
     return (
         isinstance(entry.get("owner"), str | None)
+        and isinstance(entry.get("formerOwner"), str | None)
         and entry.get("state", "applied") in ("pending", "applied")
         and isinstance(entry.get("spec", {}), dict)
         and isinstance(entry.get("interface", ""), str)

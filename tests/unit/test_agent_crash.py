@@ -82,6 +82,13 @@ SCENARIOS = {
         {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
         2,
     ),
+    "update of a renamed stack": (
+        [request("apply", servers=A, owner="ipvs-ingress/old")],
+        None,
+        update_b() | {"formerOwner": "ipvs-ingress/old"},
+        {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
+        2,
+    ),
     "delete, VIP still used": (
         [request("apply", servers=A), request("apply", port=443, servers=A)],
         None,

@@ -228,10 +228,40 @@ def test_another_stacks_apply_on_the_same_vip_port_is_refused_naming_the_owner(k
 
 def test_a_destroy_never_touches_another_stacks_service(kernel):
     apply(kernel, owner="ipvs-ingress/dev")
-    result = delete(kernel, owner="ipvs-ingress/prod")
-    assert result == {"deleted": False, "reason": "belongs to stack ipvs-ingress/dev"}
-    assert kernel.table() == TWO and kernel.addresses == {(2, "203.0.113.201")}
+    kernel.changes.clear()
+    with pytest.raises(agent.AgentError) as err:  # refused, not a silent success
+        delete(kernel, owner="ipvs-ingress/prod")
+    assert str(err.value) == (
+        "vip: tcp/203.0.113.201:80 belongs to stack ipvs-ingress/dev on this director, not to"
+        " ipvs-ingress/prod: nothing was deleted; if this stack should not hold it,"
+        " pulumi state delete its URN"
+    )
+    assert (
+        kernel.changes == []
+        and kernel.table() == TWO
+        and kernel.addresses == {(2, "203.0.113.201")}
+    )
     assert record()["services"][KEY]["owner"] == "ipvs-ingress/dev"
+
+
+def test_a_renamed_stack_keeps_its_service_and_the_record_follows_the_new_name(kernel):
+    apply(kernel, owner="ipvs-ingress/dev")
+    kernel.changes.clear()
+    # `pulumi stack rename dev dev2`, then up: an update whose olds still name dev.
+    request = {"op": "apply", "spec": spec(owner="ipvs-ingress/dev2"), "interface": "eth0"}
+    request |= {"adopt": True, "formerOwner": "ipvs-ingress/dev"}
+    agent.Agent(kernel).handle(request)
+    assert kernel.changes == [] and kernel.table() == TWO  # a rename changes no kernel state
+    entry = record()["services"][KEY]
+    assert (entry["owner"], entry["formerOwner"]) == ("ipvs-ingress/dev2", "ipvs-ingress/dev")
+    assert read(kernel, owner="ipvs-ingress/dev2")["owned"] is True
+    # The reply was lost: the stack's state still says dev. Its refresh still finds it.
+    assert read(kernel, owner="ipvs-ingress/dev")["owned"] is True
+    with pytest.raises(agent.AgentError) as err:  # never taken over by a create
+        apply(kernel, owner="ipvs-ingress/dev")
+    assert "belongs to stack ipvs-ingress/dev2" in str(err.value)
+    assert delete(kernel, owner="ipvs-ingress/dev2") == {"deleted": True, "removedVip": True}
+    assert kernel.services == {} and kernel.addresses == set() and record()["services"] == {}
 
 
 def test_a_vip_shared_by_two_stacks_stays_bound_until_the_last_goes(kernel):
@@ -290,8 +320,14 @@ def test_records_of_the_old_format_are_adopted(kernel, tmp_path):
         "addresses": {"203.0.113.201": {"interface": "eth0"}},
     }
     (tmp_path / "state.json").write_text(json.dumps(old))
-    assert read(kernel, port=80)["owned"] is True
-    apply(kernel, port=443, servers=[("203.0.113.11", 1)])  # an apply of that stack
+    kernel.changes.clear()
+    for port in (80, 443):  # a create: nothing says which stack holds it, so never taken
+        with pytest.raises(agent.AgentError) as err:
+            apply(kernel, port=port, owner="ipvs-ingress/prod")
+        assert err.value.code == "owned" and "run pulumi refresh in the stack" in str(err.value)
+    assert kernel.changes == [] and record() == old
+    assert read(kernel, port=80)["owned"] is True  # a refresh: it carries the resource's id
+    apply(kernel, port=443, adopt=True, servers=[("203.0.113.11", 1)])  # an update: the same
     services = record()["services"]
     assert services[KEY]["owner"] == services["tcp/203.0.113.201:443"]["owner"] == OWNER
     with pytest.raises(agent.AgentError) as err:
