@@ -304,11 +304,7 @@ class Agent:
         }.get(op)
         if handler is None:
             raise AgentError("bad-request", f"unknown op {op!r}")
-        try:
-            return handler(request)
-        except BaseException:
-            Ownership.forget()
-            raise
+        return handler(request)
 
     def hello(self, _request: dict) -> dict:
         return {"agent": PROTOCOL_VERSION, "pyroute2": self.kernel.version, "pid": os.getpid()}
@@ -318,10 +314,13 @@ class Agent:
         key, owner = model.service_key(protocol, vip, port), request.get("owner", "")
         interface = request.get("interface")
         owners = Ownership.load()  # a corrupt record is named before anything is done
-        k = self.kernel
-        k.ensure_ipvs()
-        live = k.get_service(protocol, vip, port)
-        standing = owners.standing(key, owner, bool(request.get("adopt")), live)
+        k, live = self.kernel, None
+        # A refresh changes nothing on the director, so it loads no module: no ip_vs, no service.
+        if "ip_vs" not in k.missing_modules():
+            k.open_ipvs()
+            live = k.get_service(protocol, vip, port)
+        former = request.get("formerOwner") or ""
+        standing = owners.standing(key, owner, bool(request.get("adopt")), live, former)
         old_format = standing == "ours" and not owners.services[key].get("owner")
         if live is not None and owner and (standing == "adopt" or old_format):
             # The stack's state holds it: re-adopt it (record lost) or claim it (old record).
@@ -354,9 +353,8 @@ class Agent:
             iface = entry.get("interface") or interface or ""
             owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied")
             owners.services[key].pop("spec")  # the live table is not this stack's intent
-            # A lost record lost the VIP too: the VIP bound on the interface came with it.
-            if live.vip not in owners.addresses and iface and self._bound(iface, live.vip):
-                owners.addresses[live.vip] = {"interface": iface}
+            # The VIP is not claimed, bound or not: whoever bound it (keepalived, an operator)
+            # may not be ipvs-ingress, and a destroy removes only addresses recorded as ours.
             owners.save()
             return owners, "ours"
 
@@ -377,7 +375,10 @@ class Agent:
             # Every refusal comes before the first change, so a refused request changes nothing.
             self._refuse_unusable_real_servers(spec, interface, index)
             live = None if "ip_vs" in missing else k.get_service(spec.protocol, spec.vip, spec.port)
-            standing = owners.standing(spec.key, spec.owner, bool(request.get("adopt")), live)
+            former = request.get("formerOwner") or ""  # update: the stack's name before a rename
+            standing = owners.standing(
+                spec.key, spec.owner, bool(request.get("adopt")), live, former
+            )
             if standing == "foreign":
                 raise AgentError(
                     "foreign",
@@ -388,13 +389,16 @@ class Agent:
                     "owned",
                     f"vip: {spec.key} belongs to stack {owners.services[spec.key]['owner']} on this director: choose another VIP/port, or destroy it in that stack first",
                 )
+            if standing == "legacy":  # only a request carrying the resource's id may adopt it
+                raise AgentError(
+                    "owned",
+                    f"vip: {spec.key} was recorded by an ipvs-ingress too old to name its stack: run pulumi refresh in the stack that holds it (it adopts it), or choose another VIP/port",
+                )
             ops = model.plan(live, spec)
             # A VIP we bound on another interface (director.interface changed) moves with it.
             recorded = owners.addresses.get(spec.vip, {}).get("interface")
             move_from = recorded if recorded not in (None, interface) else None
-            bind = not k.has_address(index, spec.vip)
-            # Re-adopted after the record was lost: the bound VIP came with the service.
-            claim = standing == "adopt" and not bind and spec.vip not in owners.addresses
+            bind = not k.has_address(index, spec.vip)  # a VIP bound by anyone else is not claimed
             if dry_run:
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
@@ -404,7 +408,7 @@ class Agent:
                     + [f"bind {spec.vip} on {interface}"] * bind
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(owners, spec, interface, live, ops, move_from, bind, claim)
+            self._apply(owners, spec, interface, live, ops, move_from, bind, former)
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
@@ -439,11 +443,11 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind, claim) -> None:
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former) -> None:
         """The changes, each preceded by its record on disk (write-ahead)."""
         k, entry = self.kernel, owners.services.get(spec.key)
         settled = (
-            not (ops or move_from or bind or claim)
+            not (ops or move_from or bind)
             and k.forwarding_on()
             and entry is not None
             and entry.get("state") == "applied"
@@ -452,8 +456,10 @@ class Agent:
         )
         if settled:
             return
-        owners.record(spec.key, spec, interface, "pending")
-        if claim or (bind and not move_from):
+        # A renamed stack's record keeps the old name too: that stack's state still holds it
+        # until this reply lands, so its refresh and destroy must still find the service.
+        owners.record(spec.key, spec, interface, "pending", former)
+        if bind and not move_from:
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()
         k.ensure_forwarding()
@@ -502,9 +508,13 @@ class Agent:
                 return {"deleted": False, "reason": "not managed by ipvs-ingress"}
             k.ensure_ipvs()
             live = k.get_service(protocol, vip, port)
-            standing = owners.standing(key, request.get("owner", ""), True, live)
-            if standing == "other":  # never another stack's service
-                return {"deleted": False, "reason": f"belongs to stack {entry['owner']}"}
+            owner = request.get("owner") or ""
+            standing = owners.standing(key, owner, True, live, request.get("formerOwner") or "")
+            if standing == "other":  # never another stack's service: and say so, not a no-op
+                raise AgentError(
+                    "owned",
+                    f"vip: {key} belongs to stack {entry['owner']} on this director, not to {owner or 'this stack'}: nothing was deleted; if this stack should not hold it, pulumi state delete its URN",
+                )
             if standing != "ours" and live is None:
                 return {"deleted": False, "reason": "not on the director"}
             if live is not None:

@@ -396,8 +396,12 @@ def check_director(
     return Director(**values), c.problems
 
 
-def check_virtual_service(props: Mapping, unknown=_never_unknown) -> list[Problem]:
-    return _parse(props, unknown)[1]
+def check_virtual_service(
+    props: Mapping, unknown=_never_unknown, need_owner: bool = False
+) -> list[Problem]:
+    """Problems of `props`; the provider's check needs an owner (the program always sets one),
+    the stack config loader checks services before the owner is known."""
+    return _parse(props, unknown, need_owner)[1]
 
 
 def parse_virtual_service(props: Mapping) -> tuple[Director, VirtualServiceSpec]:
@@ -408,7 +412,7 @@ def parse_virtual_service(props: Mapping) -> tuple[Director, VirtualServiceSpec]
 
 
 def _parse(
-    props: Mapping, unknown
+    props: Mapping, unknown, need_owner: bool = False
 ) -> tuple[tuple[Director | None, VirtualServiceSpec | None], list[Problem]]:
     director, problems = check_director(props.get("director"), unknown)
     c = _Checker(unknown)
@@ -432,7 +436,9 @@ def _parse(
         )
     real_servers = _check_real_servers(c, props.get("realServers"), vip_addr)
     owner = props.get("owner", "")
-    if (
+    if need_owner and "owner" not in props:
+        c.fail("owner", "missing: give the stack that declares this service as '<project>/<stack>' (the Ingress component sets it)")  # fmt: skip
+    elif (
         not unknown(owner)
         and "owner" in props
         and not (isinstance(owner, str) and _OWNER.match(owner))

@@ -8,6 +8,7 @@ and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-a
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import time
@@ -35,24 +36,12 @@ class Ownership:
     the VIPs it bound. A change is recorded before it is made (write-ahead), so whatever step
     a crash hits, the next apply of the same stack finds the service recorded as its own."""
 
-    _cache: dict[str, tuple[tuple, Ownership]] = {}
-
     @classmethod
     def load(cls, path: str | None = None) -> Ownership:
-        """The record, parsed again only when the file changed (another stack wrote it)."""
-        path = path or STATE_PATH
-        signature = _signature(path)
-        cached = cls._cache.get(path)
-        if cached is not None and signature is not None and cached[0] == signature:
-            return cached[1]
-        record = cls(path)
-        cls._cache[path] = (signature, record)
-        return record
-
-    @classmethod
-    def forget(cls) -> None:
-        """After a failed request the cached copy may hold changes that never reached disk."""
-        cls._cache.clear()
+        """The record as it is on disk now. Always parsed afresh (about 1 ms for 200 services): a
+        cache keyed on (inode, mtime, size) can miss another stack's write (inode reuse, a coarse
+        mtime, an equal size), and saving that stale copy would drop the other stack's entry."""
+        return cls(path)
 
     def __init__(self, path: str | None = None):
         self.path = path = path or STATE_PATH
@@ -75,8 +64,6 @@ class Ownership:
         )
 
     def save(self) -> None:
-        # Until the file is replaced, the cached copy may be ahead of the disk: forget it.
-        Ownership._cache.pop(self.path, None)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}"
         # json.dumps, compact: the C encoder (json.dump and indent use the pure-Python one,
@@ -91,25 +78,30 @@ class Ownership:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        Ownership._cache[self.path] = (_signature(self.path), self)
 
-    def standing(self, key: str, owner: str, adopt: bool, live) -> str:
-        """Whose `key` is, for the stack `owner`:
-        ours    - recorded for this stack, or recorded before owners existed (adopted on write);
+    def standing(self, key: str, owner: str, adopt: bool, live, former: str = "") -> str:
+        """Whose `key` is, for the stack `owner` (`former`: its name before a rename):
+        ours    - recorded for this stack; or, for a request that carries the resource's id
+                  (`adopt`: read, update, delete), recorded before owners existed, or under the
+                  stack's former name (either side of a rename whose reply may have been lost);
         new     - nothing live: free to create, whatever a stale record says;
         adopt   - live, unrecorded, and the stack's own state holds it (the record was lost);
+        legacy  - live, recorded before owners existed, and a create: nothing says whose it is;
         foreign - live and unrecorded: never ipvs-ingress's to change;
         other   - live and recorded for another stack."""
         entry = self.services.get(key)
-        if entry is not None and entry.get("owner") in (None, "", owner):
-            return "ours"
+        if entry is not None:
+            recorded = entry.get("owner") or ""
+            renamed = recorded == former or entry.get("formerOwner") == owner
+            if recorded == owner or (adopt and (recorded == "" or renamed)):
+                return "ours"
         if live is None:
             return "new"
         if entry is None:
             return "adopt" if adopt else "foreign"
-        return "other"
+        return "other" if entry.get("owner") else "legacy"
 
-    def record(self, key: str, spec: model.VirtualServiceSpec, interface: str, state: str):
+    def record(self, key, spec: model.VirtualServiceSpec, interface: str, state: str, former=""):
         self.services[key] = {
             "owner": spec.owner or None,
             "vip": spec.vip,
@@ -117,6 +109,8 @@ class Ownership:
             "state": state,
             "spec": model.spec_to_dict(spec),
         }
+        if former and former != spec.owner:  # until the stack's state has the new name
+            self.services[key]["formerOwner"] = former
 
     def vip_in_use(self, vip: str, kernel) -> bool:
         """Some recorded service, of any stack, on `vip` still exists in the kernel."""
@@ -130,25 +124,59 @@ class Ownership:
 
 
 def _well_formed(data) -> bool:
-    """The shape the agent relies on: services with a VIP, addresses with an interface."""
+    """The shape the agent relies on, checked before anything is done: the agent splits service
+    keys and hands VIPs and interfaces to the kernel, so a bad field found half-way through a
+    delete would leave the kernel changed and the record unsaved, failing every retry."""
     if not isinstance(data, dict):
         return False
     services, addresses = data.get("services", {}), data.get("addresses", {})
     if not (isinstance(services, dict) and isinstance(addresses, dict)):
         return False
     return all(
-        isinstance(e, dict) and isinstance(e.get("vip"), str) for e in services.values()
+        isinstance(e, dict)
+        and isinstance(e.get("vip"), str)
+        and _key_of(k, e["vip"])
+        and _fields_ok(e)
+        for k, e in services.items()
     ) and all(
-        isinstance(e, dict) and isinstance(e.get("interface"), str) for e in addresses.values()
+        _canonical_ip(vip) and isinstance(e, dict) and isinstance(e.get("interface"), str)
+        for vip, e in addresses.items()
     )
 
 
-def _signature(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+# Pure functions of strings, cached: they are most of the time of a load (200 services: 2.4 ms
+# uncached, vs 0.9 ms for the JSON itself), and the same keys come back on every request.
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip(vip: str) -> bool:
+    addr = model.plain_ip(vip)
+    return addr is not None and str(addr) == vip
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(key: str, vip: str) -> bool:
+    """`key` is exactly model.service_key(protocol, vip, port): "tcp/203.0.113.201:80",
+    "udp/[2001:db8::1]:53"."""
+    protocol, _, rest = key.partition("/")
+    port = rest.rpartition(":")[2]
+    return (
+        protocol in model.PROTOCOLS
+        and _canonical_ip(vip)
+        and port.isascii()
+        and port.isdigit()
+        and 0 < int(port) < 65536
+        and key == model.service_key(protocol, vip, int(port))
+    )
+
+
+def _fields_ok(entry: dict) -> bool:
+    """Optional fields (records from before owners lack them) of the types record() writes."""
+    return (
+        isinstance(entry.get("owner"), str | None)
+        and isinstance(entry.get("formerOwner"), str | None)
+        and entry.get("state", "applied") in ("pending", "applied")
+        and isinstance(entry.get("spec", {}), dict)
+        and isinstance(entry.get("interface", ""), str)
+    )
 
 
 @contextmanager

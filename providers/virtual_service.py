@@ -74,7 +74,8 @@ class VirtualServiceProvider(ResourceProvider):
 
     # -- pure: no SSH --
     def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
-        problems = model.check_virtual_service(news, unknown=_is_unknown)
+        # Stored state from before owners existed has none; new inputs always carry one.
+        problems = model.check_virtual_service(news, unknown=_is_unknown, need_owner=True)
         if _is_unknown(news.get("director")):
             # A director that is computed is not yet known, not "not an object".
             problems = [p for p in problems if p.field != "director"]
@@ -112,9 +113,11 @@ class VirtualServiceProvider(ResourceProvider):
             f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result)
         )
 
-    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         director, spec = model.parse_virtual_service(news)
-        result = self._apply(director, spec, adopt=True)
+        # A renamed stack or project: the director records the service under the old name.
+        former = olds.get("owner") if isinstance(olds.get("owner"), str) else ""
+        result = self._apply(director, spec, adopt=True, former=former)
         return UpdateResult(_outputs(director, spec, result))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -128,10 +131,16 @@ class VirtualServiceProvider(ResourceProvider):
         director, spec = model.parse_virtual_service(_normalized(props))
         self._session(director).request("delete", **_where(director, spec))
 
-    def _apply(self, director: model.Director, spec: model.VirtualServiceSpec, adopt: bool) -> dict:
+    def _apply(
+        self, director: model.Director, spec: model.VirtualServiceSpec, adopt: bool, former=""
+    ) -> dict:
         session = self._session(director)
         result = session.request(
-            "apply", spec=model.spec_to_dict(spec), interface=director.interface, adopt=adopt
+            "apply",
+            spec=model.spec_to_dict(spec),
+            interface=director.interface,
+            adopt=adopt,
+            **({"formerOwner": former} if former and former != spec.owner else {}),
         )
         log.info(
             "applied %s on %s: %d kernel change(s) %s",

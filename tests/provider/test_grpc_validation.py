@@ -17,6 +17,7 @@ def props(host: str = "203.0.113.2", **over) -> dict:
         "port": 80,
         "protocol": "tcp",
         "realServers": [{"address": "2001:db8::11", "weight": 1}],
+        "owner": "ipvs-ingress/dev",
     }
     return {**base, **over}
 

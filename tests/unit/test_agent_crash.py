@@ -82,6 +82,13 @@ SCENARIOS = {
         {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
         2,
     ),
+    "update of a renamed stack": (
+        [request("apply", servers=A, owner="ipvs-ingress/old")],
+        None,
+        update_b() | {"formerOwner": "ipvs-ingress/old"},
+        {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
+        2,
+    ),
     "delete, VIP still used": (
         [request("apply", servers=A), request("apply", port=443, servers=A)],
         None,
@@ -96,7 +103,6 @@ SCENARIOS = {
 def director(tmp_path, monkeypatch, name: str) -> MemoryKernel:
     """A fresh director: a new kernel, a new state file, set up as the scenario says."""
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
-    agent.Ownership.forget()
     kernel = MemoryKernel()
     setup, hook, _, _, _ = SCENARIOS[name]
     for r in setup:
@@ -140,8 +146,6 @@ def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch
                 agent.Agent(kernel).handle(json.loads(json.dumps(killed)))
         else:
             agent.Agent(kernel).handle(json.loads(json.dumps(killed)))
-        # A new agent process: nothing cached, nothing of the dead one's memory.
-        agent.Ownership.forget()
         kernel.crash_after = None
         try:
             agent.Agent(kernel).handle(json.loads(json.dumps(killed)))

@@ -353,20 +353,6 @@ def test_version_comparison(version, new_enough):
     assert (agent._version_tuple(version) >= agent.MIN_PYROUTE2) is new_enough
 
 
-def test_ownership_record_is_reread_when_another_stack_writes_it(kernel):
-    apply(kernel, port=80)
-    first = agent.Ownership.load()
-    assert agent.Ownership.load() is first  # unchanged file: no re-parse
-    signature = agent.Ownership._cache[ownership.STATE_PATH][0]
-    other = agent.Ownership(ownership.STATE_PATH)  # another agent process on the same director
-    other.services["tcp/203.0.113.202:80"] = {"vip": "203.0.113.202", "interface": "eth0"}
-    other.save()
-    agent.Ownership._cache[ownership.STATE_PATH] = (signature, first)  # this process's old copy
-    reloaded = agent.Ownership.load()
-    assert reloaded is not first
-    assert set(reloaded.services) == {"tcp/203.0.113.201:80", "tcp/203.0.113.202:80"}
-
-
 def test_failed_create_leaves_no_vip_answering_for_nothing(kernel):
     kernel.fail_on = "add-service"
     with pytest.raises(agent.AgentError):

@@ -3,7 +3,9 @@ corrupt state files, per-stack ownership and kernel refusals. Expected tables ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 
@@ -16,15 +18,13 @@ TWO = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
 
 
 def record() -> dict:
-    """The state file as a fresh agent process reads it."""
-    agent.Ownership.forget()
+    """The state file as it is on disk."""
     with open(ownership.STATE_PATH) as f:
         return json.load(f)
 
 
 def fresh(kernel):
-    """A new agent process after a kill: nothing cached, the kill switch off."""
-    agent.Ownership.forget()
+    """A new agent process after a kill: the kill switch off."""
     kernel.crash_after = None
 
 
@@ -57,6 +57,16 @@ def test_read_reports_ownership_vip_binding_and_forwarding(kernel):
     result = read(kernel)
     assert (result["vipBound"], result["ipForward"], result["owned"]) == (False, False, True)
     assert read(kernel, interface="eth9")["vipBound"] is False  # no such NIC: nothing bound
+
+
+def test_a_read_loads_no_module_and_without_ip_vs_the_service_is_absent(kernel):
+    apply(kernel)
+    kernel.services.clear()  # the director rebooted: ip_vs is not loaded, so no service
+    kernel.loaded = False
+    kernel.changes.clear()
+    result = read(kernel)
+    assert (result["live"], result["owned"], result["vipBound"]) == (None, False, True)
+    assert kernel.changes == [] and kernel.loaded is False  # no modprobe
 
 
 def test_update_after_an_unbound_vip_and_ip_forward_off_rebinds_and_sets_it(kernel):
@@ -112,12 +122,10 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
     apply(kernel, port=443)
     for _ in range(2):
         (tmp_path / "state.json").unlink()
-        agent.Ownership.forget()
         assert read(kernel)["owned"] is True
         assert record()["services"][KEY]["owner"] == OWNER
-        assert record()["addresses"] == {"203.0.113.201": {"interface": "eth0"}}
+        assert record()["addresses"] == {}  # bound, but nothing says by whom: never claimed
     (tmp_path / "state.json").unlink()
-    agent.Ownership.forget()
     with pytest.raises(agent.AgentError) as err:  # a create: no stack holds it yet
         apply(kernel)
     assert err.value.code == "foreign" and "ipvsadm -D" in str(err.value)
@@ -125,8 +133,22 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
     assert kernel.table() == [("203.0.113.11", 80, 4, 3)]
     assert delete(kernel, port=443) == {"deleted": True, "removedVip": False}
     assert ("tcp", "203.0.113.201", 443) not in kernel.services
-    assert delete(kernel, port=80) == {"deleted": True, "removedVip": True}
-    assert kernel.services == {} and kernel.addresses == set()
+    assert delete(kernel, port=80) == {"deleted": True, "removedVip": False}
+    assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
+
+
+def test_readoption_never_claims_a_vip_someone_else_bound(kernel, tmp_path):
+    kernel.addresses.add((2, "203.0.113.201"))  # keepalived's VIP
+    apply(kernel, port=80)
+    apply(kernel, port=443)
+    assert record()["addresses"] == {} and kernel.changes.count("bind 203.0.113.201@2") == 0
+    (tmp_path / "state.json").unlink()  # lost: now nothing tells keepalived's VIP from ours
+    assert read(kernel, port=80)["owned"] is True  # refresh re-adopts
+    apply(kernel, port=443, adopt=True, servers=[("203.0.113.11", 2)])  # up re-adopts
+    assert record()["addresses"] == {}
+    assert delete(kernel, port=80)["removedVip"] is False
+    assert delete(kernel, port=443)["removedVip"] is False
+    assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
 
 
 @pytest.mark.parametrize(
@@ -138,6 +160,31 @@ def test_a_lost_state_file_is_readopted_by_read_update_and_delete(kernel, tmp_pa
         ('{"services": []}', "is not an ipvs-ingress record"),
         ('{"services": {"tcp/203.0.113.201:80": 5}}', "is not an ipvs-ingress record"),
         ('{"addresses": {"203.0.113.201": {"iface": "eth0"}}}', "is not an ipvs-ingress record"),
+        # JSON of the right overall shape, but not what the agent wrote: keys it splits, fields
+        # it compares or hands to the kernel.
+        *[
+            (
+                json.dumps({"services": {key: {"vip": vip, **extra}}}),
+                "is not an ipvs-ingress record",
+            )
+            for key, vip, extra in [
+                ("garbage-key", "203.0.113.201", {}),
+                ("tcp/203.0.113.201", "203.0.113.201", {}),
+                ("sctp/203.0.113.201:80", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:0", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:080", "203.0.113.201", {}),
+                ("tcp/203.0.113.201:70000", "203.0.113.201", {}),
+                ("tcp/2001:db8::1:80", "2001:db8::1", {}),  # IPv6 without brackets
+                ("tcp/[2001:DB8::1]:80", "2001:DB8::1", {}),  # not as the agent writes it
+                ("tcp/203.0.113.202:80", "203.0.113.201", {}),  # the key names another VIP
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"owner": 7}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"state": "done"}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"spec": []}),
+                ("tcp/203.0.113.201:80", "203.0.113.201", {"interface": ["eth0"]}),
+            ]
+        ],
+        ('{"addresses": {"eth0": {"interface": "eth0"}}}', "is not an ipvs-ingress record"),
+        ('{"addresses": {"None": {"interface": "eth0"}}}', "is not an ipvs-ingress record"),
     ],
 )
 def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
@@ -155,7 +202,6 @@ def test_a_corrupt_state_file_is_named_with_the_fix_and_nothing_changes(
         lambda: delete(kernel),
     ]
     for call in calls:
-        agent.Ownership.forget()
         with pytest.raises(agent.AgentError) as err:
             call()
         msg = str(err.value)
@@ -182,10 +228,40 @@ def test_another_stacks_apply_on_the_same_vip_port_is_refused_naming_the_owner(k
 
 def test_a_destroy_never_touches_another_stacks_service(kernel):
     apply(kernel, owner="ipvs-ingress/dev")
-    result = delete(kernel, owner="ipvs-ingress/prod")
-    assert result == {"deleted": False, "reason": "belongs to stack ipvs-ingress/dev"}
-    assert kernel.table() == TWO and kernel.addresses == {(2, "203.0.113.201")}
+    kernel.changes.clear()
+    with pytest.raises(agent.AgentError) as err:  # refused, not a silent success
+        delete(kernel, owner="ipvs-ingress/prod")
+    assert str(err.value) == (
+        "vip: tcp/203.0.113.201:80 belongs to stack ipvs-ingress/dev on this director, not to"
+        " ipvs-ingress/prod: nothing was deleted; if this stack should not hold it,"
+        " pulumi state delete its URN"
+    )
+    assert (
+        kernel.changes == []
+        and kernel.table() == TWO
+        and kernel.addresses == {(2, "203.0.113.201")}
+    )
     assert record()["services"][KEY]["owner"] == "ipvs-ingress/dev"
+
+
+def test_a_renamed_stack_keeps_its_service_and_the_record_follows_the_new_name(kernel):
+    apply(kernel, owner="ipvs-ingress/dev")
+    kernel.changes.clear()
+    # `pulumi stack rename dev dev2`, then up: an update whose olds still name dev.
+    request = {"op": "apply", "spec": spec(owner="ipvs-ingress/dev2"), "interface": "eth0"}
+    request |= {"adopt": True, "formerOwner": "ipvs-ingress/dev"}
+    agent.Agent(kernel).handle(request)
+    assert kernel.changes == [] and kernel.table() == TWO  # a rename changes no kernel state
+    entry = record()["services"][KEY]
+    assert (entry["owner"], entry["formerOwner"]) == ("ipvs-ingress/dev2", "ipvs-ingress/dev")
+    assert read(kernel, owner="ipvs-ingress/dev2")["owned"] is True
+    # The reply was lost: the stack's state still says dev. Its refresh still finds it.
+    assert read(kernel, owner="ipvs-ingress/dev")["owned"] is True
+    with pytest.raises(agent.AgentError) as err:  # never taken over by a create
+        apply(kernel, owner="ipvs-ingress/dev")
+    assert "belongs to stack ipvs-ingress/dev2" in str(err.value)
+    assert delete(kernel, owner="ipvs-ingress/dev2") == {"deleted": True, "removedVip": True}
+    assert kernel.services == {} and kernel.addresses == set() and record()["services"] == {}
 
 
 def test_a_vip_shared_by_two_stacks_stays_bound_until_the_last_goes(kernel):
@@ -201,6 +277,23 @@ def test_a_vip_shared_by_two_stacks_stays_bound_until_the_last_goes(kernel):
         "removedVip": True,
     }
     assert kernel.addresses == set() and kernel.services == {}
+
+
+def test_a_malformed_record_is_refused_before_a_delete_changes_anything(kernel, tmp_path):
+    path = tmp_path / "state.json"
+    text = json.dumps(
+        {
+            "services": {"garbage-key": {"vip": "203.0.113.201"}},
+            "addresses": {"203.0.113.201": {"interface": "eth0"}},
+        }
+    )
+    path.write_text(text)
+    for call in (lambda: apply(kernel, port=81), lambda: delete(kernel, port=81)):
+        with pytest.raises(agent.AgentError) as err:
+            call()
+        assert err.value.code == "corrupt-state"
+        assert str(err.value).startswith(f"{path} is not an ipvs-ingress record: nothing was")
+    assert kernel.changes == [] and kernel.services == {} and path.read_text() == text
 
 
 def test_the_deleted_record_reaches_the_disk(kernel):
@@ -227,9 +320,14 @@ def test_records_of_the_old_format_are_adopted(kernel, tmp_path):
         "addresses": {"203.0.113.201": {"interface": "eth0"}},
     }
     (tmp_path / "state.json").write_text(json.dumps(old))
-    agent.Ownership.forget()
-    assert read(kernel, port=80)["owned"] is True
-    apply(kernel, port=443, servers=[("203.0.113.11", 1)])  # an apply of that stack
+    kernel.changes.clear()
+    for port in (80, 443):  # a create: nothing says which stack holds it, so never taken
+        with pytest.raises(agent.AgentError) as err:
+            apply(kernel, port=port, owner="ipvs-ingress/prod")
+        assert err.value.code == "owned" and "run pulumi refresh in the stack" in str(err.value)
+    assert kernel.changes == [] and record() == old
+    assert read(kernel, port=80)["owned"] is True  # a refresh: it carries the resource's id
+    apply(kernel, port=443, adopt=True, servers=[("203.0.113.11", 1)])  # an update: the same
     services = record()["services"]
     assert services[KEY]["owner"] == services["tcp/203.0.113.201:443"]["owner"] == OWNER
     with pytest.raises(agent.AgentError) as err:
@@ -309,3 +407,34 @@ def test_the_kernel_adapter_maps_netlink_refusals_to_one_line():
         "vip: 203.0.113.201: the kernel refused to bind it on interface 2"
         " (Operation not permitted): check director.interface"
     )
+
+
+# --- the record is read fresh under the lock ---
+
+
+def test_a_record_rewritten_in_place_with_the_same_size_and_mtime_is_read_fresh(kernel):
+    apply(kernel, port=80, owner="team-a/prod")
+    apply(kernel, port=443, owner="team-b/prod")
+    # Another agent process: B moved its service from :443 to :444. Written in place (same inode),
+    # the same length, within one tick of a coarse mtime: (inode, mtime, size) all unchanged.
+    path = ownership.STATE_PATH
+    before = os.stat(path)
+    with open(path, "r+") as f:
+        text = f.read()
+        moved = text.replace(":443", ":444").replace('"port":443', '"port":444')
+        assert len(moved) == len(text) and moved != text
+        f.seek(0)
+        f.write(moved)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    svc = kernel.services.pop(("tcp", "203.0.113.201", 443))
+    kernel.services[("tcp", "203.0.113.201", 444)] = dataclasses.replace(svc, port=444)
+    apply(kernel, port=81, owner="team-a/prod")  # A's next apply saves the whole record
+    services = record()["services"]
+    assert set(services) == {KEY, "tcp/203.0.113.201:444", "tcp/203.0.113.201:81"}
+    assert services["tcp/203.0.113.201:444"]["owner"] == "team-b/prod"

@@ -92,13 +92,13 @@ def test_create_claims_only_what_is_free_and_the_others_adopt_with_the_owner(pro
 def test_after_the_state_file_is_lost_refresh_keeps_the_resource_and_destroy_removes_it(
     provider, kernel
 ):
+    # ...but not the VIP: after the record is lost nothing says who bound it, so it stays.
     id_, _, outs = created(provider)
     os.unlink(ownership.STATE_PATH)
-    agent.Ownership.forget()
     refreshed = provider.read(id_, outs)
     assert refreshed.id == id_ and refreshed.outs["inSync"] is True
     provider.delete(id_, refreshed.outs)
-    assert kernel.services == {} and kernel.addresses == set()
+    assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
 
 
 def test_read_of_a_service_gone_from_the_director_drops_it(provider, kernel):
@@ -123,3 +123,55 @@ def test_a_destination_at_another_port_is_drift_in_ipvsadm_not_a_real_server(pro
     assert refreshed["inSync"] is False
     assert provider.update(id_, refreshed, inputs).outs["inSync"] is True
     assert kernel.table() == [("203.0.113.11", 80, 1, 3)]
+
+
+def test_a_renamed_stack_updates_refreshes_and_destroys_its_service(provider, kernel):
+    id_, _, outs = created(provider)
+    renamed = provider.check(outs, {**INPUTS, "owner": "ipvs-ingress/dev2"}).inputs
+    diff = provider.diff(id_, outs, renamed)
+    assert diff.changes is True and not diff.replaces
+    outs = provider.update(id_, outs, renamed).outs
+    assert provider.sent[-1]["formerOwner"] == OWNER and outs["inSync"] is True
+    with open(ownership.STATE_PATH) as f:
+        assert json.load(f)["services"]["tcp/203.0.113.201:80"]["owner"] == "ipvs-ingress/dev2"
+    assert provider.read(id_, outs).id == id_
+    provider.delete(id_, outs)
+    assert kernel.services == {} and kernel.addresses == set()
+
+
+def test_a_destroy_of_another_stacks_service_fails_naming_the_owner(provider, kernel):
+    id_, _, outs = created(provider)
+    with pytest.raises(agent.AgentError) as err:
+        provider.delete(id_, {**outs, "owner": "ipvs-ingress/prod"})
+    assert "belongs to stack ipvs-ingress/dev" in str(err.value) and "\n" not in str(err.value)
+    assert kernel.table() == [("203.0.113.11", 80, 1, 3)]
+
+
+def test_check_requires_an_owner_but_state_from_before_owners_still_updates(provider, kernel):
+    no_owner = {k: v for k, v in INPUTS.items() if k != "owner"}
+    failures = provider.check({}, no_owner).failures
+    assert [(f.property, f.reason) for f in failures] == [
+        (
+            "owner",
+            "missing: give the stack that declares this service as '<project>/<stack>'"
+            " (the Ingress component sets it)",
+        )
+    ]
+    id_, inputs, outs = created(provider)
+    # State and record written before owners existed: neither names a stack.
+    olds = {k: v for k, v in outs.items() if k != "owner"}
+    with open(ownership.STATE_PATH, "w") as f:
+        json.dump(
+            {
+                "services": {"tcp/203.0.113.201:80": {"vip": "203.0.113.201", "interface": "eth0"}},
+                "addresses": {"203.0.113.201": {"interface": "eth0"}},
+            },
+            f,
+        )
+    assert provider.read(id_, olds).id == id_
+    diff = provider.diff(id_, olds, inputs)
+    assert diff.changes is True and not diff.replaces
+    assert provider.update(id_, olds, inputs).outs["inSync"] is True
+    assert "formerOwner" not in provider.sent[-1]
+    with open(ownership.STATE_PATH) as f:
+        assert json.load(f)["services"]["tcp/203.0.113.201:80"]["owner"] == OWNER
