@@ -14,6 +14,7 @@ VIP_PREFIX = "198.51.100."  # RFC 5737 TEST-NET-2; the real servers are on the l
 PORTS = (80, 443, 8080, 8443)  # a web VIP carries several ports: S services share S/4 VIPs
 MAX_SERVICES = 254 * len(PORTS)
 SCHEDULER = "wlc"
+OWNER = "ipvs-ingress/bench"  # the stack the benchmark applies as (ownership is per stack)
 WEIGHT = 1
 CHANGED_WEIGHT = 2  # the one-change phase sets this on the first real server of the first service
 
@@ -87,6 +88,7 @@ class Workload:
                     {"address": rs, "weight": self.weight(i, j, changed)}
                     for j, rs in enumerate(self.real_servers)
                 ],
+                "owner": OWNER,
             }
             for i, svc in enumerate(self.services)
         ]
