@@ -49,6 +49,7 @@ import collections
 import dataclasses
 import errno
 import hashlib
+import ipaddress
 import json
 import os
 import signal
@@ -221,7 +222,10 @@ class View:
 
 def observe(kernel, owners: Ownership, config: Config, restoring: bool = False) -> View:
     """Read-only: what each recorded service and VIP should be and is. Loads no module."""
-    services = [_service(key, entry, config, restoring) for key, entry in owners.services.items()]
+    services = sorted(
+        (_service(key, entry, config, restoring) for key, entry in owners.services.items()),
+        key=_order,
+    )
     kept = [s for s in services if s.kept]
     schedulers = sorted({s.spec.scheduler for s in kept}) or [None]
     missing = sorted({m for sched in schedulers for m in kernel.missing_modules(sched)})
@@ -242,6 +246,13 @@ def observe(kernel, owners: Ownership, config: Config, restoring: bool = False) 
         wanted = any(s.spec.vip == address for s in kept)
         vips.append(Vip(address, interface, wanted, bound))
     return View(services, vips, missing, kernel.forwarding_on())
+
+
+def _order(s: Service) -> tuple:
+    """VIP (as an address), port, protocol: the same order in every pass, log and status."""
+    vip = s.spec.vip if s.spec else str(s.key.split("/", 1)[1].rsplit(":", 1)[0].strip("[]"))
+    port = s.spec.port if s.spec else 0
+    return ipaddress.ip_address(vip).version, ipaddress.ip_address(vip), port, s.key
 
 
 def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
