@@ -102,13 +102,13 @@ def unit_text(install_dir: str = INSTALL_DIR, python: str = "/usr/bin/python3") 
     return f"""[Unit]
 Description=ipvs-ingress director runtime: restores and keeps the IPVS table and VIPs
 Documentation=file://{install_dir}/providers/runtime.py
-# Early: before the network is configured (like a firewall), after local file systems and
-# sysctl.d (which could turn ip_forward off again). The interface may not exist yet: the
-# runtime retries every interval, it does not fail.
+# Early, in parallel with the rest of boot: after local file systems and sysctl.d (which
+# could turn ip_forward off again), blocking nothing (never the network: ssh must come up
+# whatever the runtime does). The interface may not exist yet: the runtime retries every
+# interval, it does not fail.
 DefaultDependencies=no
 After=local-fs.target systemd-modules-load.service systemd-sysctl.service
-Wants=network-pre.target
-Before=network-pre.target shutdown.target
+Before=shutdown.target
 Conflicts=shutdown.target
 RequiresMountsFor={os.path.dirname(ownership.STATE_PATH)} {install_dir}
 StartLimitIntervalSec=0

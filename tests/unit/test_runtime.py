@@ -458,7 +458,8 @@ def test_unit_text_restarts_always_and_runs_the_installed_sources():
         "Environment=PYTHONPATH=/opt/ii PYTHONUNBUFFERED=1",
         "ExecStart=/usr/bin/python3 -m providers.runtime run",
         "WantedBy=multi-user.target",
-        "Before=network-pre.target shutdown.target",
+        "DefaultDependencies=no",
+        "After=local-fs.target systemd-modules-load.service systemd-sysctl.service",
         "RequiresMountsFor=/var/lib/ipvs-ingress /opt/ii",
     ):
         assert wanted in lines, wanted
