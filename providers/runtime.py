@@ -71,6 +71,7 @@ STATUS_NAME = "status.json"  # in ownership.RUN_DIR: /run is new at every boot
 DEFAULT_INTERVAL = 2.0
 INTERVAL_RANGE = (0.5, 3600.0)
 KEEP_REPAIRS = 20
+BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the log says so
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = ("__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py")
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -314,13 +315,16 @@ class Runtime:
         self.notes: dict[str, str] = {}  # standing conditions, logged when they appear
         self.view: View | None = None
         self.last_reconcile: float | None = None
+        self.busy_passes = 0
         previous = _read_json(self.status_path) or {}
         self.boot_id = _boot_id()
         # The first pass after a boot restores every stack, repair off or not; a restart of the
         # process (kill, upgrade) is not a boot: /run survives it, and the boot id says so.
         self.restoring = previous.get("bootId") != self.boot_id or not self.boot_id
+        kept = previous.get("repairs") if not self.restoring else None
         self.repairs = collections.deque(
-            previous.get("repairs", []) if not self.restoring else [], maxlen=KEEP_REPAIRS
+            [r for r in kept if _is_repair(r)] if isinstance(kept, list) else [],
+            maxlen=KEEP_REPAIRS,
         )
 
     def reload_config(self) -> Config:
@@ -362,6 +366,7 @@ class Runtime:
     def _repair_locked(self, config: Config, notes: dict) -> tuple[View, list[str]] | None:
         try:
             with director_lock(self.lock_path, wait=config.interval):
+                self.busy_passes = 0
                 # Again under the lock: a provider's apply may have changed the record.
                 owners = Ownership.load(self.state_path)
                 before = observe(self.kernel, owners, config, self.restoring)
@@ -370,7 +375,10 @@ class Runtime:
         except AgentError as err:
             if err.code != "busy":
                 raise
-            notes["lock"] = f"the director lock is busy (a provider apply is running): {err}"
+            # A long `pulumi up` holds it for a while: said only when it lasts several passes.
+            self.busy_passes += 1
+            if self.busy_passes >= BUSY_PASSES_NOTED:
+                notes["lock"] = f"the director lock is busy (a provider apply is running): {err}"
             return None
 
     def _repair(self, view: View, notes: dict) -> list[str]:
@@ -493,6 +501,14 @@ def describe(op: model.Op, live: model.LiveService | None, spec: model.VirtualSe
             changes.append(f"forwarding {was} -> Route")
         return f"set-dest {hostport} {', '.join(changes)}"
     return f"del-dest {hostport} (not recorded)"
+
+
+def _is_repair(item: object) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("time"), int | float)
+        and isinstance(item.get("line"), str)
+    )
 
 
 def _print(line: str) -> None:
@@ -654,7 +670,7 @@ def print_status(
     for v in view.vips:
         where = "bound" if v.bound else ("NOT BOUND" if v.bound is False else "interface missing")
         write(f"VIP {v.address} on {v.interface}: {where}{'' if v.kept else ' (not kept)'}")
-    repairs = (saved or {}).get("repairs", [])
+    repairs = [r for r in (saved or {}).get("repairs", []) if _is_repair(r)]
     write(f"last repairs: {'none' if not repairs else ''}")
     for r in repairs[-10:]:
         write(f"  {_now_text(r['time'])} {r['line']}")
@@ -692,11 +708,11 @@ def _pid_alive(pid) -> bool:
 
 def _write_service(s: Service, write) -> None:
     if s.spec is None:
-        write(f"{s.key} [{s.owner}] {s.state}: {s.left}")
+        write(f"{s.key} [{s.owner or '(no owner)'}] {s.state}: {s.left}")
         return
     sync = "in sync" if s.in_sync else "DRIFT: " + "; ".join(describe(o, s.live, s.spec) for o in s.ops)  # fmt: skip
     left = f" ({s.left})" if s.left else ""
-    write(f"{s.key} [{s.owner}] {s.state}: {sync}{left}")
+    write(f"{s.key} [{s.owner or '(no owner)'}] {s.state}: {sync}{left}")
     for line in model.ipvsadm_lines(s.spec):
         write(f"  desired {line}")
     for line in model.ipvsadm_lines(s.live) if s.live else ["(absent)"]:

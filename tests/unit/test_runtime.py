@@ -301,6 +301,8 @@ def test_a_provider_apply_holding_the_lock_is_never_interleaved(paths):
     kernel.services.clear()
     with ownership.director_lock():
         assert rt.reconcile() == [] and kernel.services == {}
+        assert rt.logged == []  # a long apply is no news
+        assert rt.reconcile() == rt.reconcile() == [] and kernel.services == {}
     assert rt.logged[-1].startswith("the director lock is busy (a provider apply is running)")
     assert len(rt.reconcile()) == 3
     assert rt.logged[-1].startswith("resolved: the director lock is busy")
@@ -424,9 +426,11 @@ def test_status_says_when_the_runtime_is_not_running_or_runs_other_sources(paths
     if child == 0:
         os._exit(0)
     os.waitpid(child, 0)  # a pid that surely ended
-    Path(rt.status_path).write_text(json.dumps(saved | {"pid": child, "version": "0123"}))
+    garbage = ["x", {"time": "noon"}, {"time": 1.0}]  # a damaged file is shown, not a traceback
+    saved |= {"pid": child, "version": "0123", "repairs": garbage}
+    Path(rt.status_path).write_text(json.dumps(saved))
     code, lines = status_text(kernel, rt, paths)
-    assert code == 1
+    assert code == 1 and "last repairs: none" in lines
     assert lines[0] == (
         f"runtime: not running, pid {child}, version 0123 "
         f"(installed sources: {runtime.source_version()}: restart it)"
