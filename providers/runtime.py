@@ -316,6 +316,7 @@ class Runtime:
         self.view: View | None = None
         self.last_reconcile: float | None = None
         self.busy_passes = 0
+        self.pass_seconds: float | None = None
         previous = _read_json(self.status_path) or {}
         self.boot_id = _boot_id()
         # The first pass after a boot restores every stack, repair off or not; a restart of the
@@ -338,6 +339,7 @@ class Runtime:
 
     def reconcile(self) -> list[str]:
         """One pass: compare the kernel with the record, repair what differs; the lines logged."""
+        began = time.monotonic()
         config = self.reload_config()
         notes: dict[str, str] = {}
         lines: list[str] = []
@@ -360,6 +362,7 @@ class Runtime:
         self._settle_notes(notes)
         self.restoring = False
         self.last_reconcile = self.clock()
+        self.pass_seconds = time.monotonic() - began
         self.write_status()
         return lines
 
@@ -441,6 +444,7 @@ class Runtime:
             "bootId": self.boot_id,
             "started": self.started,
             "lastReconcile": self.last_reconcile,
+            "lastPassSeconds": self.pass_seconds,
             "intervalSeconds": self.config.interval,
             "repair": dict(self.config.repair),
             "inSync": view is not None and not view.drift,
@@ -569,8 +573,11 @@ def sd_notify(message: str) -> bool:
 
 
 def run(runtime: Runtime, stop: threading.Event) -> int:
-    """Reconcile every interval until `stop`; the table stays as it is when it ends."""
-    ready = False
+    """Reconcile every interval until `stop`; the table stays as it is when it ends.
+
+    Passes start every interval (not an interval after the last one ended), so a change is
+    seen at most one interval after it was made; a pass that overran starts the next at once."""
+    ready, due = False, time.monotonic()
     while not stop.is_set():
         try:
             runtime.reconcile()
@@ -583,7 +590,8 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
             sd_notify("READY=1")
         in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
         sd_notify(f"STATUS={'in sync' if in_sync else 'see: python3 -m providers.runtime status'}")
-        stop.wait(runtime.config.interval)
+        due = max(due + runtime.config.interval, time.monotonic())
+        stop.wait(due - time.monotonic())
     runtime.log("stopping: the IPVS table and VIPs stay as they are")
     return 0
 

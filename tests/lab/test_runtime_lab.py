@@ -319,7 +319,8 @@ def test_out_of_band_changes_are_repaired_within_the_interval_under_load(
             window = loop.between(h0, h1)
             report.append((case, watched, len(window), failed(window)))
             assert watched["repaired"], (case, watched)
-            # Within the interval, plus one pass and the watcher's own poll under emulation.
+            # Seen within the interval; then the pass's own time and the watcher's poll (each
+            # poll starts two processes: ~0.3 s under emulation).
             assert watched["repairSeconds"] <= INTERVAL + 2.5, (case, watched)
             lines = journal(rt_lab)
             assert all(w in lines for w in wanted), (case, wanted, lines[-10:])
@@ -367,7 +368,9 @@ def test_kill_9_the_runtime_systemd_restarts_it_and_the_table_is_untouched(
     assert not any(line.startswith(("repaired", "restored")) for line in new), new
 
 
-def test_status_shows_desired_against_live_version_and_stacks(rt_lab, served):
+def test_status_shows_desired_against_live_version_and_stacks(rt_lab, served, request):
+    saved = json.loads(rt_lab.director("cat /run/ipvs-ingress/status.json").stdout)
+    _say(request, f"runtime lab: one pass in sync takes {saved['lastPassSeconds'] * 1000:.0f} ms")
     out = rt_lab.director(STATUS, check=False)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stdout + out.stderr

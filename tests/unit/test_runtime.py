@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from providers import agent, model, ownership, runtime
+from tests import hostile
 from tests.unit.test_agent_logic import OWNER, Crash, MemoryKernel, spec
 
 VIP, VIP2 = "203.0.113.201", "203.0.113.202"
@@ -165,7 +166,7 @@ DRIFT = {
 
 
 @pytest.mark.parametrize("case", list(DRIFT))
-def test_each_drift_is_repaired_in_one_pass_with_its_log_line(case, paths):
+def test_each_drift_is_repaired_in_one_pass_with_its_log_line(case, paths):  # a drift case
     kernel = MemoryKernel()
     apply(kernel)
     rt = make_runtime(kernel, paths)
@@ -177,6 +178,7 @@ def test_each_drift_is_repaired_in_one_pass_with_its_log_line(case, paths):
     settled(kernel)
     assert rt.reconcile() == []
     assert rt.status()["repairs"][-1]["line"] == expected[-1]
+    hostile.record(drift_cases=1)
 
 
 def test_foreign_services_and_addresses_are_never_touched(paths):
@@ -390,6 +392,7 @@ def test_status_prints_desired_against_live_the_repairs_version_and_stacks(paths
     saved = json.loads(Path(rt.status_path).read_text())
     assert saved["version"] == runtime.source_version() and saved["pid"] == os.getpid()
     assert saved["services"][KEY]["inSync"] is True and saved["inSync"] is True
+    assert 0 < saved["lastPassSeconds"] < 5
     code, lines = status_text(kernel, rt, paths)
     assert code == 0
     assert lines[0] == f"runtime: running, pid {os.getpid()}, version {runtime.source_version()}"
