@@ -461,6 +461,7 @@ def test_unit_text_restarts_always_and_runs_the_installed_sources():
         "Type=notify",
         "Restart=always",
         "RestartSec=1",
+        "Nice=-10",
         "StartLimitIntervalSec=0",
         "Environment=PYTHONPATH=/opt/ii PYTHONUNBUFFERED=1",
         "ExecStart=/usr/bin/python3 -m providers.runtime run",
