@@ -1,0 +1,733 @@
+"""The director runtime: keeps the kernel equal to the ownership record, at boot and continuously.
+
+Runs on the director under systemd (unit `ipvs-ingress.service`, see `unit_text`), stdlib +
+pyroute2 only, through the agent's own Kernel; `python3 -m providers.runtime run` with the
+sources' folder on PYTHONPATH.
+
+Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
+(services with owner stack, spec, interface and state; the VIPs ipvs-ingress bound). The runtime
+never writes it: it only makes the kernel hold what it says.
+- At start it restores everything: ip_vs and the schedulers' modules, net.ipv4.ip_forward=1, every
+  recorded service and its real servers, then the recorded VIPs on their interfaces (the VIP last,
+  as the agent does: answering ARP before the service exists would blackhole it).
+- Then every `intervalSeconds` it compares and repairs the same things: a flush, a destination
+  deleted or added, a changed weight, scheduler, persistence or forwarding method, an unbound VIP,
+  ip_forward turned off, a module unloaded. The changes are model.plan's, made by Kernel.apply:
+  one implementation with the provider's applies.
+- Every change is made under the director lock with the record read again under it, so it never
+  interleaves with a provider's apply; a lock held longer than the interval skips the pass.
+- Only what the record holds is touched: services of other keys and addresses it does not list
+  are never changed, nothing is ever deleted but destinations that are not in a recorded spec.
+  A VIP bound by someone else (absent from the record's addresses, e.g. keepalived's) is left to
+  its owner, bound or not.
+- Left alone, and named once in the log and in status: services recorded `pending` (an apply was
+  interrupted: the kernel is half-way to a spec Pulumi never confirmed, and the stack's next
+  `pulumi up` completes it or replaces it) and services adopted without a spec (a lost record
+  re-adopted by `pulumi refresh`: the stack's next `up` records its spec).
+- Stopping the runtime (or killing it) leaves the table and VIPs as they are.
+
+Settings: /etc/ipvs-ingress/runtime.json, read again when it changes, e.g.
+    {"intervalSeconds": 2, "repair": {"team-a/prod": false}}
+intervalSeconds: 0.5..3600, default 2. repair: per owner stack ("<project>/<stack>"), default true.
+A stack with repair false keeps its drift (status and `pulumi refresh` show it) until its next
+`pulumi up`, except at boot: the first start after a boot restores every stack (a reboot is not
+an operator's change). A bad setting is one log line naming it, and its default is used.
+
+Log: one line per change on stdout (journald), e.g.
+    repaired tcp/203.0.113.201:80: add-dest 203.0.113.11:80 weight 1
+("restored" in the first pass after boot). Status: /run/ipvs-ingress/status.json, written
+atomically every pass; `python3 -m providers.runtime status` prints it with the live table.
+
+Uninstall (after `pulumi destroy` of the stacks that use the director):
+    systemctl disable --now ipvs-ingress.service && rm /etc/systemd/system/ipvs-ingress.service
+    systemctl daemon-reload; rm -rf <install dir> /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from providers import model, ownership
+from providers.agent import Kernel
+from providers.ownership import AgentError, Ownership, director_lock
+
+UNIT_NAME = "ipvs-ingress.service"
+INSTALL_DIR = "/usr/local/lib/ipvs-ingress"
+CONFIG_PATH = "/etc/ipvs-ingress/runtime.json"
+STATUS_NAME = "status.json"  # in ownership.RUN_DIR: /run is new at every boot
+DEFAULT_INTERVAL = 2.0
+INTERVAL_RANGE = (0.5, 3600.0)
+KEEP_REPAIRS = 20
+BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the log says so
+# The director side, as the provider ships it: the runtime's version is a hash of exactly these.
+SOURCE_FILES = ("__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py")
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+# --- version, unit ------------------------------------------------------------------------------
+
+
+def version_of(sources: Mapping[str, bytes]) -> str:
+    """The version of a set of director sources (file name -> bytes): 16 hex digits of sha256.
+    The provider can compute it from the files it ships, without pyroute2."""
+    digest = hashlib.sha256()
+    for name in SOURCE_FILES:
+        digest.update(name.encode() + b"\0" + sources[name] + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def source_version(directory: str | os.PathLike | None = None) -> str:
+    """The version of the sources in `directory` (default: the ones this module runs from)."""
+    folder = Path(directory) if directory else Path(__file__).parent
+    try:
+        return version_of({name: (folder / name).read_bytes() for name in SOURCE_FILES})
+    except OSError as err:
+        return f"unknown ({err.strerror}: {err.filename})"
+
+
+def unit_text(install_dir: str = INSTALL_DIR, python: str = "/usr/bin/python3") -> str:
+    """The systemd unit for sources installed in `install_dir` (holding providers/)."""
+    return f"""[Unit]
+Description=ipvs-ingress director runtime: restores and keeps the IPVS table and VIPs
+Documentation=file://{install_dir}/providers/runtime.py
+# Early, in parallel with the rest of boot: after local file systems and sysctl.d (which
+# could turn ip_forward off again), blocking nothing (never the network: ssh must come up
+# whatever the runtime does). The interface may not exist yet: the runtime retries every
+# interval, it does not fail.
+DefaultDependencies=no
+After=local-fs.target systemd-modules-load.service systemd-sysctl.service
+Before=shutdown.target
+Conflicts=shutdown.target
+RequiresMountsFor={os.path.dirname(ownership.STATE_PATH)} {install_dir}
+StartLimitIntervalSec=0
+
+[Service]
+# READY=1 once the first pass restored the record.
+Type=notify
+Environment=PYTHONPATH={install_dir} PYTHONUNBUFFERED=1
+ExecStart={python} -m providers.runtime run
+Restart=always
+RestartSec=1
+# Ahead of the rest of boot for the CPU: restoring the table is what brings traffic back.
+Nice=-10
+TimeoutStartSec=120
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    interval: float = DEFAULT_INTERVAL
+    repair: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+
+    def repairs(self, owner: str | None) -> bool:
+        return self.repair.get(owner or "", True)
+
+
+def read_config(path: str) -> tuple[Config, list[str]]:
+    """The settings in `path` and one line per bad field (whose default is used instead)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode())
+    except FileNotFoundError:
+        return Config(), []
+    except (OSError, ValueError) as err:
+        return Config(), [f"{path}: unreadable ({str(err)[:60]}): fix it; using the defaults"]
+    if not isinstance(data, dict):
+        return Config(), [f"{path}: {model._short(data)} is not an object: give {{\"intervalSeconds\": 2}}; using the defaults"]  # fmt: skip
+    problems, interval, repair = [], DEFAULT_INTERVAL, {}
+    lo, hi = INTERVAL_RANGE
+    value = data.get("intervalSeconds", DEFAULT_INTERVAL)
+    if isinstance(value, int | float) and not isinstance(value, bool) and lo <= value <= hi:
+        interval = float(value)
+    else:
+        problems.append(f"{path}: intervalSeconds: {model._short(value)} is not a number of seconds from {lo:g} to {hi:g}: fix it; using {DEFAULT_INTERVAL:g}")  # fmt: skip
+    value = data.get("repair", {})
+    if isinstance(value, dict) and all(isinstance(v, bool) for v in value.values()):
+        repair = dict(value)
+    else:
+        problems.append(f"{path}: repair: {model._short(value)} is not an object of stack: true/false: fix it; repairing every stack")  # fmt: skip
+    for key in sorted(set(data) - {"intervalSeconds", "repair"}):
+        problems.append(f"{path}: unknown setting {model._short(key)}: use intervalSeconds or repair")  # fmt: skip
+    return Config(interval, repair), problems
+
+
+# --- what the record wants and what the kernel has ---------------------------------------------
+
+
+@dataclasses.dataclass
+class Service:
+    key: str
+    owner: str | None
+    state: str | None
+    interface: str | None
+    spec: model.VirtualServiceSpec | None
+    kept: bool  # restored/repaired in this pass
+    left: str | None = None  # why not, if recorded but not kept
+    live: model.LiveService | None = None
+    ops: list[model.Op] = dataclasses.field(default_factory=list)
+
+    @property
+    def in_sync(self) -> bool | None:
+        return None if self.spec is None else not self.ops
+
+
+@dataclasses.dataclass
+class Vip:
+    address: str
+    interface: str
+    kept: bool  # some kept service uses it
+    bound: bool | None  # None: the interface does not exist
+
+
+@dataclasses.dataclass
+class View:
+    """The record against the kernel at one moment; reading it changes nothing."""
+
+    services: list[Service]
+    vips: list[Vip]
+    missing_modules: list[str]
+    forwarding: bool
+
+    @property
+    def kept(self) -> list[Service]:
+        return [s for s in self.services if s.kept]
+
+    @property
+    def drift(self) -> bool:
+        if not self.kept:
+            return False
+        return bool(
+            self.missing_modules
+            or not self.forwarding
+            or any(s.ops for s in self.kept)
+            or any(v.kept and not v.bound for v in self.vips)
+        )
+
+
+def observe(kernel, owners: Ownership, config: Config, restoring: bool = False) -> View:
+    """Read-only: what each recorded service and VIP should be and is. Loads no module."""
+    services = sorted(
+        (_service(key, entry, config, restoring) for key, entry in owners.services.items()),
+        key=_order,
+    )
+    kept = [s for s in services if s.kept]
+    schedulers = sorted({s.spec.scheduler for s in kept}) or [None]
+    missing = sorted({m for sched in schedulers for m in kernel.missing_modules(sched)})
+    ipvs = "ip_vs" not in missing
+    if ipvs and any(s.spec for s in services):
+        kernel.open_ipvs()
+    for s in services:
+        if s.spec is not None:
+            s.live = kernel.get_service(s.spec.protocol, s.spec.vip, s.spec.port) if ipvs else None
+            s.ops = model.plan(s.live, s.spec)
+    vips = []
+    for address, entry in sorted(owners.addresses.items()):
+        interface = entry["interface"]
+        try:
+            bound = kernel.has_address(kernel.ifindex(interface), address)
+        except AgentError:  # the interface does not exist (yet)
+            bound = None
+        wanted = any(s.spec.vip == address for s in kept)
+        vips.append(Vip(address, interface, wanted, bound))
+    return View(services, vips, missing, kernel.forwarding_on())
+
+
+def _order(s: Service) -> tuple:
+    """VIP (as an address), port, protocol: the same order in every pass, log and status."""
+    vip = s.spec.vip if s.spec else str(s.key.split("/", 1)[1].rsplit(":", 1)[0].strip("[]"))
+    port = s.spec.port if s.spec else 0
+    return ipaddress.ip_address(vip).version, ipaddress.ip_address(vip), port, s.key
+
+
+def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
+    owner, state = entry.get("owner"), entry.get("state")
+    spec, left = None, None
+    if isinstance(entry.get("spec"), dict):
+        try:
+            spec = model.spec_from_dict(entry["spec"])
+        except (KeyError, TypeError, ValueError) as err:
+            left = f"its recorded spec is unreadable ({type(err).__name__}: {str(err)[:40]})"
+    else:
+        left = "adopted without a recorded spec: the stack's next pulumi up records it"
+    if left is None and state != "applied":
+        left = f"recorded as {state!r} (an apply was interrupted): the stack's next pulumi up completes it"  # fmt: skip
+    if left is None and not (restoring or config.repairs(owner)):
+        left = f"repair is off for stack {owner}"
+    return Service(key, owner, state, entry.get("interface"), spec, left is None, left)
+
+
+# --- the runtime ---------------------------------------------------------------------------------
+
+
+def _now_text(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _boot_id() -> str:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Runtime:
+    """One reconcile pass at a time; `run` loops it. Paths default to the agent's."""
+
+    def __init__(
+        self,
+        kernel,
+        state_path: str | None = None,
+        config_path: str = CONFIG_PATH,
+        status_path: str | None = None,
+        lock_path: str | None = None,
+        log: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.kernel = kernel
+        self.state_path = state_path or ownership.STATE_PATH
+        self.config_path = config_path
+        self.status_path = status_path or os.path.join(ownership.RUN_DIR, STATUS_NAME)
+        self.lock_path = lock_path
+        self.log = log or _print
+        self.clock = clock
+        self.version = source_version()
+        self.started = clock()
+        self.config = Config()
+        self._config_signature: object = ()
+        self.notes: dict[str, str] = {}  # standing conditions, logged when they appear
+        self.view: View | None = None
+        self.last_reconcile: float | None = None
+        self.busy_passes = 0
+        self.pass_seconds: float | None = None
+        previous = _read_json(self.status_path) or {}
+        self.boot_id = _boot_id()
+        # The first pass after a boot restores every stack, repair off or not; a restart of the
+        # process (kill, upgrade) is not a boot: /run survives it, and the boot id says so.
+        self.restoring = previous.get("bootId") != self.boot_id or not self.boot_id
+        kept = previous.get("repairs") if not self.restoring else None
+        self.repairs = collections.deque(
+            [r for r in kept if _is_repair(r)] if isinstance(kept, list) else [],
+            maxlen=KEEP_REPAIRS,
+        )
+
+    def reload_config(self) -> Config:
+        signature = ownership._signature(self.config_path)
+        if signature != self._config_signature:
+            self._config_signature = signature
+            self.config, problems = read_config(self.config_path)
+            for line in problems:
+                self.log(line)
+        return self.config
+
+    def reconcile(self) -> list[str]:
+        """One pass: compare the kernel with the record, repair what differs; the lines logged."""
+        began = time.monotonic()
+        config = self.reload_config()
+        notes: dict[str, str] = {}
+        lines: list[str] = []
+        try:
+            owners = Ownership.load(self.state_path)
+        except AgentError as err:
+            notes["record"] = f"{err}; the runtime changes nothing meanwhile"
+            self.view = None
+        else:
+            view = observe(self.kernel, owners, config, self.restoring)
+            if view.drift:
+                view, lines = self._repair_locked(config, notes) or (view, [])
+            self.view = view
+            for s in view.services:
+                if s.left:
+                    notes[f"left {s.key}"] = f"left {s.key} ({s.owner}): {s.left}"
+            for v in view.vips:
+                if v.kept and v.bound is None:
+                    notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
+        self._settle_notes(notes)
+        self.restoring = False
+        self.last_reconcile = self.clock()
+        self.pass_seconds = time.monotonic() - began
+        self.write_status()
+        return lines
+
+    def _repair_locked(self, config: Config, notes: dict) -> tuple[View, list[str]] | None:
+        try:
+            with director_lock(self.lock_path, wait=config.interval):
+                self.busy_passes = 0
+                # Again under the lock: a provider's apply may have changed the record.
+                owners = Ownership.load(self.state_path)
+                before = observe(self.kernel, owners, config, self.restoring)
+                lines = self._repair(before, notes)
+                return observe(self.kernel, owners, config, self.restoring), lines
+        except AgentError as err:
+            if err.code != "busy":
+                raise
+            # A long `pulumi up` holds it for a while: said only when it lasts several passes.
+            self.busy_passes += 1
+            if self.busy_passes >= BUSY_PASSES_NOTED:
+                notes["lock"] = f"the director lock is busy (a provider apply is running): {err}"
+            return None
+
+    def _repair(self, view: View, notes: dict) -> list[str]:
+        """Modules, ip_forward, services, then VIPs; one line per change."""
+        if not view.drift:
+            return []
+        k, lines = self.kernel, []
+        verb = "restored" if self.restoring else "repaired"
+
+        def done(line: str) -> None:
+            lines.append(f"{verb} {line}")
+            self.repairs.append({"time": self.clock(), "line": f"{verb} {line}"})
+            self.log(f"{verb} {line}")
+
+        if view.missing_modules:
+            try:
+                for sched in sorted({s.spec.scheduler for s in view.kept}):
+                    k.ensure_ipvs(sched)
+                done(f"modules: load {' '.join(view.missing_modules)}")
+            except AgentError as err:
+                notes["modules"] = f"modules: {err}"
+                return lines  # no IPVS: nothing else can be restored
+        if not view.forwarding:
+            k.ensure_forwarding()
+            done("net.ipv4.ip_forward: 0 -> 1")
+        present = set()
+        for s in view.kept:
+            live = k.get_service(s.spec.protocol, s.spec.vip, s.spec.port)
+            try:
+                for op in model.plan(live, s.spec):
+                    k.apply(s.spec, op)
+                    done(f"{s.key}: {describe(op, live, s.spec)}")
+            except AgentError as err:
+                notes[f"service {s.key}"] = f"{s.key} ({s.owner}): {err}"
+            if k.get_service(s.spec.protocol, s.spec.vip, s.spec.port) is not None:
+                present.add(s.spec.vip)
+        for v in view.vips:
+            # Only once a service on it exists: answering ARP before would blackhole the VIP.
+            if v.kept and not v.bound and v.address in present:
+                try:
+                    k.add_address(k.ifindex(v.interface), v.address)
+                    done(f"VIP {v.address}: bind on {v.interface}")
+                except AgentError as err:
+                    notes[f"vip {v.address}"] = f"VIP {v.address}: {err}"
+        return lines
+
+    def _settle_notes(self, notes: dict[str, str]) -> None:
+        for name, line in notes.items():
+            if self.notes.get(name) != line:
+                self.log(line)
+        for name in set(self.notes) - set(notes):
+            self.log(f"resolved: {self.notes[name]}")
+        self.notes = notes
+
+    def status(self) -> dict:
+        view = self.view
+        return {
+            "version": self.version,
+            "pid": os.getpid(),
+            "bootId": self.boot_id,
+            "started": self.started,
+            "lastReconcile": self.last_reconcile,
+            "lastPassSeconds": self.pass_seconds,
+            "intervalSeconds": self.config.interval,
+            "repair": dict(self.config.repair),
+            "inSync": view is not None and not view.drift,
+            "services": {s.key: _service_status(s) for s in view.services} if view else {},
+            "vips": [dataclasses.asdict(v) for v in view.vips] if view else [],
+            "repairs": list(self.repairs),
+            "notes": sorted(self.notes.values()),
+        }
+
+    def write_status(self) -> None:
+        os.makedirs(os.path.dirname(self.status_path), exist_ok=True)
+        tmp = f"{self.status_path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(self.status(), sort_keys=True))
+        os.replace(tmp, self.status_path)  # readers see the old file or the new, never half
+
+
+def _service_status(s: Service) -> dict:
+    return {
+        "owner": s.owner,
+        "state": s.state,
+        "interface": s.interface,
+        "kept": s.kept,
+        "left": s.left,
+        "inSync": s.in_sync,
+        "desired": model.ipvsadm_lines(s.spec) if s.spec else [],
+        "live": model.ipvsadm_lines(s.live) if s.live else [],
+        "drift": [describe(op, s.live, s.spec) for op in s.ops],
+    }
+
+
+def describe(op: model.Op, live: model.LiveService | None, spec: model.VirtualServiceSpec) -> str:
+    """One change in the log's words, with the value it replaced."""
+    hostport = model._hostport(op.address, op.port) if op.address else ""
+    old = {(d.address, d.port): d for d in live.dests} if live else {}
+    if op.action == "add-service":
+        persistent = f" persistent {spec.persistence_seconds}" if spec.persistence_seconds else ""
+        return f"add-service {spec.scheduler}{persistent}"
+    if op.action == "set-service":
+        changes = [
+            f"{what} {was} -> {now}"
+            for what, was, now in (
+                ("scheduler", live.scheduler, spec.scheduler),
+                ("persistence", live.persistence_seconds, spec.persistence_seconds),
+            )
+            if was != now
+        ]
+        return f"set-service {', '.join(changes)}"
+    if op.action == "add-dest":
+        return f"add-dest {hostport} weight {op.weight}"
+    dest = old.get((op.address, op.port))
+    if op.action == "set-dest":
+        changes = []
+        if dest.weight != op.weight:
+            changes.append(f"weight {dest.weight} -> {op.weight}")
+        if dest.forwarding != model.ROUTE:
+            was = model.FORWARDING.get(dest.forwarding, dest.forwarding)
+            changes.append(f"forwarding {was} -> Route")
+        return f"set-dest {hostport} {', '.join(changes)}"
+    return f"del-dest {hostport} (not recorded)"
+
+
+def _is_repair(item: object) -> bool:
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("time"), int | float)
+        and isinstance(item.get("line"), str)
+    )
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --- the kernel, for a process that lives for months ------------------------------------------
+
+
+class RuntimeKernel(Kernel):
+    """The agent's Kernel with nothing cached across passes: an interface that comes back (a
+    driver reload) has a new index, and a reloaded ip_vs registers its netlink family anew."""
+
+    def ifindex(self, name: str) -> int:
+        self._ifindex.pop(name, None)
+        return super().ifindex(name)
+
+    def ensure_ipvs(self, scheduler: str | None = None) -> None:
+        if "ip_vs" in self.missing_modules():
+            self.reset()
+        super().ensure_ipvs(scheduler)
+
+    def reset(self) -> None:
+        if self._ipvs is not None:
+            try:
+                self._ipvs.close()
+            except Exception:  # a dead socket: it goes anyway
+                pass
+            self._ipvs = None
+
+
+# --- systemd ------------------------------------------------------------------------------------
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) e.g. READY=1; False when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError:
+            return False
+    return True
+
+
+def run(runtime: Runtime, stop: threading.Event) -> int:
+    """Reconcile every interval until `stop`; the table stays as it is when it ends.
+
+    Passes start every interval (not an interval after the last one ended), so a change is
+    seen at most one interval after it was made; a pass that overran starts the next at once."""
+    ready, due = False, time.monotonic()
+    while not stop.is_set():
+        try:
+            runtime.reconcile()
+        except Exception as err:  # one bad pass must not end the runtime: log, try again
+            runtime.log(f"reconcile failed: {type(err).__name__}: {str(err)[:200]}")
+            if isinstance(runtime.kernel, RuntimeKernel):
+                runtime.kernel.reset()
+        if not ready:
+            ready = True
+            sd_notify("READY=1")
+        in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
+        sd_notify(f"STATUS={'in sync' if in_sync else 'see: python3 -m providers.runtime status'}")
+        due = max(due + runtime.config.interval, time.monotonic())
+        stop.wait(due - time.monotonic())
+    runtime.log("stopping: the IPVS table and VIPs stay as they are")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else ""
+    if command == "run":
+        return _main_run()
+    if command == "status":
+        return print_status()
+    if command == "unit":
+        print(unit_text(*args[1:2]), end="")
+        return 0
+    if command == "version":
+        print(source_version())
+        return 0
+    print(
+        "usage: python3 -m providers.runtime run|status|version|unit [INSTALL_DIR]",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _main_run() -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        kernel = RuntimeKernel()
+    except AgentError as err:
+        _print(f"ipvs-ingress runtime cannot start: {err}")
+        return 1
+    runtime = Runtime(kernel)
+    runtime.reload_config()
+    _print(
+        f"ipvs-ingress runtime {runtime.version} started (pid {os.getpid()}): keeping "
+        f"{runtime.state_path} every {runtime.config.interval:g} s"
+        + ("; first start since boot: restoring every stack" if runtime.restoring else "")
+    )
+    return run(runtime, stop)
+
+
+# --- status for operators ----------------------------------------------------------------------
+
+
+def print_status(
+    kernel=None,
+    state_path: str | None = None,
+    status_path: str | None = None,
+    config_path: str = CONFIG_PATH,
+    out=None,
+    now: Callable[[], float] = time.time,
+) -> int:
+    """Desired against live per service (read now), the runtime's last reconcile and repairs,
+    its version and the owning stacks. Exit 0 when the runtime runs and everything it keeps is
+    in sync, 1 otherwise. Changes nothing."""
+    out = out or sys.stdout
+    write = lambda line="": out.write(line + "\n")  # noqa: E731
+    status_path = status_path or os.path.join(ownership.RUN_DIR, STATUS_NAME)
+    saved = _read_json(status_path)
+    config, _ = read_config(config_path)
+    running = _describe_runtime(saved, config, now(), write)
+    try:
+        owners = Ownership.load(state_path or ownership.STATE_PATH)
+    except AgentError as err:
+        write(f"record: {err}")
+        return 1
+    try:
+        kernel = kernel or Kernel()
+        view = observe(kernel, owners, config)
+    except AgentError as err:
+        write(f"live table: unreadable ({err})")
+        return 1
+    stacks = sorted({e.get("owner") or "(no owner)" for e in owners.services.values()})
+    listed = [f"{s} (repair {'on' if config.repairs(s) else 'off'})" for s in stacks]
+    write(f"stacks: {', '.join(listed) or 'none'}")
+    if view.kept and view.missing_modules:
+        write(f"modules missing: {' '.join(view.missing_modules)}")
+    if view.kept and not view.forwarding:
+        write("net.ipv4.ip_forward: 0 (wanted 1)")
+    for s in view.services:
+        _write_service(s, write)
+    for v in view.vips:
+        where = "bound" if v.bound else ("NOT BOUND" if v.bound is False else "interface missing")
+        write(f"VIP {v.address} on {v.interface}: {where}{'' if v.kept else ' (not kept)'}")
+    repairs = [r for r in (saved or {}).get("repairs", []) if _is_repair(r)]
+    write(f"last repairs: {'none' if not repairs else ''}")
+    for r in repairs[-10:]:
+        write(f"  {_now_text(r['time'])} {r['line']}")
+    for note in (saved or {}).get("notes", []):
+        write(f"note: {note}")
+    return 0 if running and not view.drift else 1
+
+
+def _describe_runtime(saved: dict | None, config: Config, now: float, write) -> bool:
+    installed = source_version()
+    if not saved:
+        write(f"runtime: not running (no status file); installed version {installed}")
+        return False
+    last = saved.get("lastReconcile") or 0
+    alive = saved.get("bootId") == _boot_id() and _pid_alive(saved.get("pid"))
+    fresh = now - last <= 3 * float(saved.get("intervalSeconds") or config.interval) + 5
+    state = "running" if alive and fresh else ("stalled" if alive else "not running")
+    version = saved.get("version")
+    upgrade = "" if version == installed else f" (installed sources: {installed}: restart it)"
+    write(f"runtime: {state}, pid {saved.get('pid')}, version {version}{upgrade}")
+    every = float(saved.get("intervalSeconds") or config.interval)
+    write(f"last reconcile: {_now_text(last)} ({now - last:.1f} s ago; every {every:g} s)")
+    return state == "running"
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno == errno.EPERM
+    return True
+
+
+def _write_service(s: Service, write) -> None:
+    if s.spec is None:
+        write(f"{s.key} [{s.owner or '(no owner)'}] {s.state}: {s.left}")
+        return
+    sync = "in sync" if s.in_sync else "DRIFT: " + "; ".join(describe(o, s.live, s.spec) for o in s.ops)  # fmt: skip
+    left = f" ({s.left})" if s.left else ""
+    write(f"{s.key} [{s.owner or '(no owner)'}] {s.state}: {sync}{left}")
+    for line in model.ipvsadm_lines(s.spec):
+        write(f"  desired {line}")
+    for line in model.ipvsadm_lines(s.live) if s.live else ["(absent)"]:
+        write(f"  live    {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

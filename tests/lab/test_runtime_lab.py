@@ -1,0 +1,398 @@
+"""The director runtime (providers/runtime.py) under the lab director's real systemd.
+
+One virtual service is created through the provider (gRPC, as the engine does it), then the
+runtime is installed the way an operator would: the sources copied to a folder, the unit from
+`runtime.unit_text`, `systemctl enable --now`. Then, with no provider call:
+  (a) a clean reboot: the director serves the VIP again (printed: VM start to first answer);
+  (b) out-of-band changes under a client loop of >= 10 requests/s, each repaired within the
+      interval (printed: repair time on the director's clock, failed requests);
+  (c) kill -9 of the runtime: systemd restarts it, the table is untouched meanwhile (printed:
+      failed requests).
+`ipvsadm -Sn` and `ip addr` on the director and the client's answers are the oracle; the
+journal must name each repair. The module boots its own systemd lab and tears it down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from providers import runtime
+from tests.conftest import _say, _skip
+from tests.lab import harness, provision, vm
+from tests.provider.grpc_client import ProviderServer
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
+
+REPO = Path(__file__).resolve().parents[2]  # the VM sees the host's root (9p, read-only)
+# The lab's root is a tmpfs overlay: only the state directory's disk and /etc/systemd/system
+# survive a reboot, so the sources are installed on the disk.
+INSTALL = "/var/lib/ipvs-ingress/runtime"
+UNIT = f"/etc/systemd/system/{runtime.UNIT_NAME}"
+OWNER = "ipvs-ingress/lab"
+VIP = harness.Lab.vip
+KEY = f"tcp/{VIP}:80"
+INTERVAL = 2.0  # the runtime's default
+RATE = 20.0  # client requests per second attempted (>= 10 asked)
+# Someone else's service and address on the director (gone after a reboot or ipvsadm -C).
+FOREIGN = "ipvsadm -A -t 203.0.113.250:8080 -s rr && ipvsadm -a -t 203.0.113.250:8080 -r 203.0.113.11:8080 -m -w 3 && ip addr replace 203.0.113.99/32 dev eth0"  # fmt: skip
+STATUS = f"PYTHONPATH={INSTALL} python3 -m providers.runtime status"
+
+# The client loop: one GET every 1/rate s (new TCP connection each time: each is scheduled by
+# IPVS), one JSON line per request [start, end, ok, body]; bounded by time and a stop file.
+_LOOP = """
+import json, os, sys, time, urllib.request
+url, out, stop, seconds, rate, timeout = sys.argv[1], sys.argv[2], sys.argv[3], *map(float, sys.argv[4:7])
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline, due = time.time() + seconds, time.time()
+with open(out, "a") as f:
+    while time.time() < deadline and not os.path.exists(stop):
+        start = time.time()
+        try:
+            with opener.open(url, timeout=timeout) as reply:
+                ok, body = True, reply.read().decode().strip()
+        except Exception as exc:
+            ok, body = False, type(exc).__name__
+        f.write(json.dumps([start, time.time(), ok, body]) + "\\n")
+        f.flush()
+        due = max(due + 1 / rate, time.time() - 1)
+        time.sleep(max(0.0, due - time.time()))
+"""
+
+# On the director: make one change, then watch the table and VIP until they are back to what
+# they were (the runtime's repair); times on the director's own clock.
+_WATCH = """
+import json, subprocess, sys, time
+change, vip, limit = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def snap():
+    table = subprocess.run(["ipvsadm", "-Sn"], capture_output=True, text=True).stdout
+    addrs = subprocess.run(["ip", "-o", "addr", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+    return sorted(table.splitlines()), vip + "/32" in addrs
+want = snap()
+subprocess.run(change, shell=True, check=True)
+changed = time.monotonic()
+first = snap()
+now = first
+while now != want and time.monotonic() - changed < limit:
+    time.sleep(0.05)
+    now = snap()
+print(json.dumps({"repairSeconds": time.monotonic() - changed, "sawDrift": first != want,
+                  "repaired": now == want}))
+"""
+
+# On the director: kill -9 the runtime, then watch systemd restart it; the table meanwhile.
+_KILL = """
+import json, os, signal, subprocess, time
+def show():
+    out = subprocess.run(["systemctl", "show", "-p", "MainPID", "-p", "ActiveState", "-p", "NRestarts",
+                          "ipvs-ingress.service"], capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.split())
+def table():
+    return sorted(subprocess.run(["ipvsadm", "-Sn"], capture_output=True, text=True).stdout.splitlines())
+before, unit = table(), show()
+os.kill(int(unit["MainPID"]), signal.SIGKILL)
+killed = time.monotonic()
+tables = [table()]
+now = show()
+while not (now["ActiveState"] == "active" and now["MainPID"] not in ("0", unit["MainPID"])):
+    if time.monotonic() - killed > 60:
+        break
+    tables.append(table())
+    time.sleep(0.1)
+    now = show()
+restarted = time.monotonic() - killed
+tables.append(table())
+print(json.dumps({"restartSeconds": restarted, "before": unit, "after": now,
+                  "untouched": all(t == before for t in tables), "samples": len(tables)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def rt_lab(request: pytest.FixtureRequest):
+    if os.geteuid() != 0:
+        _skip(request, "director lab needs root (network namespaces, tap, iptables)")
+    art = provision.provision()
+    reason = vm.can_start()
+    if reason:
+        _skip(request, reason)
+    lab = harness.Lab(artifacts=art, init="systemd").start()
+    _say(request, f"runtime lab: qemu start to sshd {lab.director_boot_seconds:.1f}s")
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def vs_props(lab) -> dict:
+    return {
+        "director": lab.director_config(),
+        "vip": VIP,
+        "port": 80,
+        "protocol": "tcp",
+        "realServers": [{"address": ip, "weight": 1} for ip in lab.node_ips],
+        "owner": OWNER,
+    }
+
+
+def connect(lab) -> ProviderServer:
+    srv = ProviderServer()
+    srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+    return srv
+
+
+def install(lab) -> None:
+    """As an operator would: sources to a folder, the unit, enable --now (returns once the
+    runtime said READY=1, i.e. after its first pass), sync (the disk must have it)."""
+    files = " ".join(runtime.SOURCE_FILES)
+    lab.director(
+        f"mkdir -p {INSTALL}/providers && cd {REPO}/providers && cp {files} {INSTALL}/providers/"
+        f" && printf %s {shlex.quote(runtime.unit_text(INSTALL))} > {UNIT}"
+        f" && systemctl daemon-reload && systemctl enable --now {runtime.UNIT_NAME} 2>&1 && sync",
+        timeout=180,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(rt_lab, request):
+    provider = connect(rt_lab)
+    try:
+        inputs, failures = provider.check(vs_props(rt_lab))
+        assert failures == []
+        id_, outs = provider.create(inputs)
+    finally:
+        provider.close()  # from here on, no provider call until the refresh after the reboot
+    assert outs["inSync"] is True
+    started = time.monotonic()
+    install(rt_lab)
+    _say(request, f"runtime installed and ready in {time.monotonic() - started:.1f}s")
+    return id_, inputs, outs
+
+
+def foreign_state(lab) -> tuple[list[str], bool]:
+    table = lab.director("ipvsadm -Ln -t 203.0.113.250:8080").stdout.splitlines()
+    return sorted(table), "203.0.113.99/32" in lab.director("ip -o addr show dev eth0").stdout
+
+
+def journal(lab, since_boot: bool = True) -> list[str]:
+    return lab.director(
+        f"journalctl -q -o cat -u {runtime.UNIT_NAME} {'-b' if since_boot else ''} --no-pager"
+    ).stdout.splitlines()
+
+
+class ClientLoop:
+    """The bounded client loop in the lab's client namespace, one result line per request."""
+
+    def __init__(self, lab, tmp: Path, seconds: float):
+        self.lab, self.out, self.stop = lab, tmp / "loop.jsonl", tmp / "loop.stop"
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.client_ns, harness.HOST_PYTHON, "-c", _LOOP]
+            + [f"http://{VIP}/", str(self.out), str(self.stop), str(seconds), str(RATE), "0.5"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.tracked = lab._state.add_proc(self.proc.pid, "client loop")  # killed at teardown
+
+    def results(self) -> list[list]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def between(self, t0: float, t1: float) -> list[list]:
+        return [r for r in self.results() if t0 <= r[0] <= t1]
+
+    def close(self) -> None:
+        self.stop.touch()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        self.lab._state.procs.remove(self.tracked)
+        self.lab._state.save()
+
+
+@contextlib.contextmanager
+def client_loop(lab, tmp: Path, seconds: float):
+    loop = ClientLoop(lab, tmp, seconds)
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+def failed(results: list[list]) -> int:
+    return sum(1 for r in results if not r[2])
+
+
+def test_after_a_reboot_the_director_serves_the_vip_with_no_provider_call(
+    rt_lab, served, request, tmp_path
+):
+    id_, _, outs = served
+    assert len(rt_lab.http_from_client(f"http://{VIP}/", 5)) == 5
+    with client_loop(rt_lab, tmp_path, seconds=200) as loop:
+        t0 = time.time()
+        took = rt_lab.reboot()
+        vm_start = t0 + took.down  # qemu was started again right after the old one exited
+        deadline = time.monotonic() + 90
+        while not [r for r in loop.results() if r[0] >= vm_start and r[2]]:
+            assert time.monotonic() < deadline, "no request through the VIP succeeded after boot"
+            time.sleep(0.2)
+        first = min(r[1] for r in loop.results() if r[0] >= vm_start and r[2])
+    started, ready = rt_lab.director(
+        "systemctl show -p ExecMainStartTimestampMonotonic -p ActiveEnterTimestampMonotonic"
+        f" --value {runtime.UNIT_NAME}"
+    ).stdout.split()
+    _say(
+        request,
+        f"runtime lab: reboot: VM start to first request through the VIP {first - vm_start:.1f}s "
+        f"(VM start to sshd {took.up:.1f}s; after the kernel started: runtime started "
+        f"{int(started) / 1e6:.1f}s, ready {int(ready) / 1e6:.1f}s; reboot to VM exit {took.down:.1f}s)",
+    )
+    lines = journal(rt_lab)
+    for wanted in (
+        f"restored {KEY}: add-service wlc",
+        *(f"restored {KEY}: add-dest {ip}:80 weight 1" for ip in rt_lab.node_ips),
+        f"restored VIP {VIP}: bind on eth0",
+    ):
+        assert wanted in lines, (wanted, lines)
+    assert rt_lab.director("cat /proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
+    answers = rt_lab.http_from_client(f"http://{VIP}/", 10)
+    assert set(answers) == set(rt_lab.node_names)
+    # A refresh afterwards shows no diff: the provider reads what it created.
+    provider = connect(rt_lab)
+    try:
+        rid, live = provider.read(id_, outs)
+    finally:
+        provider.close()
+    assert rid == id_ and live["inSync"] is True and live["ipvsadm"] == outs["ipvsadm"]
+    assert (live["vipBound"], live["ipForward"]) == (True, True)
+
+
+N1, N2 = "203.0.113.11", "203.0.113.12"  # the lab's two nodes (asserted below)
+DRIFT = {
+    "ipvsadm -C": ("ipvsadm -C", [f"repaired {KEY}: add-service wlc"]),
+    "VIP deleted": (f"ip addr del {VIP}/32 dev eth0", [f"repaired VIP {VIP}: bind on eth0"]),
+    "weight changed": (
+        f"ipvsadm -e -t {VIP}:80 -r {N1}:80 -g -w 7",
+        [f"repaired {KEY}: set-dest {N1}:80 weight 7 -> 1"],
+    ),
+    "destination deleted": (
+        f"ipvsadm -d -t {VIP}:80 -r {N2}:80",
+        [f"repaired {KEY}: add-dest {N2}:80 weight 1"],
+    ),
+    "scheduler changed": (
+        f"ipvsadm -E -t {VIP}:80 -s rr",
+        [f"repaired {KEY}: set-service scheduler rr -> wlc"],
+    ),
+    "forwarding method changed": (
+        f"ipvsadm -e -t {VIP}:80 -r {N1}:80 -m -w 1",
+        [f"repaired {KEY}: set-dest {N1}:80 forwarding Masq -> Route"],
+    ),
+}
+
+
+def test_out_of_band_changes_are_repaired_within_the_interval_under_load(
+    rt_lab, served, request, tmp_path
+):
+    assert rt_lab.node_ips == [N1, N2]
+    report, foreign = [], None
+    with client_loop(rt_lab, tmp_path, seconds=240) as loop:
+        time.sleep(1.0)
+        for case, (change, wanted) in DRIFT.items():
+            h0 = time.time()
+            out = rt_lab.director(
+                f"python3 -c {shlex.quote(_WATCH)} {shlex.quote(change)} {VIP} 20", timeout=60
+            ).stdout
+            time.sleep(0.5)  # requests in flight at the repair finish
+            h1 = time.time()
+            watched = json.loads(out)
+            window = loop.between(h0, h1)
+            report.append((case, watched, len(window), failed(window)))
+            assert watched["repaired"], (case, watched)
+            # Seen within the interval; then the pass's own time and the watcher's poll (each
+            # poll starts two processes: ~0.3 s under emulation).
+            assert watched["repairSeconds"] <= INTERVAL + 2.5, (case, watched)
+            lines = journal(rt_lab)
+            assert all(w in lines for w in wanted), (case, wanted, lines[-10:])
+            if foreign is None:  # after the flush: someone else's objects, never restored by us
+                assert "203.0.113.250:8080" not in rt_lab.ipvsadm_ln()
+                rt_lab.director(FOREIGN)
+                foreign = foreign_state(rt_lab)
+        total = loop.results()
+    rate = len(total) / (total[-1][0] - total[0][0])
+    for case, watched, n, bad in report:
+        _say(
+            request,
+            f"runtime lab: {case}: repaired in {watched['repairSeconds']:.2f}s "
+            f"(drift seen: {watched['sawDrift']}); failed requests {bad}/{n}",
+        )
+    _say(request, f"runtime lab: client loop {rate:.1f} requests/s, {failed(total)}/{len(total)} failed in all")  # fmt: skip
+    assert rate >= 10
+    assert foreign_state(rt_lab) == foreign  # someone else's service and address: untouched
+    assert len(rt_lab.http_from_client(f"http://{VIP}/", 10)) == 10  # raises on any failure
+
+
+def test_kill_9_the_runtime_systemd_restarts_it_and_the_table_is_untouched(
+    rt_lab, served, request, tmp_path
+):
+    before = journal(rt_lab)
+    with client_loop(rt_lab, tmp_path, seconds=120) as loop:
+        time.sleep(1.0)
+        h0 = time.time()
+        out = rt_lab.director(f"python3 -c {shlex.quote(_KILL)}", timeout=90).stdout
+        time.sleep(INTERVAL)  # the new runtime's first passes, under load
+        window = loop.between(h0, time.time())
+    killed = json.loads(out)
+    _say(
+        request,
+        f"runtime lab: kill -9: systemd restarted the runtime in {killed['restartSeconds']:.1f}s; "
+        f"table untouched in {killed['samples']} samples: {killed['untouched']}; "
+        f"failed requests {failed(window)}/{len(window)}",
+    )
+    assert killed["after"]["ActiveState"] == "active"
+    assert int(killed["after"]["NRestarts"]) == int(killed["before"]["NRestarts"]) + 1
+    assert killed["untouched"]
+    assert failed(window) == 0 and len(window) >= 10
+    new = journal(rt_lab)[len(before) :]
+    assert any(line.startswith("ipvs-ingress runtime ") and "started" in line for line in new)
+    assert not any(line.startswith(("repaired", "restored")) for line in new), new
+
+
+def test_status_shows_desired_against_live_version_and_stacks(rt_lab, served, request):
+    saved = json.loads(rt_lab.director("cat /run/ipvs-ingress/status.json").stdout)
+    _say(request, f"runtime lab: one pass in sync takes {saved['lastPassSeconds'] * 1000:.0f} ms")
+    out = rt_lab.director(STATUS, check=False)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert lines[0].startswith("runtime: running, pid ") and lines[0].endswith(
+        f"version {runtime.source_version()}"
+    )
+    assert f"stacks: {OWNER} (repair on)" in lines
+    assert f"{KEY} [{OWNER}] applied: in sync" in lines
+    for ip in sorted(rt_lab.node_ips):
+        assert f"  desired TCP {VIP}:80 wlc -> {ip}:80 Route 1" in lines
+        assert f"  live    TCP {VIP}:80 wlc -> {ip}:80 Route 1" in lines
+    assert f"VIP {VIP} on eth0: bound" in lines
+    assert any(line.endswith(f"repaired {KEY}: set-service scheduler rr -> wlc") for line in lines)
+
+
+def test_uninstall_leaves_the_table_and_removes_the_runtime(rt_lab, served):
+    rt_lab.director(
+        f"systemctl disable --now {runtime.UNIT_NAME} 2>&1 && rm {UNIT} && systemctl daemon-reload"
+        f" && rm -rf {INSTALL} /etc/ipvs-ingress /run/ipvs-ingress/status.json"
+    )
+    gone = rt_lab.director(f"systemctl is-enabled {runtime.UNIT_NAME}", check=False)
+    assert gone.returncode != 0 and "enabled" not in gone.stdout.replace("not-found", "")
+    # Stopping the runtime changed nothing: the director still serves the VIP.
+    assert len(rt_lab.http_from_client(f"http://{VIP}/", 6)) == 6  # raises on any failure
+    assert [p for p in rt_lab.footprint()["procs"] if p["what"] == "client loop"] == []
