@@ -25,7 +25,9 @@ def test_lab_stack_deploys_and_serves_through_the_director(lab):
     try:
         srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
         for spec in cfg.virtual_services:
-            inputs, failures = srv.check(model.to_props(cfg.director, spec))
+            # The owner is what the Ingress component adds: '<project>/<stack>'.
+            props = {**model.to_props(cfg.director, spec), "owner": "ipvs-ingress/lab"}
+            inputs, failures = srv.check(props)
             assert failures == []
             created.append(srv.create(inputs))
         assert created[0][1]["ipvsadm"] == [
