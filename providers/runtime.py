@@ -77,6 +77,15 @@ SOURCE_FILES = ("__init__.py", "model.py", "ownership.py", "agent.py", "runtime.
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
+def _signature(path: str) -> tuple | None:
+    """When the settings file changed: it is parsed (and its problems logged) once per change."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
 # --- version, unit ------------------------------------------------------------------------------
 
 
@@ -331,7 +340,7 @@ class Runtime:
         )
 
     def reload_config(self) -> Config:
-        signature = ownership._signature(self.config_path)
+        signature = _signature(self.config_path)
         if signature != self._config_signature:
             self._config_signature = signature
             self.config, problems = read_config(self.config_path)

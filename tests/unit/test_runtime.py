@@ -34,7 +34,6 @@ OTHER = "team-b/prod"
 def paths(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
     monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "run" / "lock"))
-    agent.Ownership.forget()
     return tmp_path
 
 
@@ -256,7 +255,6 @@ def test_pending_services_are_left_for_the_next_apply_and_said_once(paths):
     with pytest.raises(Crash):
         apply(kernel)
     kernel.crash_after = None
-    agent.Ownership.forget()
     assert json.loads(Path(ownership.STATE_PATH).read_text())["services"][KEY]["state"] == "pending"
     rt = make_runtime(kernel, paths)
     before = list(kernel.changes)
@@ -280,7 +278,6 @@ def test_adopted_records_without_a_spec_are_left_alone(paths):
     kernel = MemoryKernel()
     apply(kernel)
     os.unlink(ownership.STATE_PATH)  # lost; a refresh re-adopts the live service without spec
-    agent.Ownership.forget()
     agent.Agent(kernel).handle(
         {"op": "read", "protocol": "tcp", "vip": VIP, "port": 80, "interface": "eth0"}
         | {"owner": OWNER, "adopt": True}
@@ -334,7 +331,6 @@ def test_an_unreadable_record_changes_nothing(paths):
     kernel = MemoryKernel()
     apply(kernel)
     Path(ownership.STATE_PATH).write_text("{not json")
-    agent.Ownership.forget()
     rt = make_runtime(kernel, paths)
     kernel.services.clear()
     assert rt.reconcile() == [] and kernel.services == {}
