@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,6 +53,26 @@ def _say(request: pytest.FixtureRequest, line: str) -> None:
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
         print(f"\n[lab] {line}", flush=True)
+
+
+@contextmanager
+def own_lab(request: pytest.FixtureRequest, label: str, **options):
+    """A lab of a module's own (e.g. init="systemd" for reboots), torn down when the block ends;
+    skipped or failed like the shared one when it cannot start."""
+    if os.geteuid() != 0:
+        _skip(request, "director lab needs root (network namespaces, tap, iptables)")
+    from tests.lab import harness, provision, vm
+
+    art = provision.provision()
+    reason = vm.can_start()
+    if reason:
+        _skip(request, reason)
+    the_lab = harness.Lab(artifacts=art, **options).start()
+    _say(request, f"{label}: qemu start to sshd {the_lab.director_boot_seconds:.1f}s")
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import shlex
 
 import pytest
 
-from tests.conftest import _say, _skip
+from tests.conftest import _say, own_lab
 from tests.lab import harness, initramfs, provision, state, vm
 
 
@@ -47,18 +47,8 @@ _qemus_seen: list[dict] = []  # every qemu of the module's lab, for the teardown
 
 @pytest.fixture(scope="module")
 def sd_lab(request: pytest.FixtureRequest):
-    if os.geteuid() != 0:
-        _skip(request, "director lab needs root (network namespaces, tap, iptables)")
-    art = provision.provision()
-    reason = vm.can_start()
-    if reason:
-        _skip(request, reason)
-    lab = harness.Lab(artifacts=art, init="systemd").start()
-    _say(request, f"systemd lab: qemu start to sshd {lab.director_boot_seconds:.1f}s")
-    try:
+    with own_lab(request, "systemd lab", init="systemd") as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def _remember_qemu(lab: harness.Lab) -> None:

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from providers import runtime
-from tests.conftest import _say, _skip
-from tests.lab import harness, provision, vm
+from tests.conftest import _say, own_lab
+from tests.lab import harness
 from tests.provider.grpc_client import ProviderServer
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
@@ -117,18 +117,8 @@ print(json.dumps({"restartSeconds": restarted, "before": unit, "after": now,
 
 @pytest.fixture(scope="module")
 def rt_lab(request: pytest.FixtureRequest):
-    if os.geteuid() != 0:
-        _skip(request, "director lab needs root (network namespaces, tap, iptables)")
-    art = provision.provision()
-    reason = vm.can_start()
-    if reason:
-        _skip(request, reason)
-    lab = harness.Lab(artifacts=art, init="systemd").start()
-    _say(request, f"runtime lab: qemu start to sshd {lab.director_boot_seconds:.1f}s")
-    try:
+    with own_lab(request, "runtime lab", init="systemd") as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def vs_props(lab) -> dict:
