@@ -34,6 +34,53 @@ PRIVATE_KEY = (
     "-----END OPENSSH PRIVATE KEY-----\n"
 )
 
+PINNED_KEY = " ".join(HOST_KEY.split()[:2])  # the provider's normalized form: no comment
+# The VirtualService inputs the program must declare, keyed by resource name: written out here,
+# never computed with the model under test.
+VS_INPUTS = {
+    "director",
+    "vip",
+    "port",
+    "protocol",
+    "scheduler",
+    "persistenceSeconds",
+    "realServers",
+    "owner",
+}
+
+
+def dev_virtual_services() -> dict[str, dict]:
+    """The dev stack's VirtualServices, exactly as DEV_CONFIG must declare them."""
+    director = {
+        "host": "203.0.113.2",
+        "port": 22,
+        "user": "root",
+        "hostKey": PINNED_KEY,
+        "interface": "eth0",
+    }
+    v4 = [{"address": "203.0.113.11", "weight": 1}, {"address": "203.0.113.12", "weight": 3}]
+    v6 = [{"address": "2001:db8::11", "weight": 1}]
+    table = {
+        "vs-tcp-203-0-113-201-80": ("203.0.113.201", 80, "tcp", "wlc", 0, v4),
+        "vs-tcp-203-0-113-202-80": ("203.0.113.202", 80, "tcp", "rr", 60, v4),
+        "vs-udp-203-0-113-202-5353": ("203.0.113.202", 5353, "udp", "rr", 60, v4),
+        "vs-tcp-2001-db8--201-80": ("2001:db8::201", 80, "tcp", "wlc", 0, v6),
+    }
+    return {
+        name: {
+            "director": director,
+            "vip": vip,
+            "port": port,
+            "protocol": protocol,
+            "scheduler": scheduler,
+            "persistenceSeconds": persistence,
+            "realServers": real_servers,
+            "owner": "ipvs-ingress/dev",  # <project>/<stack>: ownership on the director
+        }
+        for name, (vip, port, protocol, scheduler, persistence, real_servers) in table.items()
+    }
+
+
 DEV_CONFIG: dict[str, Any] = {
     "app": {"namespace": "web-dev", "image": "nginx:1.27.3", "replicas": 3},
     "vips": [

@@ -9,20 +9,18 @@ import pytest
 from components.config import ConfigError, load
 from tests.program.conftest import (
     DEV_CONFIG,
-    HOST_KEY,
     PRIVATE_KEY,
+    VS_INPUTS,
     VS_TYPE,
     Run,
     dev_config,
+    dev_virtual_services,
     run_program,
 )
 
 INGRESS = "ipvs-ingress:index:Ingress"
 COMMAND = "command:remote:Command"
 BOOTSTRAP = "ipvs-ingress:index:DirectorBootstrap"
-PINNED_KEY = " ".join(HOST_KEY.split()[:2])
-VS_INPUTS = ("director", "vip", "port", "protocol", "scheduler", "persistenceSeconds")
-VS_INPUTS += ("realServers", "owner")
 MISSING = "ipvs-ingress:kubernetes: true, but no kubeconfig (no KUBECONFIG, no ~/.kube/config,"
 
 
@@ -50,35 +48,11 @@ def test_director_side_only_registers_no_kubernetes_resource(no_cluster):
 
 def test_director_side_only_keeps_the_virtual_services_exact_and_unattached(no_cluster):
     run = run_program(DEV_CONFIG, raw={"kubernetes": "false"}, kubeconfig=None)
-    director = {
-        "host": "203.0.113.2",
-        "port": 22,
-        "user": "root",
-        "hostKey": PINNED_KEY,
-        "interface": "eth0",
-    }
-    v4 = [{"address": "203.0.113.11", "weight": 1}, {"address": "203.0.113.12", "weight": 3}]
-    v6 = [{"address": "2001:db8::11", "weight": 1}]
-    expected = {
-        "vs-tcp-203-0-113-201-80": ("203.0.113.201", 80, "tcp", "wlc", 0, v4),
-        "vs-tcp-203-0-113-202-80": ("203.0.113.202", 80, "tcp", "rr", 60, v4),
-        "vs-udp-203-0-113-202-5353": ("203.0.113.202", 5353, "udp", "rr", 60, v4),
-        "vs-tcp-2001-db8--201-80": ("2001:db8::201", 80, "tcp", "wlc", 0, v6),
-    }
+    expected = dev_virtual_services()
     found = run.of_type(VS_TYPE)
     assert sorted(r.name for r in found) == sorted(expected)
     for reg in found:
-        vip, port, protocol, scheduler, persistence, real_servers = expected[reg.name]
-        assert {k: reg.inputs[k] for k in VS_INPUTS} == {
-            "director": director,
-            "vip": vip,
-            "port": port,
-            "protocol": protocol,
-            "scheduler": scheduler,
-            "persistenceSeconds": persistence,
-            "realServers": real_servers,
-            "owner": "ipvs-ingress/dev",
-        }
+        assert {k: reg.inputs[k] for k in VS_INPUTS} == expected[reg.name]
         assert reg.dependencies == []  # no Service to wait for
         assert reg.parent.endswith(f"{INGRESS}::ingress")
 

@@ -10,10 +10,12 @@ import pytest
 
 from tests.program.conftest import (
     DEV_CONFIG,
-    HOST_KEY,
+    PINNED_KEY,
     PRIVATE_KEY,
+    VS_INPUTS,
     VS_TYPE,
     dev_config,
+    dev_virtual_services,
     run_program,
 )
 
@@ -23,19 +25,7 @@ COMMAND = "command:remote:Command"
 GUARD = "ipvs-ingress:index:ExternalIPGuard"
 POLICY = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicy"
 BINDING = "kubernetes:admissionregistration.k8s.io/v1:ValidatingAdmissionPolicyBinding"
-PINNED_KEY = " ".join(HOST_KEY.split()[:2])  # the provider's normalized form: no comment
 KEY_MARKER = "test-only-marker-9f3c1e"
-# The VirtualService's input properties, as the provider's schema names them.
-VS_INPUTS = {
-    "director",
-    "vip",
-    "port",
-    "protocol",
-    "scheduler",
-    "persistenceSeconds",
-    "realServers",
-    "owner",
-}
 
 
 def test_resource_types_and_names(dev_run):
@@ -108,37 +98,11 @@ def test_service_external_ips_are_the_vips(dev_run):
 
 
 def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
-    director = {
-        "host": "203.0.113.2",
-        "port": 22,
-        "user": "root",
-        "hostKey": PINNED_KEY,
-        "interface": "eth0",
-    }
-    v4 = [{"address": "203.0.113.11", "weight": 1}, {"address": "203.0.113.12", "weight": 3}]
-    expected = {
-        "vs-tcp-203-0-113-201-80": ("203.0.113.201", 80, "tcp", "wlc", 0, v4),
-        "vs-tcp-203-0-113-202-80": ("203.0.113.202", 80, "tcp", "rr", 60, v4),
-        "vs-udp-203-0-113-202-5353": ("203.0.113.202", 5353, "udp", "rr", 60, v4),
-        "vs-tcp-2001-db8--201-80": (
-            "2001:db8::201", 80, "tcp", "wlc", 0, [{"address": "2001:db8::11", "weight": 1}],
-        ),
-    }  # fmt: skip
+    expected = dev_virtual_services()
     found = dev_run.of_type(VS_TYPE)
     assert sorted(r.name for r in found) == sorted(expected)
     for reg in found:
-        vip, port, protocol, scheduler, persistence, real_servers = expected[reg.name]
-        inputs = {k: v for k, v in reg.inputs.items() if k in VS_INPUTS}
-        assert inputs == {
-            "director": director,
-            "vip": vip,
-            "port": port,
-            "protocol": protocol,
-            "scheduler": scheduler,
-            "persistenceSeconds": persistence,
-            "realServers": real_servers,
-            "owner": "ipvs-ingress/dev",  # <project>/<stack>: ownership on the director
-        }
+        assert {k: v for k, v in reg.inputs.items() if k in VS_INPUTS} == expected[reg.name]
         # Everything else is the provider's own bookkeeping (its pickle, declared outputs).
         assert set(reg.inputs) - VS_INPUTS <= {
             "__provider",
