@@ -32,14 +32,6 @@ def props(**over) -> dict:
     return base
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = ProviderServer()
-    srv.configure({})
-    yield srv
-    srv.close()
-
-
 def test_check_normalizes_defaults_and_float_numbers(server):
     inputs, failures = server.check(props(port=80.0))
     assert failures == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.provider.grpc_client import ProviderServer
-
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
 
 
@@ -20,14 +18,6 @@ def props(host: str = "203.0.113.2", **over) -> dict:
         "owner": "ipvs-ingress/dev",
     }
     return {**base, **over}
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ProviderServer()
-    srv.configure({})
-    yield srv
-    srv.close()
 
 
 @pytest.mark.parametrize(

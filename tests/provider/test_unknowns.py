@@ -12,7 +12,6 @@ import copy
 import pytest
 
 from providers import model
-from tests.provider.grpc_client import ProviderServer
 from tests.provider.test_grpc_pure import HOST_KEY
 
 UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"  # the engine's wire value for "unknown"
@@ -80,14 +79,6 @@ def test_every_property_is_covered():
     assert (
         len(PATHS) == 19 + ("owner" in model.INPUT_KEYS) and ("realServers", 1, "weight") in PATHS
     )
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ProviderServer()
-    srv.configure({})
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")
