@@ -99,6 +99,15 @@ class Kernel:
         self._routes: dict[str, tuple[int | None, str | None]] = {}
         self._prefixes: dict[int, list] = {}
 
+    def close(self) -> None:
+        for sock in (self._ipvs, self.ipr):
+            try:
+                if sock is not None:
+                    sock.close()
+            except Exception:  # closing a dead socket must not fail a disconnect
+                pass
+        self._ipvs = None
+
     # -- modules and sysctls --
     @staticmethod
     def missing_modules(scheduler: str | None = None) -> list[str]:
