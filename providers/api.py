@@ -141,6 +141,12 @@ class Api:
 
     def close(self, wait: float = DRAIN_SECONDS) -> bool:
         """Stop listening; True when no request was left running after `wait`."""
+        try:
+            # shutdown first: a close alone leaves the thread blocked in accept() and the
+            # port listening, on Linux.
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         deadline = time.monotonic() + wait
         with self._idle:

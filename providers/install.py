@@ -6,7 +6,8 @@ another version. Every step can be killed and the next run converges from there:
 - the sources go to <install dir>/versions/<version>/providers/ (a temporary folder renamed
   into place, so a version folder is whole or absent),
 - <install dir>/current is swapped to it with one rename (atomic),
-- the unit is written the same way, then `systemctl daemon-reload` if it changed,
+- the unit is written the same way, then `systemctl daemon-reload` if it changed, and the
+  operators' command /usr/local/sbin/ipvs-ingress (`ipvs-ingress status`),
 - `systemctl enable` and `systemctl restart`, unless the runtime already answers with this
   version. The unit is Type=notify, so the restart returns once the new runtime finished its
   first pass. The old runtime leaves the table and VIPs as they are when it stops and the new
@@ -32,6 +33,7 @@ from providers import agent, api, ownership, runtime
 from providers.ownership import AgentError
 
 UNIT_PATH = f"/etc/systemd/system/{runtime.UNIT_NAME}"
+COMMAND_PATH = "/usr/local/sbin/ipvs-ingress"  # `ipvs-ingress status` for operators
 SYSTEMD_RUN = "/run/systemd/system"  # sd_booted(3): present only when systemd is PID 1
 KEEP_VERSIONS = 2
 ANSWER_SECONDS = 30.0
@@ -47,8 +49,9 @@ class Director:
 
     install_dir = runtime.INSTALL_DIR
     unit_path = UNIT_PATH
+    command_path = COMMAND_PATH
     systemd_run = SYSTEMD_RUN
-    python = "/usr/bin/python3"
+    python = sys.executable or "/usr/bin/python3"  # the one that passed the pyroute2 check
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -90,6 +93,7 @@ def install(sources: dict[str, bytes], d: Director | None = None) -> dict:
         previous = _current(d)
         _write_version(d, version, sources)
         _switch(d, version)
+        _write_command(d)
         unit_changed = _write_unit(d)
         if unit_changed:
             _check(d, "daemon-reload")
@@ -164,6 +168,26 @@ def _write_unit(d: Director) -> bool:
     os.replace(tmp, d.unit_path)
     _fsync_dir(os.path.dirname(d.unit_path))
     return True
+
+
+def command_text(install_dir: str, python: str) -> str:
+    """The operators' command: the runtime's CLI (status, version, unit) on the current code."""
+    current = os.path.join(install_dir, "current")
+    return f'#!/bin/sh\n# ipvs-ingress: written by the provider\'s installer\nPYTHONPATH={current} exec {python} -m providers.runtime "$@"\n'
+
+
+def _write_command(d: Director) -> None:
+    text = command_text(d.install_dir, d.python).encode()
+    try:
+        with open(d.command_path, "rb") as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(d.command_path), exist_ok=True)
+    tmp = f"{d.command_path}.tmp-{os.getpid()}"
+    _write(tmp, text, 0o755)
+    os.replace(tmp, d.command_path)
 
 
 def _roll_back(d: Director, previous: str | None, version: str) -> None:
