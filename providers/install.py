@@ -173,7 +173,12 @@ def _write_unit(d: Director) -> bool:
 def command_text(install_dir: str, python: str) -> str:
     """The operators' command: the runtime's CLI (status, version, unit) on the current code."""
     current = os.path.join(install_dir, "current")
-    return f'#!/bin/sh\n# ipvs-ingress: written by the provider\'s installer\nPYTHONPATH={current} exec {python} -m providers.runtime "$@"\n'
+    # From /: `python3 -m` puts the working directory first on sys.path.
+    return (
+        "#!/bin/sh\n"
+        "# ipvs-ingress: written by the provider's installer\n"
+        f'cd / && PYTHONPATH={current} exec {python} -m providers.runtime "$@"\n'
+    )
 
 
 def _write_command(d: Director) -> None:

@@ -86,7 +86,7 @@ def test_a_fresh_install_writes_the_version_switches_and_starts_it(tmp_path):
     command = Path(d.command_path)
     assert command.stat().st_mode & 0o777 == 0o755
     assert command.read_text().splitlines()[-1] == (
-        f'PYTHONPATH={current} exec {d.python} -m providers.runtime "$@"'
+        f'cd / && PYTHONPATH={current} exec {d.python} -m providers.runtime "$@"'
     )
 
 
