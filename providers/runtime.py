@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import model, ownership
+from providers import api, model, ownership
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -73,7 +73,9 @@ INTERVAL_RANGE = (0.5, 3600.0)
 KEEP_REPAIRS = 20
 BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the log says so
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
-SOURCE_FILES = ("__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py")
+SOURCE_FILES = (
+    "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
+)  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -133,6 +135,8 @@ RestartSec=1
 # Ahead of the rest of boot for the CPU: restoring the table is what brings traffic back.
 Nice=-10
 TimeoutStartSec=120
+# A stop lets a provider's request in flight finish (providers/api.py DRAIN_SECONDS).
+TimeoutStopSec=90
 
 [Install]
 WantedBy=multi-user.target
@@ -638,12 +642,27 @@ def _main_run() -> int:
         return 1
     runtime = Runtime(kernel)
     runtime.reload_config()
+    try:
+        # Listening before the first pass: a provider that connects while the table is
+        # restored waits on the director lock, it is not refused.
+        listener = api.Api(
+            runtime.version,
+            lambda: api.kernel_handler(RuntimeKernel),
+            greeting={"pyroute2": kernel.version},
+        )
+    except OSError as err:
+        _print(f"ipvs-ingress runtime cannot listen on {api.HOST}:{api.PORT}: {err.strerror}")
+        return 1
     _print(
         f"ipvs-ingress runtime {runtime.version} started (pid {os.getpid()}): keeping "
-        f"{runtime.state_path} every {runtime.config.interval:g} s"
+        f"{runtime.state_path} every {runtime.config.interval:g} s, requests on "
+        f"{api.HOST}:{api.PORT}"
         + ("; first start since boot: restoring every stack" if runtime.restoring else "")
     )
-    return run(runtime, stop)
+    code = run(runtime, stop)
+    if not listener.close():
+        _print("stopping with a request still running: its next run converges from the record")
+    return code
 
 
 # --- status for operators ----------------------------------------------------------------------
