@@ -2,7 +2,9 @@
 
 Runs on the director under systemd (unit `ipvs-ingress.service`, see `unit_text`), stdlib +
 pyroute2 only, through the agent's own Kernel; `python3 -m providers.runtime run` with the
-sources' folder on PYTHONPATH.
+sources' folder on PYTHONPATH, installed and upgraded by the provider (providers/install.py).
+It is also the provider's request path: providers/api.py answers create/read/update/delete/plan
+on 127.0.0.1:7463 with an Agent per connection, in this process.
 
 Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
 (services with owner stack, spec, interface and state; the VIPs ipvs-ingress bound). The runtime
@@ -36,11 +38,14 @@ an operator's change). A bad setting is one log line naming it, and its default 
 Log: one line per change on stdout (journald), e.g.
     repaired tcp/203.0.113.201:80: add-dest 203.0.113.11:80 weight 1
 ("restored" in the first pass after boot). Status: /run/ipvs-ingress/status.json, written
-atomically every pass; `python3 -m providers.runtime status` prints it with the live table.
+atomically every pass; `ipvs-ingress status` (the installer's command for
+`python3 -m providers.runtime status`) prints it with the live table.
 
 Uninstall (after `pulumi destroy` of the stacks that use the director):
-    systemctl disable --now ipvs-ingress.service && rm /etc/systemd/system/ipvs-ingress.service
-    systemctl daemon-reload; rm -rf <install dir> /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
+    systemctl disable --now ipvs-ingress.service
+    rm -f /etc/systemd/system/ipvs-ingress.service /usr/local/sbin/ipvs-ingress
+    systemctl daemon-reload
+    rm -rf /usr/local/lib/ipvs-ingress /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
 """
 
 from __future__ import annotations

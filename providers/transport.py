@@ -107,8 +107,9 @@ def load_private_key(text: str) -> paramiko.PKey:
 class RuntimeSession:
     """One SSH connection to a director and one channel to its runtime on it; thread-safe."""
 
-    def __init__(self, director: model.Director, private_key: str):
+    def __init__(self, director: model.Director, private_key: str, install: bool = True):
         self.director = director
+        self.may_install = install  # False for a dry run: it changes nothing, the runtime neither
         self._pkey = load_private_key(private_key)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -196,6 +197,12 @@ class RuntimeSession:
                 break
             found = "no runtime" if greeting is None else f"runtime {greeting.get('version')}"
             self._drop_channel()
+            if not self.may_install:
+                raise DirectorError(
+                    f"director {d.host} runs {found}, this ipvs-ingress needs runtime {VERSION} "
+                    "and a dry run installs nothing: run pulumi up (it installs it), or plan "
+                    "with the ipvs-ingress version that applied the stack"
+                )
             if installed:
                 raise DirectorError(
                     f"director {d.host}: installed runtime {VERSION} but {found} answers: "

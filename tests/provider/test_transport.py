@@ -366,3 +366,20 @@ def test_an_ipv6_host_in_host_colon_port_is_bracketed(tmp_path, private_key, hos
     )
     _run_proxy(director, private_key)
     assert out.read_text().splitlines() == argv
+
+
+@pytest.mark.parametrize("runtime_version", [None, "0123456789abcdef"])
+def test_a_dry_run_session_installs_nothing_and_says_why(
+    director_with, private_key, runtime_version
+):
+    director, sshd, installed = director_with(runtime_version)
+    session = transport.RuntimeSession(director, private_key, install=False)
+    with pytest.raises(transport.DirectorError) as err:
+        session.request("plan")
+    found = "no runtime" if runtime_version is None else f"runtime {runtime_version}"
+    assert str(err.value) == (
+        f"director 127.0.0.1 runs {found}, this ipvs-ingress needs runtime {transport.VERSION} "
+        "and a dry run installs nothing: run pulumi up (it installs it), or plan with the "
+        "ipvs-ingress version that applied the stack"
+    )
+    assert sshd.execs == 0 and installed == []
