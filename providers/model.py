@@ -1,7 +1,7 @@
 """The pure core: virtual service model, validation and the desired-vs-live plan.
 
-Stdlib only. This module is also shipped to the director and runs inside the agent, so the
-plan that the agent applies is computed by exactly this code (no second implementation).
+Stdlib only. This module is also shipped to the director and runs inside the runtime, so the
+plan that the runtime applies is computed by exactly this code (no second implementation).
 """
 
 from __future__ import annotations

@@ -609,7 +609,7 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
             ready = True
             sd_notify("READY=1")
         in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
-        sd_notify(f"STATUS={'in sync' if in_sync else 'see: python3 -m providers.runtime status'}")
+        sd_notify(f"STATUS={'in sync' if in_sync else 'see: ipvs-ingress status'}")
         due = max(due + runtime.config.interval, time.monotonic())
         stop.wait(due - time.monotonic())
     runtime.log("stopping: the IPVS table and VIPs stay as they are")

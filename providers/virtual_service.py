@@ -1,7 +1,8 @@
 """The VirtualService dynamic resource: one IPVS virtual service (VIP:port/protocol) on a director.
 
 check and diff are pure (no SSH), so `pulumi preview` works in a pull request with no route to
-the director. create/update/read/delete go through one pooled agent session per director.
+the director. create/update/read/delete are requests to the director's runtime, over one pooled
+SSH session per director.
 The SSH private key comes from the stack config in `configure`, so it is never an attribute of
 the pickled provider, never a resource input, and never an output.
 """
