@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +266,25 @@ def test_status_counts_a_stack_half_way_through_turning_repair_off(paths):
     rt.reconcile()
     expected = f"stacks: {OWNER} (repair off for 1 of 2 services: ipvs-ingress:repair false)"
     assert stacks_line(kernel, rt) == expected
+
+
+def test_the_dry_run_plans_with_the_stack_files_repair(kernel, monkeypatch):
+    import yaml
+
+    from providers import plan
+
+    sent = []
+
+    class Session:
+        def request(self, op, **fields):
+            sent.append(fields["repair"])
+            return handle(kernel, json.loads(json.dumps({"op": op, **fields})))
+
+    monkeypatch.setattr(plan.POOL, "session", lambda _director, _key: Session())
+    with open(Path(__file__).parents[2] / "stacks" / "Pulumi.dev.yaml") as f:
+        stack = yaml.safe_load(f)["config"]  # 203.0.113.201:80 -> .11 and .12, weight 1: spec()
+    handle(kernel, request(adopt=False, repair=True))
+    assert plan.plan_stack(stack, "unused", OWNER) == [(KEY, [])]
+    off = plan.plan_stack({**stack, "ipvs-ingress:repair": False}, "unused", OWNER)
+    assert off == [(KEY, ["record repair off (no kernel change)"])]
+    assert sent == [True, False] and entry()["repair"] is True  # a dry run records nothing
