@@ -280,7 +280,14 @@ def test_the_dry_run_plans_with_the_stack_files_repair(kernel, monkeypatch):
             sent.append(fields["repair"])
             return handle(kernel, json.loads(json.dumps({"op": op, **fields})))
 
-    monkeypatch.setattr(plan.POOL, "session", lambda _director, _key: Session())
+        def close(self):
+            pass
+
+    def session(_director, _key, install):
+        assert install is False  # a dry run installs nothing on the director
+        return Session()
+
+    monkeypatch.setattr(plan, "RuntimeSession", session)
     with open(Path(__file__).parents[2] / "stacks" / "Pulumi.dev.yaml") as f:
         stack = yaml.safe_load(f)["config"]  # 203.0.113.201:80 -> .11 and .12, weight 1: spec()
     handle(kernel, request(adopt=False, repair=True))
