@@ -308,13 +308,38 @@ class Kernel:
 def _recorded(entry: dict) -> dict:
     """What the record holds for a service, for read and apply replies: `desired`, its spec as
     ipvsadm lines ([] when none is recorded: unknown, or adopted without one), `repair` (absent
-    in records from before the setting: true) and `recordState` (pending: an apply was cut)."""
+    in records from before the setting: true), `recordState` (pending: an apply was cut) and
+    `health` (the recorded health check; absent when none is)."""
     try:
         desired = model.ipvsadm_lines(model.spec_from_dict(entry["spec"]))
     except (KeyError, TypeError, ValueError):  # none recorded, or unreadable: nothing desired
         desired = []
     state = entry.get("state", "applied") if entry else None
-    return {"desired": desired, "repair": entry.get("repair", True), "recordState": state}
+    health = {"health": entry["health"]} if "health" in entry else {}  # none recorded: absent
+    return {"desired": desired, "repair": entry.get("repair", True), "recordState": state, **health}
+
+
+def _health(raw, protocol: str) -> dict | None:
+    """A request's `health` (absent: none, a provider from before it), checked by the model's
+    own rules and normalized, or one line naming what is wrong before anything is touched."""
+    if raw is None:
+        return None
+    health, problems = model.check_health(raw, protocol)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AgentError("bad-request", f"{problems[0]}{more}")
+    return health
+
+
+def _health_line(health: dict | None) -> str:
+    """A recorded health check in a dry run's list, e.g. "vip every 1s, rise 2 fall 2"."""
+    if health is None:
+        return "none"
+    http = health.get("http")
+    how = f"{health['check']} GET {http['path']}" if http else health["check"]
+    return (
+        f"{how} every {health['intervalSeconds']:g}s, rise {health['rise']} fall {health['fall']}"
+    )
 
 
 def refusal(spec: model.VirtualServiceSpec, op: model.Op, code: int) -> AgentError:
@@ -392,8 +417,9 @@ class Agent:
                 live.vip, live.port, live.protocol, live.scheduler, live.persistence_seconds
             )
             iface = entry.get("interface") or interface or ""
-            repair = entry.get("repair", True)
-            owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied", "", repair)
+            repair, health = entry.get("repair", True), entry.get("health")
+            spec = dataclasses.replace(spec, owner=owner)
+            owners.record(key, spec, iface, "applied", "", repair, health)
             owners.services[key].pop("spec")  # the live table is not this stack's intent
             # The VIP is not claimed, bound or not: whoever bound it (keepalived, an operator)
             # may not be ipvs-ingress, and a destroy removes only addresses recorded as ours.
@@ -407,6 +433,7 @@ class Agent:
         repair = request.get("repair", True)  # a provider from before the setting: on
         if not isinstance(repair, bool):
             raise AgentError("bad-request", f"repair: {model._short(repair)} is not true or false")
+        health = _health(request.get("health"), spec.protocol)
         with director_lock():
             owners = Ownership.load()  # a corrupt record refuses before anything is touched
             k = self.kernel
@@ -447,6 +474,7 @@ class Agent:
             if dry_run:
                 entry = owners.services.get(spec.key)
                 turned = entry is not None and entry.get("repair", True) != repair
+                checks = entry is not None and entry.get("health") != health
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
                     + ["set net.ipv4.ip_forward=1"] * (not k.forwarding_on())
@@ -454,9 +482,12 @@ class Agent:
                     + [f"unbind {spec.vip} from {move_from}"] * bool(move_from)
                     + [f"bind {spec.vip} on {interface}"] * bind
                     + [f"record repair {'on' if repair else 'off'} (no kernel change)"] * turned
+                    + [f"record health {_health_line(health)} (no kernel change)"] * checks
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(owners, spec, interface, live, ops, move_from, bind, former, repair)
+            self._apply(
+                owners, spec, interface, live, ops, move_from, bind, former, (repair, health)
+            )
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
@@ -492,10 +523,12 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former, repair) -> None:
-        """The changes, each preceded by its record on disk (write-ahead). A change of `repair`
-        alone is a change of the record alone: no kernel object is touched."""
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former, kept) -> None:
+        """The changes, each preceded by its record on disk (write-ahead). `kept`: the request's
+        (repair, health), recorded for the runtime; a change of them alone is a change of the
+        record alone: no kernel object is touched."""
         k, entry = self.kernel, owners.services.get(spec.key)
+        repair, health = kept
         settled = (
             not (ops or move_from or bind)
             and k.forwarding_on()
@@ -504,12 +537,13 @@ class Agent:
             and entry.get("spec") == model.spec_to_dict(spec)
             and entry.get("interface") == interface
             and entry.get("repair", True) == repair
+            and entry.get("health") == health
         )
         if settled:
             return
         # A renamed stack's record keeps the old name too: that stack's state still holds it
         # until this reply lands, so its refresh and destroy must still find the service.
-        owners.record(spec.key, spec, interface, "pending", former, repair)
+        owners.record(spec.key, spec, interface, "pending", former, repair, health)
         if bind and not move_from:
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()

@@ -43,6 +43,7 @@ INPUT_KEYS = (
     "realServers",
     "owner",
     "repair",
+    "health",
 )
 # The stack that declares a virtual service: "<project>/<stack>".
 _OWNER = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}\Z")
@@ -448,6 +449,8 @@ def _parse(
     repair = props.get("repair", True)
     if not unknown(repair) and not isinstance(repair, bool):
         c.fail("repair", f"{_short(repair)} is not true or false: set the stack config ipvs-ingress:repair to true or false (the Ingress component passes it on)")  # fmt: skip
+    if props.get("health") is not None:  # absent: no health check (state from before it)
+        c.problems += check_health(props["health"], protocol, unknown)[1]
     if c.problems or any(unknown(v) for v in props.values()) or director is None:
         return (director, None), c.problems
     spec = VirtualServiceSpec(
@@ -537,15 +540,164 @@ def director_props(d: Director) -> dict:
     return props
 
 
-def to_props(director: Director, spec: VirtualServiceSpec, repair: bool = True) -> dict:
-    """The normalized input properties (what `check` hands back to the engine)."""
-    return {"director": director_props(director), **spec_to_dict(spec), "repair": repair}
+def to_props(
+    director: Director, spec: VirtualServiceSpec, repair: bool = True, health: dict | None = None
+) -> dict:
+    """The normalized input properties (what `check` hands back to the engine); `health` only
+    when there is one (absent: no health check, as in state from before it)."""
+    props = {"director": director_props(director), **spec_to_dict(spec), "repair": repair}
+    if health is not None:
+        props["health"] = health
+    return props
 
 
 def repair_of(props: Mapping) -> bool:
     """Whether the director's runtime repairs this service: the `repair` input, checked by
     check_virtual_service; state written before it existed has none, and meant true."""
     return props.get("repair", True) is not False
+
+
+def health_of(props: Mapping) -> dict | None:
+    """The `health` input in its normalized form (every key filled), or None when there is none.
+    Only for props that check_virtual_service passed."""
+    raw = props.get("health")
+    if raw is None:
+        return None
+    protocol = props.get("protocol", "tcp")
+    return check_health(raw, protocol.lower() if isinstance(protocol, str) else None)[0]
+
+
+# --- health checks of the real servers (issue 9) ---------------------------------------------
+
+HEALTH_CHECKS = ("vip", "kubeProxy", "none")
+HEALTH_KEYS = (
+    "check", "intervalSeconds", "timeoutSeconds", "rise", "fall", "http", "depoolThreshold",
+    "kubeProxyPort",
+)  # fmt: skip
+HTTP_KEYS = ("path", "expectStatus")
+HEALTH_DEFAULTS = {
+    "intervalSeconds": 1.0,
+    "timeoutSeconds": 0.5,  # or the interval, when that is shorter
+    "rise": 2,
+    "fall": 2,
+    "depoolThreshold": 0.5,
+    "kubeProxyPort": 10256,
+}
+INTERVAL_RANGE = (0.2, 60.0)
+MIN_TIMEOUT = 0.1
+MAX_HTTP_PATH = 200
+
+
+def default_check(protocol: str | None) -> str:
+    """vip for TCP (the client's own path through IPVS); a TCP connect cannot test UDP."""
+    return "kubeProxy" if protocol == "udp" else "vip"
+
+
+def seconds(value: object, lo: float, hi: float) -> float | None:
+    """`value` as a float in lo..hi (an int or a finite float, not a bool), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return float(value) if lo <= value <= hi else None
+
+
+def check_health(
+    value: object, protocol: str | None, unknown=_never_unknown, prefix: str = "health"
+) -> tuple[dict | None, list[Problem]]:
+    """The health check settings of one virtual service, normalized: every key of HEALTH_KEYS
+    filled with its default except `http`, present only for an HTTP GET. `protocol` None (not
+    known yet): the rules that depend on it are left for later. Returns (None, problems) when
+    anything is bad or unknown."""
+    c = _Checker(unknown)
+    if unknown(value):
+        return None, []
+    if not isinstance(value, Mapping):
+        c.fail(prefix, f"{_short(value)} is not an object: give {{check, intervalSeconds, timeoutSeconds, rise, fall, http, depoolThreshold, kubeProxyPort}}, each optional")  # fmt: skip
+        return None, c.problems
+    for key in value:
+        if key not in HEALTH_KEYS:
+            c.fail(f"{prefix}.{_label(key)}", f"unknown key {_short(key)}: use only {', '.join(HEALTH_KEYS)}")  # fmt: skip
+    value = {k: v for k, v in value.items() if v is not None}  # null: the default (no http)
+    out: dict = {}
+    check = value.get("check", default_check(protocol))
+    if not unknown(check):
+        if check not in HEALTH_CHECKS:
+            c.fail(f"{prefix}.check", f"{_short(check)} is not a health check: use vip (a connect to the VIP through IPVS), kubeProxy (the node's :10256/healthz) or none")  # fmt: skip
+        elif check == "vip" and protocol == "udp":
+            c.fail(f"{prefix}.check", "'vip' cannot check a udp port (a TCP connect cannot test a UDP service): use kubeProxy or none, or leave check unset (vip for tcp, kubeProxy for udp)")  # fmt: skip
+        out["check"] = check
+    _health_numbers(c, value, prefix, out)
+    http = value.get("http")
+    if http is not None and not unknown(http):
+        found = _check_http(c, http, f"{prefix}.http")
+        if found is not None and out.get("check", "vip") != "vip":
+            c.fail(f"{prefix}.http", f"{_short(http)} is set but check is {out['check']!r}: an HTTP GET needs check vip; remove http, or give http: null where check is kubeProxy or none")  # fmt: skip
+        out["http"] = found
+    if c.problems or any(unknown(v) for v in value.values()):
+        return None, c.problems
+    if out.get("http") is None:
+        out.pop("http", None)
+    return out, []
+
+
+def _health_numbers(c: _Checker, value: Mapping, prefix: str, out: dict) -> None:
+    lo, hi = INTERVAL_RANGE
+    interval = value.get("intervalSeconds", HEALTH_DEFAULTS["intervalSeconds"])
+    if not c.unknown(interval):
+        out["intervalSeconds"] = seconds(interval, lo, hi)
+        if out["intervalSeconds"] is None:
+            c.fail(f"{prefix}.intervalSeconds", f"{_short(interval)} is not a probe interval: use seconds from {lo:g} to {hi:g}, e.g. 1 or 0.5")  # fmt: skip
+    top = out.get("intervalSeconds") or hi
+    default_timeout = min(HEALTH_DEFAULTS["timeoutSeconds"], top)
+    timeout = value.get("timeoutSeconds", default_timeout)
+    if not c.unknown(timeout):
+        out["timeoutSeconds"] = seconds(timeout, MIN_TIMEOUT, top)
+        if out["timeoutSeconds"] is None:
+            c.fail(f"{prefix}.timeoutSeconds", f"{_short(timeout)} is not a probe timeout: use seconds from {MIN_TIMEOUT:g} up to intervalSeconds ({top:g})")  # fmt: skip
+    for key, what in (("rise", "successes that restore a drained server"), ("fall", "failures that drain a server")):  # fmt: skip
+        raw = value.get(key, HEALTH_DEFAULTS[key])
+        if not c.unknown(raw):
+            out[key] = c.integer(f"{prefix}.{key}", raw, 1, 10, f"count of {what}")
+    raw = value.get("depoolThreshold", HEALTH_DEFAULTS["depoolThreshold"])
+    if not c.unknown(raw):
+        out["depoolThreshold"] = seconds(raw, 0.0, 1.0)
+        if out["depoolThreshold"] is None:
+            c.fail(f"{prefix}.depoolThreshold", f"{_short(raw)} is not a fraction: use a number from 0 to 1, the share of real servers kept in service however many fail (e.g. 0.5)")  # fmt: skip
+    raw = value.get("kubeProxyPort", HEALTH_DEFAULTS["kubeProxyPort"])
+    if not c.unknown(raw):
+        out["kubeProxyPort"] = c.integer(f"{prefix}.kubeProxyPort", raw, 1, 65535, "kube-proxy healthz port")  # fmt: skip
+
+
+def _check_http(c: _Checker, value: object, name: str) -> dict | None:
+    if not isinstance(value, Mapping):
+        c.fail(name, f"{_short(value)} is not an object: give {{path: /healthz, expectStatus: 200}}, or null for a TCP connect only")  # fmt: skip
+        return None
+    before = len(c.problems)
+    for key in value:
+        if key not in HTTP_KEYS:
+            c.fail(f"{name}.{_label(key)}", f"unknown key {_short(key)}: use only path, expectStatus")  # fmt: skip
+    path = value.get("path", "/")
+    if not c.unknown(path) and not (
+        isinstance(path, str)
+        and path.startswith("/")
+        and path.isascii()
+        and len(path) <= MAX_HTTP_PATH
+        and not any(_blank(ch) for ch in path)
+    ):
+        c.fail(f"{name}.path", f"{_short(path)} is not a request path: give one starting with '/', at most {MAX_HTTP_PATH} ASCII characters, no spaces or control characters, e.g. /healthz")  # fmt: skip
+    status = value.get("expectStatus", 200)
+    if not c.unknown(status):
+        status = c.integer(f"{name}.expectStatus", status, 100, 599, "HTTP status")
+    if len(c.problems) > before or c.unknown(path) or c.unknown(status):
+        return None
+    return {"path": path, "expectStatus": status}
+
+
+def _label(key: object) -> str:
+    """A key as a field path segment: as it is when plain, else its short repr."""
+    plain = isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,40}", key)
+    return key if plain else _short(key)
 
 
 def changed_keys(olds: Mapping, news: Mapping) -> list[str]:

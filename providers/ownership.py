@@ -2,7 +2,7 @@
 
 Runs on the director inside the agent (stdlib only), shipped with it by the transport. The
 record is /var/lib/ipvs-ingress/state.json: services by key (owner stack, intent, spec, state,
-repair) and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-ahead).
+repair, health) and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-ahead).
 """
 
 from __future__ import annotations
@@ -109,9 +109,12 @@ class Ownership:
         state: str,
         former="",
         repair=True,
+        health=None,
     ):
         """`repair`: the stack's ipvs-ingress:repair, whether the director runtime keeps the
-        kernel equal to this entry between applies (records from before it have none: true)."""
+        kernel equal to this entry between applies (records from before it have none: true).
+        `health`: how the runtime checks the real servers (model.check_health's normalized
+        form); None is no check, written as no field, as in records from before it."""
         self.services[key] = {
             "owner": spec.owner or None,
             "vip": spec.vip,
@@ -120,6 +123,8 @@ class Ownership:
             "spec": model.spec_to_dict(spec),
             "repair": repair,
         }
+        if health is not None:
+            self.services[key]["health"] = health
         if former and former != spec.owner:  # until the stack's state has the new name
             self.services[key]["formerOwner"] = former
 
@@ -148,6 +153,7 @@ def _well_formed(data) -> bool:
         and isinstance(e.get("vip"), str)
         and _key_of(k, e["vip"])
         and _fields_ok(e)
+        and _health_ok(k, e)
         for k, e in services.items()
     ) and all(
         _canonical_ip(vip) and isinstance(e, dict) and isinstance(e.get("interface"), str)
@@ -189,6 +195,27 @@ def _fields_ok(entry: dict) -> bool:
         and isinstance(entry.get("interface", ""), str)
         and isinstance(entry.get("repair", True), bool)
     )
+
+
+def _health_ok(key: str, entry: dict) -> bool:
+    """No `health` (none), or settings that the model's own check passes for the service's
+    protocol (the key's, "tcp/..."), in the normalized form record() writes."""
+    if "health" not in entry:
+        return True
+    health = entry["health"]
+    if not isinstance(health, dict):  # an explicit null is not what record() writes either
+        return False
+    try:
+        text = json.dumps(health, sort_keys=True)  # hashable, for the cache
+    except (TypeError, ValueError):
+        return False
+    return _health_text_ok(text, key.partition("/")[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _health_text_ok(text: str, protocol: str) -> bool:
+    health, problems = model.check_health(json.loads(text), protocol)
+    return not problems and health == json.loads(text)
 
 
 @contextmanager

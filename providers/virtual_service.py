@@ -88,7 +88,7 @@ class VirtualServiceProvider(ResourceProvider):
             # Preview: the known parts passed; the rest is checked again once it is known.
             return CheckResult(news, [])
         director, spec = model.parse_virtual_service(news)
-        return CheckResult(model.to_props(director, spec, model.repair_of(news)), [])
+        return CheckResult(_props(director, spec, news), [])
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         # Drift that refresh found and the inputs cannot show (e.g. a forwarding method) is repaired too.
@@ -109,7 +109,7 @@ class VirtualServiceProvider(ResourceProvider):
     # stack's own state holds the service: they adopt it if the director's record was lost.
     def create(self, props: dict[str, Any]) -> CreateResult:
         director, spec = model.parse_virtual_service(props)
-        result = self._apply(director, spec, model.repair_of(props), adopt=False)
+        result = self._apply(director, spec, props, adopt=False)
         return CreateResult(
             f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result)
         )
@@ -118,7 +118,7 @@ class VirtualServiceProvider(ResourceProvider):
         director, spec = model.parse_virtual_service(news)
         # A renamed stack or project: the director records the service under the old name.
         former = olds.get("owner") if isinstance(olds.get("owner"), str) else ""
-        result = self._apply(director, spec, model.repair_of(news), adopt=True, former=former)
+        result = self._apply(director, spec, news, adopt=True, former=former)
         return UpdateResult(_outputs(director, spec, result))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -136,17 +136,20 @@ class VirtualServiceProvider(ResourceProvider):
         self,
         director: model.Director,
         spec: model.VirtualServiceSpec,
-        repair: bool,
+        props: dict[str, Any],
         adopt: bool,
         former="",
     ) -> dict:
         session = self._session(director)
+        health = model.health_of(props)
         result = session.request(
             "apply",
             spec=model.spec_to_dict(spec),
             interface=director.interface,
             adopt=adopt,
-            repair=repair,  # recorded with the spec: whether the director's runtime repairs it
+            repair=model.repair_of(props),  # recorded: whether the director's runtime repairs it
+            # Recorded too: how the runtime checks the real servers (none sent: no check).
+            **({"health": health} if health is not None else {}),
             **({"formerOwner": former} if former and former != spec.owner else {}),
         )
         log.info(
@@ -172,7 +175,7 @@ def _normalized(props: dict[str, Any]) -> dict[str, Any]:
     """Input-shaped, normalized view of stored props (numbers from gRPC arrive as floats)."""
     inputs = {k: props[k] for k in model.INPUT_KEYS if k in props}
     try:
-        return model.to_props(*model.parse_virtual_service(inputs), model.repair_of(inputs))
+        return _props(*model.parse_virtual_service(inputs), inputs)
     except model.InvalidSpec:
         return inputs
 
@@ -183,9 +186,14 @@ def _parsed_inputs(props: dict[str, Any]) -> dict[str, Any] | None:
     if _has_unknown(inputs):
         return None
     try:
-        return model.to_props(*model.parse_virtual_service(inputs), model.repair_of(inputs))
+        return _props(*model.parse_virtual_service(inputs), inputs)
     except model.InvalidSpec:
         return None
+
+
+def _props(director: model.Director, spec: model.VirtualServiceSpec, inputs: Mapping) -> dict:
+    """The normalized inputs of a parsed service: its spec, `repair` and `health`."""
+    return model.to_props(director, spec, model.repair_of(inputs), model.health_of(inputs))
 
 
 def _delete_first(replaces: list[str]) -> bool:
@@ -289,8 +297,12 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
     and, with `repair` on, keeps): ipvsadm lines next to the live `ipvsadm`; a record that is
     missing, pending or not this spec is drift too, as is a recorded `repair` other than the
     input's (shown as a change of `repair`). So a stack with repair off still sees its drift.
+    `health` is the recorded health check too (none recorded: no `health`, a change of it).
     """
-    outs = model.to_props(director, spec, result.get("repair", True) is not False)
+    recorded_health = result.get("health")
+    if recorded_health is not None:  # the record's, as the agent checked it: normalized again
+        recorded_health = model.check_health(recorded_health, spec.protocol)[0]
+    outs = model.to_props(director, spec, result.get("repair", True) is not False, recorded_health)
     bound, forward = bool(result.get("vipBound")), bool(result.get("ipForward"))
     desired = [str(line) for line in result.get("desired") or []]
     recorded = desired == model.ipvsadm_lines(spec) and result.get("recordState") == "applied"
