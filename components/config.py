@@ -29,7 +29,7 @@ from providers.model import _short as _short
 
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
-KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes", "repair")
+KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes", "repair", "health")
 # Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
 TEXT_KEYS = ("guardExternalIPs", "kubernetes", "repair")
 SECRET_KEY = "sshPrivateKey"
@@ -40,7 +40,10 @@ APP_DEFAULTS: dict[str, Any] = {
     "image": "nginx:1.27.3",
     "replicas": 2,
     "containerPort": 80,
+    "externalTrafficPolicy": "Cluster",
 }
+# kube-proxy's policies for a Service's external traffic (a ClusterIP Service with externalIPs).
+TRAFFIC_POLICIES = ("Cluster", "Local")
 VIP_DEFAULTS: dict[str, Any] = {"scheduler": "wlc", "persistenceSeconds": 0}
 DIRECTOR_KEYS = ("host", "port", "user", "hostKey", "interface", "bootstrap", "proxyCommand")
 
@@ -70,6 +73,9 @@ class App:
     image: str
     replicas: int
     container_port: int
+    # Cluster: any node forwards to any pod, masquerading (pods see a node's address); Local:
+    # only to its own pods (pods see the client's address, a node without one drops VIP traffic).
+    external_traffic_policy: str = "Cluster"
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ class StackConfig:
     # False: the director's runtime restores this stack's services at boot but leaves drift
     # between `pulumi up`s (refresh shows it, up converges); every VirtualService gets it.
     repair: bool = True
+    # Per virtual service key: its resolved health check (model.check_health's normalized form,
+    # every key filled), the VirtualService input `health`.
+    health: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def service_ports(self) -> tuple[VipPort, ...]:
@@ -189,6 +198,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
     guard = _guard(report, values)
     kubernetes = _kubernetes(report, values.get("kubernetes"), guard)
     repair = _boolean(report, "repair", values.get("repair"), REPAIR_FIX)
+    health = _health(report, values.get("health"), vips, specs)
     if report.problems:
         raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
@@ -209,6 +219,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         guard=guard,
         kubernetes=kubernetes,
         repair=repair,
+        health=health,
     )
 
 
@@ -266,7 +277,7 @@ class _Report:
 
 def _app(report: _Report, value: Any) -> App:
     name = path("app")
-    shape = "{name, namespace, image, replicas, containerPort}"
+    shape = "{name, namespace, image, replicas, containerPort, externalTrafficPolicy}"
     raw = report.object(name, {} if value is None else value, list(APP_DEFAULTS), shape)
     merged = {**APP_DEFAULTS, **(raw or {})}
     app_name, namespace, image = merged["name"], merged["namespace"], merged["image"]
@@ -281,7 +292,11 @@ def _app(report: _Report, value: Any) -> App:
         report.add(f"{name}.image", f"{_short(image)} is not a pinned image: give a tag or digest, e.g. nginx:1.27.3 (not :latest)")  # fmt: skip
     replicas = report.integer(f"{name}.replicas", merged["replicas"], 0, MAX_REPLICAS, "replica count")  # fmt: skip
     port = report.integer(f"{name}.containerPort", merged["containerPort"], 1, 65535, "container port")  # fmt: skip
-    return App(app_name, namespace, image, replicas, port)
+    policy = merged["externalTrafficPolicy"]
+    if policy not in TRAFFIC_POLICIES:
+        report.add(f"{name}.externalTrafficPolicy", f"{_short(policy)} is not a traffic policy: use Cluster (the default: pods see a node's address) or Local (pods see the client's own address; a node without a ready pod drops VIP traffic and is drained)")  # fmt: skip
+        policy = "Cluster"
+    return App(app_name, namespace, image, replicas, port, policy)
 
 
 def _pinned_image(image: str) -> bool:
@@ -305,8 +320,8 @@ def _vips(report: _Report, value: Any) -> list[_RawVip]:
     seen: dict[str, int] = {}
     for i, item in enumerate(value):
         vname = f"{name}[{i}]"
-        shape = "{address, ports, scheduler, persistenceSeconds}"
-        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS), shape)
+        shape = "{address, ports, scheduler, persistenceSeconds, health}"
+        raw = report.object(vname, item, ("address", "ports", *VIP_DEFAULTS, "health"), shape)
         if raw is None:
             out.append(({}, []))
             continue
@@ -564,6 +579,58 @@ def _boolean(report: _Report, key: str, raw: Any, fix: str, default: bool = True
         return raw == "true"
     report.add(path(key), f"{_short(raw)} is not a boolean: {fix}")
     return default
+
+
+# --- health checks of the real servers (issue 9) -------------------------------------------------
+
+
+def _health(
+    report: _Report, stack: Any, vips: list[_RawVip], specs: list[list[VirtualServiceSpec]]
+) -> dict[str, dict]:
+    """Each virtual service's health check: ipvs-ingress:health (the stack's defaults) with its
+    VIP's `health` over it key by key, checked and filled by the provider's own rules
+    (model.check_health); every problem is named where its value was set."""
+    name = path("health")
+    if stack is not None and not isinstance(stack, Mapping):
+        report.add(name, f"{_short(stack)} is not an object: give {{check, intervalSeconds, timeoutSeconds, rise, fall, http, depoolThreshold, kubeProxyPort}}, each optional")  # fmt: skip
+    stack = stack if isinstance(stack, Mapping) else {}
+    out: dict[str, dict] = {}
+    for i, group in enumerate(specs):
+        vname = f"{path('vips')}[{i}].health"
+        own = vips[i][0].get("health") if i < len(vips) else None
+        if own is not None and not isinstance(own, Mapping):
+            report.add(vname, f"{_short(own)} is not an object: give any of the keys of {name} to override them for this VIP")  # fmt: skip
+        own = own if isinstance(own, Mapping) else {}
+        for spec in group:
+            merged = _merged_health(stack, own, spec.protocol)
+            resolved, problems = model.check_health(merged, spec.protocol)
+            for p in problems:
+                top, rest = _health_field(p.field)
+                where = vname if top in {model._label(k) for k in own} else name
+                report.add(f"{where}{rest}", p.message)
+            if resolved is not None:
+                out[spec.key] = resolved
+    return out
+
+
+def _merged_health(stack: Mapping, own: Mapping, protocol: str) -> dict:
+    """The VIP's keys over the stack's. An `http` GET applies where the check is vip: it is left
+    out where the check is the protocol's default kubeProxy (udp), or a VIP's own check other
+    than vip overrides the stack's http (given at the same level, it is refused instead)."""
+    merged = {**stack, **own}
+    check_set = own.get("check") is not None or stack.get("check") is not None
+    if merged.get("http") is not None and "http" not in own:  # the stack's http
+        if own.get("check") not in (None, "vip"):
+            merged.pop("http")
+    if not check_set and model.default_check(protocol) != "vip":
+        merged.pop("http", None)
+    return merged
+
+
+def _health_field(field: str) -> tuple[str, str]:
+    """A model field "health.http.path" as (its top key "http", the rest ".http.path")."""
+    rest = field[len("health") :]
+    return re.split(r"[.\[]", rest[1:], maxsplit=1)[0], rest
 
 
 # --- the Kubernetes side on or off -------------------------------------------------------------

@@ -51,12 +51,16 @@ class Ingress(pulumi.ComponentResource):
             )
             depends_on += self.bootstrap.commands
         # Ownership on the director is per stack: another stack's services there are never touched.
-        # `repair` (ipvs-ingress:repair) is recorded with each service for the director runtime.
+        # `repair` (ipvs-ingress:repair) and `health` (ipvs-ingress:health with the VIP's own
+        # over it) are recorded with each service for the director runtime.
         owner = f"{pulumi.get_project()}/{pulumi.get_stack()}"
         self.virtual_services = [
             VirtualService(
                 resource_name(spec),
-                {**model.to_props(cfg.director, spec, cfg.repair), "owner": owner},
+                {
+                    **model.to_props(cfg.director, spec, cfg.repair, dict(cfg.health[spec.key])),
+                    "owner": owner,
+                },
                 opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on),
             )
             for spec in cfg.virtual_services

@@ -81,6 +81,9 @@ def service_spec(cfg: StackConfig, instance: str) -> dict[str, Any]:
         "type": "ClusterIP",
         "selector": selector(cfg.app, instance),
         "externalIPs": [vip.address for vip in cfg.vips],
+        # kube-proxy honours it for externalIPs: Local keeps the client's address (no SNAT) and
+        # a node without a ready pod drops the VIP's traffic (its vip health probe fails then).
+        "externalTrafficPolicy": cfg.app.external_traffic_policy,
         "ports": [
             {
                 "name": p.name,

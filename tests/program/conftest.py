@@ -47,7 +47,20 @@ VS_INPUTS = {
     "realServers",
     "owner",
     "repair",
+    "health",
 }
+# ipvs-ingress:health unset: the contract's defaults, written out (issue 9): a connect to the VIP
+# through IPVS for tcp, kube-proxy's healthz for udp.
+DEFAULT_TIMING = {
+    "intervalSeconds": 1.0,
+    "timeoutSeconds": 0.5,
+    "rise": 2,
+    "fall": 2,
+    "depoolThreshold": 0.5,
+    "kubeProxyPort": 10256,
+}
+TCP_HEALTH = {"check": "vip", **DEFAULT_TIMING}
+UDP_HEALTH = {"check": "kubeProxy", **DEFAULT_TIMING}
 
 
 def dev_virtual_services() -> dict[str, dict]:
@@ -78,6 +91,7 @@ def dev_virtual_services() -> dict[str, dict]:
             "realServers": real_servers,
             "owner": "ipvs-ingress/dev",  # <project>/<stack>: ownership on the director
             "repair": True,  # ipvs-ingress:repair, unset: the director runtime repairs drift
+            "health": TCP_HEALTH if protocol == "tcp" else UDP_HEALTH,
         }
         for name, (vip, port, protocol, scheduler, persistence, real_servers) in table.items()
     }

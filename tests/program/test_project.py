@@ -54,7 +54,7 @@ def test_private_key_is_a_secret_without_a_default(project):
     assert decl == {"type": "string", "secret": True, "description": decl["description"]}
 
 
-def test_only_app_the_guard_kubernetes_and_repair_are_optional(project):
+def test_only_app_the_guard_kubernetes_repair_and_health_are_optional(project):
     # Every other key has no sensible default: the engine then insists that a stack sets it.
     config = project["config"]
     assert {k for k, d in config.items() if "default" in d} == {
@@ -63,8 +63,10 @@ def test_only_app_the_guard_kubernetes_and_repair_are_optional(project):
         "externalIPPool",
         "kubernetes",
         "repair",
+        "health",
     }
     assert config["app"]["default"] == {}
+    assert config["health"] == {**config["health"], "type": "object", "default": {}}
     assert config["kubernetes"] == {**config["kubernetes"], "type": "boolean", "default": True}
     assert config["repair"] == {**config["repair"], "type": "boolean", "default": True}
     # The defaults the engine passes mean what the program assumes when a key is unset: on, no pool.
@@ -74,6 +76,9 @@ def test_only_app_the_guard_kubernetes_and_repair_are_optional(project):
     assert load_stack_file(stack).guard == Guard(enabled=True, pool=())
     with_default = {**stack, "ipvs-ingress:kubernetes": config["kubernetes"]["default"]}
     assert load_stack_file(with_default).kubernetes is load_stack_file(stack).kubernetes is True
+    # ipvs-ingress:health's default {} means what unset means: every check at its defaults.
+    with_default = {**stack, "ipvs-ingress:health": config["health"]["default"]}
+    assert load_stack_file(with_default).health == load_stack_file(stack).health
 
 
 def test_there_are_dev_and_prod_stacks():
