@@ -51,6 +51,12 @@ def rows(servers, port=80):
     return sorted((a, port, w, 3) for a, w in servers)
 
 
+# A health check as the provider sends it (issue 9), in the form the agent records.
+HEALTH = {
+    "check": "vip", "intervalSeconds": 0.5, "timeoutSeconds": 0.25, "rise": 3, "fall": 1,
+    "depoolThreshold": 0.5, "kubeProxyPort": 10256, "http": {"path": "/", "expectStatus": 200},
+}  # fmt: skip
+
 # name: (setup requests, setup hook, the request killed and retried, expected services, VIP on)
 SCENARIOS = {
     "create": ([], None, request("apply", servers=A), {80: rows(A)}, 2),
@@ -93,6 +99,13 @@ SCENARIOS = {
         [request("apply", servers=A)],
         None,
         request("apply", adopt=True, servers=A) | {"repair": False},
+        {80: rows(A)},
+        2,
+    ),
+    "set a health check (a record change only)": (
+        [request("apply", servers=A)],
+        None,
+        request("apply", adopt=True, servers=A) | {"health": HEALTH},
         {80: rows(A)},
         2,
     ),
@@ -172,6 +185,8 @@ def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch
         if killed["op"] == "apply":  # the repair setting the request carried (absent: on)
             setting = killed.get("repair", True)
             assert record["services"][f"tcp/{VIP}:80"]["repair"] is setting, name
+            # and its health check (absent: none, no field)
+            assert record["services"][f"tcp/{VIP}:80"].get("health") == killed.get("health")
         if expected:  # nothing left to do, and the service is ours
             again = agent.Agent(kernel).handle(
                 json.loads(

@@ -290,7 +290,12 @@ def test_the_dry_run_plans_with_the_stack_files_repair(kernel, monkeypatch):
     monkeypatch.setattr(plan, "RuntimeSession", session)
     with open(Path(__file__).parents[2] / "stacks" / "Pulumi.dev.yaml") as f:
         stack = yaml.safe_load(f)["config"]  # 203.0.113.201:80 -> .11 and .12, weight 1: spec()
-    handle(kernel, request(adopt=False, repair=True))
+    # Recorded as `pulumi up` of this stack records it: with the default health check (issue 9).
+    default_health = {
+        "check": "vip", "intervalSeconds": 1.0, "timeoutSeconds": 0.5, "rise": 2, "fall": 2,
+        "depoolThreshold": 0.5, "kubeProxyPort": 10256,
+    }  # fmt: skip
+    handle(kernel, request(adopt=False, repair=True) | {"health": default_health})
     assert plan.plan_stack(stack, "unused", OWNER) == [(KEY, [])]
     off = plan.plan_stack({**stack, "ipvs-ingress:repair": False}, "unused", OWNER)
     assert off == [(KEY, ["record repair off (no kernel change)"])]
