@@ -634,7 +634,8 @@ def check_health(
         if found is not None and out.get("check", "vip") != "vip":
             c.fail(f"{prefix}.http", f"{_short(http)} is set but check is {out['check']!r}: an HTTP GET needs check vip; remove http, or give http: null where check is kubeProxy or none")  # fmt: skip
         out["http"] = found
-    if c.problems or any(unknown(v) for v in value.values()):
+    nested = isinstance(http, Mapping) and any(unknown(v) for v in http.values())
+    if c.problems or nested or any(unknown(v) for v in value.values()):
         return None, c.problems
     if out.get("http") is None:
         out.pop("http", None)

@@ -42,6 +42,17 @@ def full_props() -> dict:
         props["owner"] = "ipvs-ingress/test"
     if "repair" in model.INPUT_KEYS:  # ipvs-ingress:repair, recorded for the director runtime
         props["repair"] = True
+    if "health" in model.INPUT_KEYS:  # issue 9: every key of it, an HTTP GET included
+        props["health"] = {
+            "check": "vip",
+            "intervalSeconds": 1,
+            "timeoutSeconds": 0.5,
+            "rise": 2,
+            "fall": 2,
+            "http": {"path": "/healthz", "expectStatus": 200},
+            "depoolThreshold": 0.5,
+            "kubeProxyPort": 10256,
+        }
     return props
 
 
@@ -79,7 +90,11 @@ PATHS = paths(full_props())
 
 def test_every_property_is_covered():
     assert (
-        len(PATHS) == 19 + ("owner" in model.INPUT_KEYS) + ("repair" in model.INPUT_KEYS)
+        len(PATHS)
+        == 19
+        + ("owner" in model.INPUT_KEYS)
+        + ("repair" in model.INPUT_KEYS)
+        + 11 * ("health" in model.INPUT_KEYS)  # health, its 8 keys and http's 2
         and ("realServers", 1, "weight") in PATHS
     )
 
