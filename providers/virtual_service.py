@@ -172,8 +172,10 @@ class VirtualServiceProvider(ResourceProvider):
 
 
 def _normalized(props: dict[str, Any]) -> dict[str, Any]:
-    """Input-shaped, normalized view of stored props (numbers from gRPC arrive as floats)."""
-    inputs = {k: props[k] for k in model.INPUT_KEYS if k in props}
+    """Input-shaped, normalized view of stored props (numbers from gRPC arrive as floats), for
+    read and delete. Without `health`: neither sends it (read's outputs carry the recorded
+    one), so a malformed one in state never blocks a refresh or a destroy."""
+    inputs = {k: props[k] for k in model.INPUT_KEYS if k in props and k != "health"}
     try:
         return _props(*model.parse_virtual_service(inputs), inputs)
     except model.InvalidSpec:

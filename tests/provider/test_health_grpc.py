@@ -175,3 +175,14 @@ def test_a_record_that_lost_its_health_shows_on_refresh_and_up_records_it(direct
     assert director.diff(id_, live, inputs).changes == SOME
     updated = director.update(id_, live, inputs)
     assert updated["health"] == HTTP and director.record()["health"] == HTTP
+
+
+def test_a_malformed_health_in_state_blocks_neither_refresh_nor_destroy(director):
+    inputs = checked(director, health=DEFAULTS)
+    id_, outs = director.create(inputs)
+    junk = {**outs, "health": {"rise": "many", "x": [1]}}
+    rid, live = director.read(id_, junk)
+    assert rid == id_ and live["health"] == DEFAULTS and live["ipvsadm"] == TABLE
+    director.delete(id_, junk)
+    assert KEY not in json.loads((director.folder / "state.json").read_text())["services"]
+    assert director.kernel()["services"] == []
