@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 from components.config import ConfigError, load, load_stack_file
+from providers.virtual_service import VirtualServiceProvider
 from tests import hostile
 from tests.program.conftest import HOST_KEY
 
@@ -141,7 +142,12 @@ def expect(values: dict) -> tuple[set[str], dict[str, dict]]:
     return problems, resolved
 
 
-def one_service(stack: dict, own: dict, protocol: str, vip_path: str) -> tuple[set[str], dict]:
+def one_service(
+    stack: dict, own: dict, protocol: str, vip_path: str, config: bool = True
+) -> tuple[set[str], dict]:
+    """`config`: as the stack config resolves it (where udp's default check takes no http); else
+    as the provider checks a VirtualService's own `health` input (where such http is refused)."""
+
     def where(key: str) -> str:  # the level that set `key`
         return vip_path if key in own else STACK
 
@@ -186,7 +192,7 @@ def one_service(stack: dict, own: dict, protocol: str, vip_path: str) -> tuple[s
     from_stack = "http" not in own
     if http is not None and from_stack and own.get("check") not in (None, "vip"):
         http = None
-    if not check_given and protocol == "udp":
+    if not check_given and protocol == "udp" and config:
         http = None
     get = None
     if http is not None:
@@ -255,3 +261,58 @@ def test_health_config_fuzz():
     assert failures == [], "\n".join(failures[:10])
     assert tally["accepted"] >= CASES // 4 and tally["refused"] >= CASES // 4, tally
     hostile.record(fuzz_cases=CASES, tracebacks=tally["tracebacks"])
+
+
+def as_grpc(value: Any) -> Any:
+    """Numbers as the engine delivers them to the provider: every one a float."""
+    if type(value) is int and abs(value) < 2**53:
+        return float(value)
+    if isinstance(value, dict):
+        return {k: as_grpc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_grpc(v) for v in value]
+    return value
+
+
+PROVIDER_CASES = 1000
+
+
+def test_provider_check_of_the_health_input_fuzz():
+    """The same settings as one VirtualService's `health` input (another program, or state,
+    may send anything): the provider's check refuses exactly the fields the oracle predicts,
+    each in one line, and hands back exactly the settings it computes."""
+    rng = random.Random(SEED + 1)
+    provider, failures, refused = VirtualServiceProvider(), [], 0
+    base = {
+        "director": {"host": "203.0.113.2", "hostKey": HOST_KEY},
+        "vip": "203.0.113.201",
+        "realServers": NODES,
+        "owner": "ipvs-ingress/fuzz",
+    }
+    for i in range(PROVIDER_CASES):
+        health, protocol = settings(rng), rng.choice(["tcp", "udp"])
+        news = {**base, "port": 80, "protocol": protocol, "health": health}
+        if health is not None and type(health) is not dict:
+            problems, resolved = {"health"}, None
+        else:
+            problems, resolved = one_service({}, health or {}, protocol, "health", config=False)
+        try:
+            result = provider.check({}, as_grpc(news) if i % 2 else news)
+        except Exception as err:  # a traceback: never
+            failures.append(f"case {i}: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        got = {f.property for f in result.failures}
+        if got != problems:
+            failures.append(f"case {i}: {health!r:.100} -> {sorted(got)}, expected {sorted(problems)}")  # fmt: skip
+        elif problems:
+            refused += 1
+            if any("\n" in f.reason or len(f.reason) > 300 for f in result.failures):
+                failures.append(f"case {i}: a failure is not one bounded line")
+        elif health is None:
+            if "health" in result.inputs:
+                failures.append(f"case {i}: no health became {result.inputs['health']}")
+        elif result.inputs["health"] != resolved:
+            failures.append(f"case {i}: {result.inputs['health']}, expected {resolved}")
+    assert failures == [], "\n".join(failures[:10])
+    assert PROVIDER_CASES // 4 <= refused <= PROVIDER_CASES * 3 // 4, refused
+    hostile.record(fuzz_cases=PROVIDER_CASES)
