@@ -333,7 +333,7 @@ def _health(raw, protocol: str) -> dict | None:
 
 def _health_line(health: dict | None) -> str:
     """A recorded health check in a dry run's list, e.g. "vip every 1s, rise 2 fall 2"."""
-    if health is None:
+    if health is None or health["check"] == "none":
         return "none"
     http = health.get("http")
     how = f"{health['check']} GET {http['path']}" if http else health["check"]

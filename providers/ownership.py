@@ -2,7 +2,8 @@
 
 Runs on the director inside the agent (stdlib only), shipped with it by the transport. The
 record is /var/lib/ipvs-ingress/state.json: services by key (owner stack, intent, spec, state,
-repair, health) and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-ahead).
+repair, health) and the VIPs ipvs-ingress bound. A change is recorded before it is made
+(write-ahead).
 """
 
 from __future__ import annotations

@@ -111,6 +111,10 @@ def test_plan_names_a_health_change_and_changes_nothing(kernel):
     ]
     off = handle(kernel, request(op="plan"))
     assert off["changes"] == ["record health none (no kernel change)"]
+    none = handle(kernel, request(op="plan", health={**DEFAULTS, "check": "none"}))
+    assert none["changes"] == ["record health none (no kernel change)"]
+    slower = handle(kernel, request(op="plan", health={**DEFAULTS, "intervalSeconds": 2.5}))
+    assert slower["changes"] == ["record health vip every 2.5s, rise 2 fall 2 (no kernel change)"]
     assert json.dumps(entry()) == before
     assert handle(kernel, request(op="plan", health=DEFAULTS))["changes"] == []
 
