@@ -610,3 +610,33 @@ def test_a_full_pass_comes_at_least_every_minute_anyway(paths, monkeypatch):
     monkeypatch.setattr(runtime.time, "monotonic", lambda: rt.full_due + 0.1)
     rt.reconcile()
     assert rt.full_passes == 2
+
+
+def test_while_a_provider_applies_full_passes_wait_for_it_to_go_quiet(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    quiet = [0.0]  # seconds since the provider's last request
+    rt.idle = lambda: quiet[0]
+    for port in (443, 444, 445):  # a create in progress: the record moves every pass
+        apply(kernel, port=port)
+        reads = kernel.netlink_reads
+        rt.reconcile()
+        assert kernel.netlink_reads == reads  # the pass read no table
+    assert rt.deferred_passes == 3 and rt.full_passes == 1
+    kernel.services.clear()  # drift meanwhile: judged as soon as the provider is quiet
+    assert rt.reconcile() == [] and rt.deferred_passes == 4
+    quiet[0] = rt.config.interval
+    assert len(rt.reconcile()) == 12 and rt.full_passes == 2  # 4 services x (1 + 2 dests)
+    settled(kernel)
+
+
+def test_a_restore_at_boot_never_waits(paths):
+    apply(MemoryKernel())
+    rebooted = MemoryKernel()
+    rebooted.loaded = False
+    rt = make_runtime(rebooted, paths, restoring=True)
+    rt.idle = lambda: 0.0
+    assert rt.reconcile() != []
+    settled(rebooted)
