@@ -2,9 +2,9 @@
 
 ``up`` boots a lab that stays up after the command returns (its state lives under the lab cache)
 and prints how to reach the director and how to point a stack at it; ``status`` shows it again;
-``reboot`` reboots the director (a lab started with ``up --init systemd``: systemd as PID 1 on a
-disk that survives reboots); ``down`` tears it down. Everything runs inside the lab's own network namespaces, so the
-director is reached through the printed ProxyCommand.
+``reboot`` reboots the director (systemd as PID 1 on a disk that survives reboots, unless started
+with ``up --init busybox``); ``down`` tears it down. Everything runs inside the lab's own network
+namespaces, so the director is reached through the printed ProxyCommand.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def status() -> int:
 def reboot(power_cut: bool) -> int:
     labs = [r for r in _persistent(provision.cache_dir()) if r.owner.alive()]
     if not labs:
-        print("no lab is up (start one with `python -m tests.lab up --init systemd`)")
+        print("no lab is up (start one with `python -m tests.lab up`)")
         return 1
     code = 0
     for run in labs:
@@ -212,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     up_args.add_argument(
         "--init",
         choices=vm.INITS,
-        default="busybox",
-        help="the director's PID 1: busybox (default, fastest) or systemd (a disk that "
-        "survives `reboot`)",
+        default="systemd",
+        help="the director's PID 1: systemd (default: what the provider's runtime needs, on a "
+        "disk that survives `reboot`) or busybox (faster boot, no systemd: the provider refuses it)",
     )
     sub.add_parser("status", help="show the running lab and its IPVS table")
     sub.add_parser(
-        "reboot", help="reboot the director (a lab up with --init systemd)"
+        "reboot", help="reboot the director (not a lab up with --init busybox)"
     ).add_argument(
         "--power-cut", action="store_true", help="kill qemu instead of `systemctl reboot`"
     )

@@ -86,9 +86,16 @@ echo "stage2: sshd exited"
 """
 
 # The systemd lab's persistent disk (a raw image on the host, /dev/vda in the VM) and what of it
-# the director sees: the product's state directory, and the upper layer of /etc/systemd/system.
+# the director sees: the product's directories (bind mounts of the disk's folders), and the upper
+# layer of /etc/systemd/system. Everything else of the root is a tmpfs overlay, new at each boot.
 DISK_MOUNT = "/lab-disk"
-STATE_DIR = "/var/lib/ipvs-ingress"
+STATE_DIR = "/var/lib/ipvs-ingress"  # the desired state (state.json)
+INSTALL_DIR = (
+    "/usr/local/lib/ipvs-ingress"  # the runtime the provider installs (versions/, current)
+)
+CONFIG_DIR = "/etc/ipvs-ingress"  # the operator's runtime.json
+# {folder on the disk: where the director sees it}
+PERSISTENT_DIRS = {"state": STATE_DIR, "install": INSTALL_DIR, "config": CONFIG_DIR}
 SSHD_UNIT = "lab-sshd.service"
 # Host units that would wait (gettys: no udev, 90 s device timeouts), start needlessly or clash
 # (the host's own ssh.service: the lab's sshd is SSHD_UNIT). Masked by `systemd.mask=` kernel
@@ -121,6 +128,14 @@ MASKED_UNITS = (
     "systemd-sysusers.service",
 )
 
+# Before systemd starts: the runtime's unit finds its sources, state and settings at boot.
+_BIND_PERSISTENT = (
+    f"mkdir -p {DISK_MOUNT}/units/upper {DISK_MOUNT}/units/work "
+    + " ".join(f"{DISK_MOUNT}/{name} {path}" for name, path in PERSISTENT_DIRS.items())
+    + "\n"
+    + "".join(f"mount --bind {DISK_MOUNT}/{n} {p}\n" for n, p in PERSISTENT_DIRS.items())
+)
+
 STAGE2_SYSTEMD = f"""#!/bin/sh
 # Stage 2 of the systemd lab (tests/lab, Lab(init="systemd")): the busybox stage 2's setup, the
 # lab's disk, then systemd as PID 1. Every boot passes through stage 1, so this runs on every boot.
@@ -138,9 +153,7 @@ while [ ! -b /dev/vda ]; do  # devtmpfs adds the node shortly after the driver b
 done
 mkdir -p {DISK_MOUNT}
 mount -t ext4 /dev/vda {DISK_MOUNT}
-mkdir -p {DISK_MOUNT}/state {DISK_MOUNT}/units/upper {DISK_MOUNT}/units/work {STATE_DIR}
-mount --bind {DISK_MOUNT}/state {STATE_DIR}
-# Units enabled at run time land in the upper layer, on the disk: they survive a reboot.
+{_BIND_PERSISTENT}# Units enabled at run time land in the upper layer, on the disk: they survive a reboot.
 mount -t overlay -o lowerdir=/etc/systemd/system,upperdir={DISK_MOUNT}/units/upper,\\
 workdir={DISK_MOUNT}/units/work lab-units /etc/systemd/system
 
