@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,9 @@ ExecStart=/bin/sh -c 'cat /proc/sys/kernel/random/boot_id > {PROBE_FILE}'
 WantedBy=multi-user.target
 """
 # Failed units that would be the lab's own fault: its sshd, its probe, its disk's mounts.
-OURS = re.compile(r"^(lab-|ipvs-ingress|lab\\x2ddisk|var-lib-ipvs|etc-systemd-system)")
+OURS = re.compile(
+    r"^(lab-|ipvs-ingress|lab\\x2ddisk|etc\.mount|usr-local-lib\.mount|var-lib\.mount)"
+)
 
 _qemus_seen: list[dict] = []  # every qemu of the module's lab, for the teardown check
 
@@ -103,9 +106,9 @@ def write_synced(lab: harness.Lab, name: str) -> dict[str, str]:
     """{path: token}: a token in a new file under each of the product's directories, fsynced
     with its directory."""
     written = {}
-    for folder in initramfs.PERSISTENT_DIRS.values():
+    for folder in initramfs.PERSISTENT_DIRS:
         path, token = f"{folder}/{name}", secrets.token_hex(16)
-        lab.director(f"printf %s {token} > {path} && sync {path} {folder}")
+        lab.director(f"mkdir -p {folder} && printf %s {token} > {path} && sync {path} {folder}")
         written[path] = token
     return written
 
@@ -128,9 +131,8 @@ def test_systemd_is_pid1_in_a_vm_and_the_system_runs(sd_lab, request):
     # Not a container any more (/.dockerenv is gone in the overlay): systemd sees the VM.
     assert virt == "qemu"
     assert host_sshd == "masked-runtime"  # the host's own sshd; the lab runs lab-sshd.service
-    for name, path in initramfs.PERSISTENT_DIRS.items():
-        assert f"{path} /dev/vda[/{name}] ext4" in mounts, mounts
-    assert "/etc/systemd/system lab-units overlay" in mounts
+    for name, tree in initramfs.PERSISTENT_TREES.items():
+        assert f"{tree} {name} overlay" in mounts, mounts
     assert_up(request, sd_lab, "first boot")
 
 
@@ -212,7 +214,10 @@ def test_the_disk_holds_the_directories_the_product_uses():
     assert initramfs.STATE_DIR == os.path.dirname(ownership.STATE_PATH)
     assert initramfs.INSTALL_DIR == runtime.INSTALL_DIR
     assert initramfs.CONFIG_DIR == os.path.dirname(runtime.CONFIG_PATH)
-    assert len(set(initramfs.PERSISTENT_DIRS.values())) == len(initramfs.PERSISTENT_DIRS)
+    trees = [Path(t) for t in initramfs.PERSISTENT_TREES.values()]
+    for folder in map(Path, initramfs.PERSISTENT_DIRS):
+        # Under a tree on the disk, and not a mount point itself: `rm -rf` of it must work.
+        assert any(tree in folder.parents for tree in trees), folder
 
 
 def test_only_the_systemd_lab_gets_a_disk_and_systemd_options(tmp_path):
