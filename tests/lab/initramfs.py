@@ -87,23 +87,22 @@ echo "stage2: sshd exited"
 
 # The systemd lab's persistent disk (a raw image on the host, /dev/vda in the VM) and what of it
 # the director sees: overlays whose upper layer is on the disk, over the trees that hold the
-# product's directories and the units enabled at run time. Everything else of the root is the
+# product's directories, its command and the units enabled at run time. Everything else of the root is the
 # tmpfs overlay, new at each boot. Overlays of the parents, not mounts of the directories
 # themselves: the documented uninstall (`rm -rf` of each) must work as on any director.
 DISK_MOUNT = "/lab-disk"
 STATE_DIR = "/var/lib/ipvs-ingress"  # the desired state (state.json)
-INSTALL_DIR = (
-    "/usr/local/lib/ipvs-ingress"  # the runtime the provider installs (versions/, current)
-)
+INSTALL_DIR = "/usr/local/lib/ipvs-ingress"  # the runtime the provider installs
+COMMAND_DIR = "/usr/local/sbin"  # the operators' command, ipvs-ingress
 CONFIG_DIR = "/etc/ipvs-ingress"  # the operator's runtime.json
 UNITS_DIR = "/etc/systemd/system"
 # {name of the overlay (its folder on the disk): the tree it covers}
 PERSISTENT_TREES = {
     "lab-etc": "/etc",
-    "lab-usr-local-lib": "/usr/local/lib",
+    "lab-usr-local": "/usr/local",
     "lab-var-lib": "/var/lib",
 }
-PERSISTENT_DIRS = (STATE_DIR, INSTALL_DIR, CONFIG_DIR, UNITS_DIR)
+PERSISTENT_DIRS = (STATE_DIR, INSTALL_DIR, COMMAND_DIR, CONFIG_DIR, UNITS_DIR)
 SSHD_UNIT = "lab-sshd.service"
 # Host units that would wait (gettys: no udev, 90 s device timeouts), start needlessly or clash
 # (the host's own ssh.service: the lab's sshd is SSHD_UNIT). Masked by `systemd.mask=` kernel

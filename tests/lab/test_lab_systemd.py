@@ -43,9 +43,7 @@ ExecStart=/bin/sh -c 'cat /proc/sys/kernel/random/boot_id > {PROBE_FILE}'
 WantedBy=multi-user.target
 """
 # Failed units that would be the lab's own fault: its sshd, its probe, its disk's mounts.
-OURS = re.compile(
-    r"^(lab-|ipvs-ingress|lab\\x2ddisk|etc\.mount|usr-local-lib\.mount|var-lib\.mount)"
-)
+OURS = re.compile(r"^(lab-|ipvs-ingress|lab\\x2ddisk|etc\.mount|usr-local\.mount|var-lib\.mount)")
 
 _qemus_seen: list[dict] = []  # every qemu of the module's lab, for the teardown check
 
