@@ -99,7 +99,7 @@ def _boot(real_servers: int):
     reason = vm.can_start()
     if reason:
         raise BenchError(f"the director lab cannot start: {reason}")
-    return Lab(nodes=max(2, real_servers), artifacts=artifacts).start()
+    return Lab(nodes=max(2, real_servers), artifacts=artifacts, init="systemd").start()
 
 
 def main(argv: list[str] | None = None, lab=None) -> int:

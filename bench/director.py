@@ -7,6 +7,7 @@ phases (reset, checks) goes over the lab's multiplexed connection and is never t
 
 from __future__ import annotations
 
+import shlex
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,11 @@ from bench.workload import SCHEDULER, VIP_PREFIX, Workload, normalize_dump
 
 SESSION_TIMEOUT = 60.0
 PROGRESS_EVERY = 50  # sessions; the per-rule phase is the long one
-STATE_FILE = "/var/lib/ipvs-ingress/state.json"  # providers/agent.py STATE_PATH
+STATE_FILE = "/var/lib/ipvs-ingress/state.json"  # providers/ownership.py STATE_PATH
+RUN_DIR = "/run/ipvs-ingress"  # providers/ownership.py RUN_DIR: the director lock is in it
+UNIT = "ipvs-ingress.service"
+INSTALL_DIR = "/usr/local/lib/ipvs-ingress"
+COMMAND = "/usr/local/sbin/ipvs-ingress"
 
 
 def fresh_ssh_argv(lab, command: str) -> list[str]:
@@ -111,19 +116,26 @@ def dump(lab, workload: Workload) -> Phase:
 def reset(lab, workload: Workload, warm: bool = False) -> None:
     """Back to an empty table: no services, no VIPs, no ipvs-ingress ownership records.
 
-    With `warm`, also load the modules and warm the director's page cache (the lab reads python3,
-    pyroute2 and ipvsadm over 9p), so no phase pays a one-time cost a real director would not.
+    Under the director lock, the record first: the runtime then has nothing to restore. With
+    `warm`, also uninstall the runtime (the README's steps), so that the install phase installs,
+    and load the modules and warm the director's page cache (the lab reads python3, pyroute2 and
+    ipvsadm over 9p), so no phase pays a one-time cost a real director would not.
     """
     vips = " ".join(workload.vips)
     warm_up = (
+        f"systemctl disable --now {UNIT} 2>/dev/null; rm -f /etc/systemd/system/{UNIT} "
+        f"{COMMAND}; systemctl daemon-reload; rm -rf {INSTALL_DIR} && "
         f"modprobe ip_vs && modprobe ip_vs_{SCHEDULER} && "
         "python3 -c 'from pyroute2 import IPVS, IPRoute' && "
         if warm
         else ""
     )
+    clear = (
+        f"rm -f {STATE_FILE} && ipvsadm -C && "
+        f"for vip in {vips}; do ip addr del $vip/32 dev {lab.interface} 2>/dev/null || true; done"
+    )
     lab.director(
-        f"{warm_up}ipvsadm -C && rm -f {STATE_FILE} && "
-        f"for vip in {vips}; do ip addr del $vip/32 dev {lab.interface} 2>/dev/null || true; done",
+        f"{warm_up}mkdir -p {RUN_DIR} && flock {RUN_DIR}/lock sh -c {shlex.quote(clear)}",
         timeout=120,
     )
     left = lab.director(

@@ -1,8 +1,10 @@
 """ipvs-ingress phases: the dynamic provider behind the SDK's gRPC server, as `pulumi` drives it.
 
 Each phase gets its own provider process, because each `pulumi up` / `pulumi refresh` starts
-one: the phase pays its SSH handshake and agent start, and the provider's connection log (set
-with IPVS_INGRESS_LOG) says how many of each it took and which kernel changes it made.
+one: the phase pays its SSH handshake and its channel to the director's runtime (and, the first
+time, installing the runtime: an interpreter started on the director), and the provider's
+connection log (set with IPVS_INGRESS_LOG) says how many of each it took, which runtime process
+answered and which kernel changes it made.
 Requests go out all at once, as the engine's default (unbounded) parallelism sends them; the
 SDK's server answers them with its 4 worker threads.
 """
@@ -25,22 +27,24 @@ from bench.workload import Workload
 from providers.virtual_service import PRIVATE_KEY_CONFIG
 from tests.provider.grpc_client import ProviderServer
 
-RPC_TIMEOUT = 600.0  # a request may queue behind all the others on the one agent
+RPC_TIMEOUT = 600.0  # a request may queue behind all the others on the one channel
 _STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
 _HANDSHAKE = re.compile(_STAMP + r"connected to director ", re.M)
-_AGENT = re.compile(_STAMP + r"agent started on director ", re.M)
+_INSTALL = re.compile(_STAMP + r"director \S+: .*, installing runtime ", re.M)
+_ATTACH = re.compile(_STAMP + r"attached to runtime \S+ on director \S+ \(pid (\d+)\)", re.M)
 _APPLIED = re.compile(_STAMP + r"applied (\S+) on \S+: (\d+) kernel change", re.M)
 
 
 @dataclass(frozen=True)
 class ConnectionLog:
-    """What one provider process logged: handshakes, agent starts, kernel changes."""
+    """What one provider process logged: handshakes, installs, runtime pids, kernel changes."""
 
     handshakes: int
-    agent_starts: int
+    installs: int  # interpreters the provider started on the director (install or upgrade)
+    runtime_pids: tuple[int, ...]  # the runtime process each attach reached
     changes: dict[str, int]  # service key -> kernel objects its applies touched
     connected: datetime | None  # first SSH handshake done
-    agent_ready: datetime | None  # first agent greeting
+    attached: datetime | None  # first runtime greeting of the right version
 
     @classmethod
     def read(cls, path: Path) -> ConnectionLog:
@@ -48,13 +52,14 @@ class ConnectionLog:
         changes: dict[str, int] = {}
         for _, key, n in _APPLIED.findall(text):
             changes[key] = changes.get(key, 0) + int(n)
-        connected, ready = _HANDSHAKE.findall(text), _AGENT.findall(text)
+        connected, attached = _HANDSHAKE.findall(text), _ATTACH.findall(text)
         return cls(
             handshakes=len(connected),
-            agent_starts=len(ready),
+            installs=len(_INSTALL.findall(text)),
+            runtime_pids=tuple(int(pid) for _, pid in attached),
             changes=changes,
             connected=_stamp(connected[0]) if connected else None,
-            agent_ready=_stamp(ready[0]) if ready else None,
+            attached=_stamp(attached[0][0]) if attached else None,
         )
 
 
@@ -102,11 +107,12 @@ def _measured(
         what,
         seconds,
         handshakes=conn.handshakes,
-        agent_starts=conn.agent_starts,
+        installs=conn.installs,
+        runtime_pids=conn.runtime_pids,
         kernel_changes=sum(conn.changes.values()),
         requests=len(work),
         connected_seconds=since_start(conn.connected),
-        ready_seconds=since_start(conn.agent_ready),
+        ready_seconds=since_start(conn.attached),
     )
     return phase, replies, conn
 
@@ -119,6 +125,20 @@ def _checked(server: ProviderServer, props: list[dict]) -> list[dict]:
             raise BenchError(f"provider Check refused the benchmark's input: {failures[0]}")
         inputs.append(checked)
     return inputs
+
+
+def install_runtime(lab, workload: Workload, log: Path) -> Phase:
+    """A first `pulumi refresh` on a director without the runtime: one Read (of a service not
+    there yet), and the provider installs the runtime before it answers."""
+    props = workload.props(lab.director_config())[:1]
+    phase, reads, conn = _measured(
+        lab, log, "(0) install", "ipvs-ingress Read x1, installs the runtime",
+        lambda server: _checked(server, props),
+        lambda server, inputs: [server.read("bench-install", inputs[0], timeout=RPC_TIMEOUT)],
+    )  # fmt: skip
+    if conn.installs != 1:
+        raise BenchError(f"the install phase installed {conn.installs} times, expected 1")
+    return phase
 
 
 def create_all(lab, workload: Workload, log: Path) -> tuple[Phase, list[tuple[str, dict]]]:
@@ -135,10 +155,10 @@ def create_all(lab, workload: Workload, log: Path) -> tuple[Phase, list[tuple[st
     return phase, created
 
 
-def refresh_all(lab, created: list[tuple[str, dict]], log: Path) -> Phase:
+def refresh_all(lab, created: list[tuple[str, dict]], log: Path, name: str = "refresh") -> Phase:
     """A no-op `pulumi refresh`: Read of every resource with its stored outputs."""
     phase, reads, _ = _measured(
-        lab, log, "refresh", f"ipvs-ingress Read x{len(created)}",
+        lab, log, name, f"ipvs-ingress Read x{len(created)}",
         lambda server: created,
         lambda server, work: _all_at_once(
             lambda item: server.read(*item, timeout=RPC_TIMEOUT), work),

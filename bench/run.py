@@ -1,6 +1,7 @@
 """The benchmark's core: every phase of issue 4 against one booted Lab, in one run.
 
-Order: (a) create with ipvs-ingress, refresh, one change; reset; (b) per-rule ipvsadm; reset;
+Order: (0) the provider installs the runtime; (a) create with ipvs-ingress, refresh, refresh
+again, one change; reset; (b) per-rule ipvsadm; reset;
 (c) the ipvsadm-restore floor and the `ipvsadm -Sn` dump. After each phase the director's table
 is checked with ipvsadm; between phases it is reset (never timed). The benchmark owns the
 director's IPVS table while it runs and leaves it empty.
@@ -39,11 +40,15 @@ def run(lab, services: int, real_servers: int) -> Result:
         logs = Path(tmp)
         director.reset(lab, workload, warm=True)
         try:
+            _say("(0) install: the provider installs the director's runtime")
+            install = provider.install_runtime(lab, workload, logs / "install.log")
             _say(f"(a) create: {services} virtual services, {rules} rules, through the provider")
             create, created = provider.create_all(lab, workload, logs / "create.log")
             director.check_table(lab, workload, "create")
             _say(f"refresh: {services} reads")
             refresh = provider.refresh_all(lab, created, logs / "refresh.log")
+            _say(f"refresh 2: {services} reads, in a new provider process again")
+            refresh2 = provider.refresh_all(lab, created, logs / "refresh2.log", "refresh 2")
             _say("one change: one weight")
             change = provider.change_one(lab, workload, created, logs / "change.log")
             director.check_table(lab, workload, "one change", changed=True)
@@ -61,4 +66,6 @@ def run(lab, services: int, real_servers: int) -> Result:
             _leave_clean(lab, workload)
             raise
         director.reset(lab, workload)
-    return Result(services, real_servers, create, refresh, change, per_rule, floor, dump)
+    return Result(
+        services, real_servers, install, create, refresh, refresh2, change, per_rule, floor, dump
+    )

@@ -1,9 +1,9 @@
 """The on-director agent: the only code that talks to the kernel.
 
-Runs on the director (stdlib + pyroute2), started once per SSH connection by the transport.
-Protocol: one JSON document per line. It greets with {"ready": ...}, then answers each
-request {"id", "op", ...} with {"id", "ok": true, "result"} or {"id", "ok": false, "code",
-"error"}. Every change is made under an flock on the director, so parallel resources and
+Runs on the director (stdlib + pyroute2) inside the runtime (providers/runtime.py), one Agent
+per provider connection (providers/api.py). Protocol: one JSON document per line. The runtime
+greets with {"ready": ...}, then each request {"id", "op", ...} is answered with
+{"id", "ok": true, "result"} or {"id", "ok": false, "code", "error"}. Every change is made under an flock on the director, so parallel resources and
 other stacks cannot interleave, and ownership is recorded in a state file so that nothing
 ipvs-ingress did not create is ever changed or removed.
 """
@@ -98,6 +98,15 @@ class Kernel:
         self._ifindex: dict[str, int] = {}
         self._routes: dict[str, tuple[int | None, str | None]] = {}
         self._prefixes: dict[int, list] = {}
+
+    def close(self) -> None:
+        for sock in (self._ipvs, self.ipr):
+            try:
+                if sock is not None:
+                    sock.close()
+            except Exception:  # closing a dead socket must not fail a disconnect
+                pass
+        self._ipvs = None
 
     # -- modules and sysctls --
     @staticmethod
@@ -532,10 +541,10 @@ class Agent:
 
 
 # The line protocol's timing (the provider's side is in providers/transport.py): while a request
-# runs, the agent says {"id", "working": true} every HEARTBEAT_SECONDS, so the provider, which
+# runs, the runtime says {"id", "working": true} every HEARTBEAT_SECONDS, so the provider, which
 # gives up after 20 s of silence, can tell a long apply from a dead connection. The provider
 # pings every 5 s while its session is open; after IDLE_EXIT_SECONDS without a line from it the
-# session is dead (a dropped network keeps sshd's pipe open for hours), so the agent exits.
+# session is dead (a dropped network keeps the channel open for hours): the connection is closed.
 HEARTBEAT_SECONDS = 5.0
 IDLE_EXIT_SECONDS = 30.0
 
@@ -548,17 +557,6 @@ def _emit(doc: dict, out=None) -> None:
     with _EMIT_LOCK:  # heartbeats come from another thread: lines must not interleave
         out.write(line)
         out.flush()
-
-
-def main() -> int:
-    try:
-        with _heartbeats(None):  # loading pyroute2 can take seconds on a small director
-            agent = Agent(Kernel())
-    except AgentError as err:
-        _emit({"ready": False, "code": err.code, "error": str(err)})
-        return 1
-    _emit({"ready": True, "agent": PROTOCOL_VERSION, "pyroute2": agent.kernel.version})
-    return serve(agent.handle)
 
 
 def serve(handle, stdin=None, out=None) -> int:

@@ -1,7 +1,8 @@
 """Dry run against the live director: the kernel changes `pulumi up` would make, changing nothing.
 
-`pulumi preview` never connects to the director, so it cannot see drift. This asks the agent
-for its plan (the same code path as an apply, stopped before the first change):
+`pulumi preview` never connects to the director, so it cannot see drift. This asks the
+director's runtime for its plan (the same code path as an apply, stopped before the first
+change). It installs nothing either: a director without the runtime of this version is one line.
 
     venv/bin/python -m providers.plan stacks/Pulumi.dev.yaml --key ~/.ssh/ipvs-director-dev
 """
@@ -17,7 +18,7 @@ import yaml
 
 from components.config import ConfigError, load_stack_file
 from providers import model
-from providers.transport import POOL, DirectorError
+from providers.transport import DirectorError, RuntimeSession
 
 
 class StackFileError(ValueError):
@@ -52,7 +53,14 @@ def plan_stack(
 ) -> list[tuple[str, list[str]]]:
     """(virtual service key, changes) for every virtual service of the stack `owner`."""
     cfg = load_stack_file(stack_config)
-    session = POOL.session(cfg.director, private_key)
+    session = RuntimeSession(cfg.director, private_key, install=False)
+    try:
+        return _plans(session, cfg, owner)
+    finally:
+        session.close()
+
+
+def _plans(session: RuntimeSession, cfg, owner: str) -> list[tuple[str, list[str]]]:
     return [
         (
             spec.key,
@@ -90,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, StackFileError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1
-    finally:
-        POOL.close()
     for key, changes in plans:
         print(f"{key}: {'in sync' if not changes else f'{len(changes)} change(s)'}")
         for change in changes:

@@ -2,7 +2,9 @@
 
 Runs on the director under systemd (unit `ipvs-ingress.service`, see `unit_text`), stdlib +
 pyroute2 only, through the agent's own Kernel; `python3 -m providers.runtime run` with the
-sources' folder on PYTHONPATH.
+sources' folder on PYTHONPATH, installed and upgraded by the provider (providers/install.py).
+It is also the provider's request path: providers/api.py answers create/read/update/delete/plan
+on 127.0.0.1:7463 with an Agent per connection, in this process.
 
 Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
 (services with owner stack, spec, interface and state; the VIPs ipvs-ingress bound). The runtime
@@ -36,11 +38,14 @@ an operator's change). A bad setting is one log line naming it, and its default 
 Log: one line per change on stdout (journald), e.g.
     repaired tcp/203.0.113.201:80: add-dest 203.0.113.11:80 weight 1
 ("restored" in the first pass after boot). Status: /run/ipvs-ingress/status.json, written
-atomically every pass; `python3 -m providers.runtime status` prints it with the live table.
+atomically every pass; `ipvs-ingress status` (the installer's command for
+`python3 -m providers.runtime status`) prints it with the live table.
 
 Uninstall (after `pulumi destroy` of the stacks that use the director):
-    systemctl disable --now ipvs-ingress.service && rm /etc/systemd/system/ipvs-ingress.service
-    systemctl daemon-reload; rm -rf <install dir> /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
+    systemctl disable --now ipvs-ingress.service
+    rm -f /etc/systemd/system/ipvs-ingress.service /usr/local/sbin/ipvs-ingress
+    systemctl daemon-reload
+    rm -rf /usr/local/lib/ipvs-ingress /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import model, ownership
+from providers import api, model, ownership
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -73,7 +78,9 @@ INTERVAL_RANGE = (0.5, 3600.0)
 KEEP_REPAIRS = 20
 BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the log says so
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
-SOURCE_FILES = ("__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py")
+SOURCE_FILES = (
+    "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
+)  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
@@ -133,6 +140,8 @@ RestartSec=1
 # Ahead of the rest of boot for the CPU: restoring the table is what brings traffic back.
 Nice=-10
 TimeoutStartSec=120
+# A stop lets a provider's request in flight finish (providers/api.py DRAIN_SECONDS).
+TimeoutStopSec=90
 
 [Install]
 WantedBy=multi-user.target
@@ -638,12 +647,27 @@ def _main_run() -> int:
         return 1
     runtime = Runtime(kernel)
     runtime.reload_config()
+    try:
+        # Listening before the first pass: a provider that connects while the table is
+        # restored waits on the director lock, it is not refused.
+        listener = api.Api(
+            runtime.version,
+            lambda: api.kernel_handler(RuntimeKernel),
+            greeting={"pyroute2": kernel.version},
+        )
+    except OSError as err:
+        _print(f"ipvs-ingress runtime cannot listen on {api.HOST}:{api.PORT}: {err.strerror}")
+        return 1
     _print(
         f"ipvs-ingress runtime {runtime.version} started (pid {os.getpid()}): keeping "
-        f"{runtime.state_path} every {runtime.config.interval:g} s"
+        f"{runtime.state_path} every {runtime.config.interval:g} s, requests on "
+        f"{api.HOST}:{api.PORT}"
         + ("; first start since boot: restoring every stack" if runtime.restoring else "")
     )
-    return run(runtime, stop)
+    code = run(runtime, stop)
+    if not listener.close():
+        _print("stopping with a request still running: its next run converges from the record")
+    return code
 
 
 # --- status for operators ----------------------------------------------------------------------

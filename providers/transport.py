@@ -1,7 +1,12 @@
-"""SSH to the director: pinned host key, key auth from the secret, one pooled agent per director.
+"""SSH to the director: pinned host key, key auth from the secret, one connection per director,
+and through it the director's runtime.
 
-One paramiko connection and one agent process per director per provider process: Python plus
-pyroute2 takes seconds to start on a small director, so it must not start per operation.
+The runtime (providers/runtime.py, a systemd service) answers every request: the provider opens
+an SSH `direct-tcpip` channel to it (127.0.0.1:7463 on the director, providers/api.py), so no
+process starts on the director for a request, a resource or a `pulumi` run. Only when the
+runtime is missing or greets with another version than the sources this provider ships does
+the provider start one interpreter there, to install them (providers/install.py); it then
+attaches again, and mismatched code is never sent a request.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import paramiko
 
-from providers import model
+from providers import api, install, model, runtime
 
 log = logging.getLogger("ipvs_ingress.transport")
 if os.environ.get("IPVS_INGRESS_LOG"):
@@ -34,35 +39,42 @@ if os.environ.get("IPVS_INGRESS_LOG"):
     )
 
 CONNECT_TIMEOUT = 15.0
-AGENT_START_TIMEOUT = 120.0  # python3 + pyroute2 import; slow on small or emulated hosts
+INSTALL_START_TIMEOUT = 120.0  # python3 start and the pyroute2 check; slow on small hosts
 # A dead connection is told from a long apply by the line protocol, not by a request timeout:
-# while a request runs the agent sends {"id", "working": true} every 5 s (agent.HEARTBEAT_SECONDS),
-# so SILENCE_SECONDS without a byte means the connection is lost, however long the apply takes.
-# The provider pings every PING_SECONDS while the session is open; the agent exits after 30 s
-# without a line (agent.IDLE_EXIT_SECONDS), so a dropped session leaves no agent behind.
+# while a request runs the runtime sends {"id", "working": true} every 5 s
+# (agent.HEARTBEAT_SECONDS), so SILENCE_SECONDS without a byte means the connection is lost,
+# however long the apply takes. The provider pings every PING_SECONDS while the session is
+# open; the runtime closes a connection silent for 30 s (agent.IDLE_EXIT_SECONDS).
 SILENCE_SECONDS = 20.0
 PING_SECONDS = 5.0
 _PING = b'{"op":"ping"}\n'
-# Sent as a tiny `python3 -c` program; it reads the agent's modules from the first stdin line.
+# Sent as a tiny `python3 -c` program; it reads the sources from the first stdin line.
 _BOOT = (
     "import json,sys,types\n"
-    "for n,s in json.loads(sys.stdin.readline()):\n"
+    "S=json.loads(sys.stdin.readline())\n"
+    "for n,s in S:\n"
     " m=types.ModuleType(n);m.__file__='<ipvs-ingress:'+n+'>';m.__path__=[];sys.modules[n]=m\n"
     " exec(compile(s,m.__file__,'exec'),m.__dict__)\n"
-    "sys.exit(sys.modules['providers.agent'].main())\n"
+    "sys.exit(sys.modules['providers.install'].main(S))\n"
 )
+_HERE = Path(__file__).parent
+# The director's sources in import order (each module's imports come before it).
+_MODULES = ("__init__", "model", "ownership", "agent", "api", "runtime", "install")
 _SOURCES = [
-    ("providers", ""),
-    ("providers.model", (Path(__file__).parent / "model.py").read_text()),
-    ("providers.ownership", (Path(__file__).parent / "ownership.py").read_text()),
-    ("providers.agent", (Path(__file__).parent / "agent.py").read_text()),
+    (
+        "providers" if m == "__init__" else f"providers.{m}",
+        (_HERE / f"{m}.py").read_bytes().decode(),
+    )
+    for m in _MODULES
 ]
+VERSION = runtime.version_of({install.module_file(n): text.encode() for n, text in _SOURCES})
 _FIXES = {
     "ipvs-missing": "use a kernel with CONFIG_IP_VS (Debian's stock kernel has it) or set director.bootstrap: true",
     "pyroute2-missing": "install it on the director (pip install pyroute2==0.9.7) or set director.bootstrap: true",
     "pyroute2-old": "upgrade it on the director (pip install pyroute2==0.9.7) or set director.bootstrap: true",
     "no-interface": "set director.interface to the NIC on the nodes' segment (see 'ip -br link' on the director)",
     "no-scheduler": "choose another scheduler or load the module on the director",
+    "no-systemd": "run the director on a systemd distribution (Debian's default init) so that the runtime can keep the table",
 }
 
 
@@ -92,11 +104,12 @@ def load_private_key(text: str) -> paramiko.PKey:
     )
 
 
-class AgentSession:
-    """One SSH connection to a director with one agent process on it; thread-safe."""
+class RuntimeSession:
+    """One SSH connection to a director and one channel to its runtime on it; thread-safe."""
 
-    def __init__(self, director: model.Director, private_key: str):
+    def __init__(self, director: model.Director, private_key: str, install: bool = True):
         self.director = director
+        self.may_install = install  # False for a dry run: it changes nothing, the runtime neither
         self._pkey = load_private_key(private_key)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -106,10 +119,30 @@ class AgentSession:
         self._send_lock = threading.Lock()  # requests and pings share the channel
         self._stop_pings = threading.Event()
         self.handshakes = 0
-        self.agent_starts = 0
+        self.attaches = 0  # channels to the runtime: no process on the director
+        self.installs = 0  # interpreters started on the director (install or upgrade)
+        self.runtime_pid: int | None = None
 
     # -- connection --
     def _connect(self) -> None:
+        if (
+            self._client is None
+            or not self._client.get_transport()
+            or not self._client.get_transport().is_active()
+        ):
+            self._handshake()
+        try:
+            self._attach()
+        except ConnectionError as err:  # the installer died at start: retrying would repeat it
+            self.close()
+            raise DirectorError(
+                f"{err}: check that python3 runs for {self.director.user} on the director"
+            ) from None
+        except (OSError, paramiko.SSHException) as err:
+            self.close()
+            raise DirectorError(f"director {self.director.host} refused a session for the runtime ({err}): check sshd's limits and {self.director.user}'s shell") from None  # fmt: skip
+
+    def _handshake(self) -> None:
         d = self.director
         kind, blob = model.parse_host_key(d.host_key)
         client = paramiko.SSHClient()
@@ -152,48 +185,107 @@ class AgentSession:
         self.handshakes += 1
         log.info("connected to director %s (handshake %d)", d.label, self.handshakes)
         self._client = client
-        try:
-            self._start_agent()
-        except ConnectionError as err:  # the agent died at start: retrying would only repeat it
-            self.close()
-            raise DirectorError(
-                f"{err}: check that python3 runs for {d.user} on the director"
-            ) from None
-        except (OSError, paramiko.SSHException) as err:
-            self.close()
-            raise DirectorError(f"director {d.host} refused a session for the agent ({err}): check sshd's limits and {d.user}'s shell") from None  # fmt: skip
+        client.get_transport().set_keepalive(30)
 
-    def _start_agent(self) -> None:
-        d = self.director
-        transport = self._client.get_transport()
-        transport.set_keepalive(30)
-        channel = transport.open_session(timeout=CONNECT_TIMEOUT)
-        self._channel, self._out = channel, channel.makefile("rb")
-        channel.settimeout(AGENT_START_TIMEOUT)
-        channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
-        channel.sendall((json.dumps(_SOURCES) + "\n").encode())
-        doing = f"starting the agent on director {d.host} (python3 -u -c ...)"
-        greeting = self._read_line(doing)
-        while greeting.get("working"):  # the agent runs and is loading pyroute2: it heartbeats
-            channel.settimeout(SILENCE_SECONDS)
-            greeting = self._read_line(doing, heartbeating=True)
-        if not greeting.get("ready"):
-            code = greeting.get("code", "agent")
-            self.close()
-            raise DirectorError(
-                f"director {d.host}: {greeting.get('error')}: {_FIXES.get(code, 'see the director')}"
-            )
-        channel.settimeout(SILENCE_SECONDS)
-        self.agent_starts += 1
-        log.info("agent started on director %s (pyroute2 %s)", d.label, greeting.get("pyroute2"))
+    def _attach(self) -> None:
+        """A channel to the runtime of this provider's version; installs it when missing or of
+        another version, once."""
+        d, installed = self.director, False
+        while True:
+            greeting = self._open_runtime()
+            if greeting is not None and greeting.get("version") == VERSION:
+                break
+            found = "no runtime" if greeting is None else f"runtime {greeting.get('version')}"
+            self._drop_channel()
+            if not self.may_install:
+                raise DirectorError(
+                    f"director {d.host} runs {found}, this ipvs-ingress needs runtime {VERSION} "
+                    "and a dry run installs nothing: run pulumi up (it installs it), or plan "
+                    "with the ipvs-ingress version that applied the stack"
+                )
+            if installed:
+                raise DirectorError(
+                    f"director {d.host}: installed runtime {VERSION} but {found} answers: "
+                    f"see 'journalctl -u {runtime.UNIT_NAME}' on the director"
+                )
+            log.info("director %s: %s, installing runtime %s", d.label, found, VERSION)
+            self._install()
+            installed = True
+        self.attaches += 1
+        self.runtime_pid = greeting.get("pid")
+        log.info(
+            "attached to runtime %s on director %s (pid %s)", VERSION, d.label, self.runtime_pid
+        )
+        self._channel.settimeout(SILENCE_SECONDS)
         self._stop_pings.set()  # a previous connection's pinger, if that one died on its own
         self._stop_pings = stop = threading.Event()
         threading.Thread(
-            target=self._ping, args=(channel, stop), name=f"ping {d.label}", daemon=True
+            target=self._ping, args=(self._channel, stop), name=f"ping {d.label}", daemon=True
         ).start()
 
+    def _open_runtime(self) -> dict | None:
+        """The runtime's greeting on a new channel to it; None when nothing listens there."""
+        d = self.director
+        try:
+            channel = self._client.get_transport().open_channel(
+                "direct-tcpip", (api.HOST, api.PORT), ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT
+            )
+        except paramiko.ChannelException as err:
+            if err.code == paramiko.OPEN_FAILED_CONNECT_FAILED:
+                return None  # sshd could not connect: no runtime listens
+            raise DirectorError(
+                f"director {d.host}: sshd refused a channel to the runtime at {api.HOST}:{api.PORT} "
+                f"({err.text or err.code}): allow it for {d.user} in sshd_config "
+                "('AllowTcpForwarding local', the default is yes) and reload sshd"
+            ) from None
+        self._channel, self._out = channel, channel.makefile("rb")
+        channel.settimeout(CONNECT_TIMEOUT)
+        try:
+            line = self._out.readline()
+        except TimeoutError:
+            line = b""
+        if not line:  # closed without a word: the runtime serves root only
+            self._drop_channel()
+            raise DirectorError(
+                f"director {d.host}: the runtime closed the channel without a greeting: it answers "
+                f"root only, so set director.user to root (it is {d.user})"
+            )
+        greeting = self._parse(line, "greeting")
+        if not greeting.get("ready"):
+            code = greeting.get("code", "runtime")
+            self._drop_channel()
+            raise DirectorError(
+                f"director {d.host}: {greeting.get('error')}: {_FIXES.get(code, 'see the director')}"
+            )
+        return greeting
+
+    def _install(self) -> None:
+        """One interpreter on the director: providers/install.py with this provider's sources."""
+        d = self.director
+        channel = self._client.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+        self._channel, self._out = channel, channel.makefile("rb")
+        channel.settimeout(INSTALL_START_TIMEOUT)
+        channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
+        channel.sendall((json.dumps(_SOURCES) + "\n").encode())
+        self.installs += 1
+        doing = f"installing the runtime on director {d.host} (python3 -u -c ...)"
+        reply = self._read_line(doing)
+        while reply.get("working"):  # it runs: pyroute2 checked, files written, restarting
+            channel.settimeout(SILENCE_SECONDS)
+            reply = self._read_line(doing, heartbeating=True)
+        self._drop_channel()
+        if not reply.get("ready"):
+            code = reply.get("code", "install")
+            raise DirectorError(
+                f"director {d.host}: {reply.get('error')}: {_FIXES.get(code, 'see the director')}"
+            )
+        log.info(
+            "director %s: runtime %s installed (was %s, restarted %s)",
+            d.label, reply.get("installed"), reply.get("previous"), reply.get("restarted"),
+        )  # fmt: skip
+
     def _ping(self, channel, stop: threading.Event) -> None:
-        """Tell the agent the session is alive; a failed send ends it (the next request sees why)."""
+        """Tell the runtime the session is alive; a failed send ends it (the next request sees why)."""
         while not stop.wait(PING_SECONDS):
             try:
                 with self._send_lock:
@@ -206,7 +298,7 @@ class AgentSession:
             line = self._out.readline()
         except TimeoutError:
             self.close()
-            if heartbeating:  # the agent heartbeats while it works: this silence is the network
+            if heartbeating:  # the runtime heartbeats while it works: this silence is the network
                 raise DirectorError(
                     f"lost the connection to director {self.director.label}: nothing came back for "
                     f"{SILENCE_SECONDS:.0f} s while {doing} (the network dropped it or the director "
@@ -216,15 +308,21 @@ class AgentSession:
         if not line:
             detail = self._stderr_tail()
             self.close()
-            raise ConnectionError(f"agent on director {self.director.host} exited while {doing}{': ' + detail if detail else ''}")  # fmt: skip
+            raise ConnectionError(f"the runtime on director {self.director.host} closed the channel while {doing}{': ' + detail if detail else ''}")  # fmt: skip
+        return self._parse(line, doing)
+
+    def _parse(self, line: bytes, doing: str) -> dict:
         try:
-            return json.loads(line)
+            doc = json.loads(line)
+            if isinstance(doc, dict):
+                return doc
         except ValueError:
-            self.close()
-            raise DirectorError(
-                f"director {self.director.host} printed {line[:40]!r} instead of the agent's answer while {doing}: "
-                "a login script that writes to stdout (e.g. ~/.bashrc) breaks non-interactive sessions; make it silent"
-            ) from None
+            pass
+        self.close()
+        raise DirectorError(
+            f"director {self.director.host} printed {line[:40]!r} instead of the runtime's answer while {doing}: "
+            "a login script that writes to stdout (e.g. ~/.bashrc) breaks non-interactive sessions; make it silent"
+        ) from None
 
     def _stderr_tail(self) -> str:
         try:
@@ -256,36 +354,45 @@ class AgentSession:
 
     def _exchange(self, op: str, fields: dict) -> dict:
         rid = next(self._ids)
+        doc = {"id": rid, "op": op, "version": VERSION, **fields}
         try:
             with self._send_lock:
-                self._channel.sendall((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+                self._channel.sendall((json.dumps(doc) + "\n").encode())
         except OSError as err:
             raise ConnectionError(str(err)) from None
         reply = self._read_line(f"running {op}", heartbeating=True)
-        while reply.get("working"):  # a heartbeat: the agent is alive and busy, keep waiting
+        while reply.get("working"):  # a heartbeat: the runtime is alive and busy, keep waiting
             reply = self._read_line(f"running {op}", heartbeating=True)
         if reply.get("id") != rid:
             self.close()
             raise DirectorError(
-                f"agent on director {self.director.host} answered out of turn: retry"
+                f"the runtime on director {self.director.host} answered out of turn: retry"
             )
         if not reply.get("ok"):
-            code = reply.get("code", "agent")
+            code = reply.get("code", "runtime")
             fix = _FIXES.get(code)
             raise DirectorError(
                 f"director {self.director.host}: {reply.get('error')}{': ' + fix if fix else ''}"
             )
         return reply["result"]
 
-    def close(self) -> None:
+    def _drop_channel(self) -> None:
         self._stop_pings.set()
-        for thing in (self._channel, self._client):
-            try:
-                if thing is not None:
-                    thing.close()
-            except Exception:  # closing a dead connection must not mask the real error
-                pass
-        self._channel = self._client = self._out = None
+        try:
+            if self._channel is not None:
+                self._channel.close()
+        except Exception:  # closing a dead channel must not mask the real error
+            pass
+        self._channel = self._out = None
+
+    def close(self) -> None:
+        self._drop_channel()
+        try:
+            if self._client is not None:
+                self._client.close()
+        except Exception:  # closing a dead connection must not mask the real error
+            pass
+        self._client = None
 
 
 def _proxy(d: model.Director) -> paramiko.ProxyCommand | None:
@@ -358,18 +465,18 @@ def _shell_quote(text: str) -> str:
 
 
 class Pool:
-    """Agent sessions keyed by director and key; shared by all resources in the process."""
+    """Runtime sessions keyed by director and key; shared by all resources in the process."""
 
     def __init__(self):
-        self._sessions: dict[tuple, AgentSession] = {}
+        self._sessions: dict[tuple, RuntimeSession] = {}
         self._lock = threading.Lock()
 
-    def session(self, director: model.Director, private_key: str) -> AgentSession:
+    def session(self, director: model.Director, private_key: str) -> RuntimeSession:
         key = (director.host, director.port, director.user, director.host_key, director.proxy_command,
                hashlib.sha256(private_key.encode()).hexdigest())  # fmt: skip
         with self._lock:
             if key not in self._sessions:
-                self._sessions[key] = AgentSession(director, private_key)
+                self._sessions[key] = RuntimeSession(director, private_key)
             return self._sessions[key]
 
     def close(self) -> None:

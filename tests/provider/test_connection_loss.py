@@ -1,8 +1,9 @@
-"""Item 12: a silently dropped connection is detected in tens of seconds, and named; the agent
-left on the director exits soon after its session dies; a long apply is never cut.
+"""A silently dropped connection is detected in tens of seconds, and named; the runtime closes
+a connection soon after its session dies; a long apply is never cut.
 
-A real SSH session (paramiko server on loopback) runs the agent's real line loop
-(providers.agent.serve) behind a TCP relay that can start dropping everything silently.
+A real SSH session (paramiko server on loopback) reaches the runtime's real listener and line
+loop (providers.api.Api, providers.agent.serve) behind a TCP relay that can start dropping
+everything silently.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from providers import agent, model, transport
-from tests.provider.sshd import FakeSSHD, Relay, agent_exec
+from tests.provider.sshd import FakeSSHD, Relay, fake_runtime
 
 
 @pytest.fixture
@@ -34,23 +35,29 @@ def handle(request: dict) -> dict:
 
 
 class Director:
-    """sshd + agent loop behind a relay; `exited` is set when the agent loop returns."""
+    """sshd + runtime behind a relay; `exited` is set when a connection's loop returns."""
 
     def __init__(self, private_key: str):
         self.exited = threading.Event()
+        self.runtime = fake_runtime(handle, self.exited)
         self.sshd = FakeSSHD(
-            transport.load_private_key(private_key), agent_exec(handle, self.exited)
+            transport.load_private_key(private_key), _no_exec, runtime_port=self.runtime.port
         )
         self.relay = Relay(self.sshd.port)
         self.model = model.Director(
             host="127.0.0.1", port=self.relay.port, host_key=self.sshd.host_key_line
         )
-        self.session = transport.AgentSession(self.model, private_key)
+        self.session = transport.RuntimeSession(self.model, private_key)
 
     def close(self) -> None:
         self.session.close()
         self.relay.close()
         self.sshd.close()
+        self.runtime.close(wait=0)
+
+
+def _no_exec(channel, command):
+    raise AssertionError(f"a process was started on the director: {command[:40]}")
 
 
 @pytest.fixture
@@ -67,7 +74,7 @@ def director(private_key):
 
 
 def test_the_shipped_bounds_fit_together():
-    # The agent answers faster than the provider gives up, and hears pings faster than it quits.
+    # The runtime answers faster than the provider gives up, and hears pings faster than it quits.
     assert agent.HEARTBEAT_SECONDS * 3 <= transport.SILENCE_SECONDS <= 30
     assert transport.PING_SECONDS * 3 <= agent.IDLE_EXIT_SECONDS <= 60
 
@@ -85,7 +92,7 @@ def test_a_dropped_connection_is_named_within_the_shipped_bound(director):
     msg = str(err.value)
     assert msg.startswith(f"lost the connection to director root@127.0.0.1:{d.relay.port}: ")
     assert "\n" not in msg and "load and python3" not in msg
-    # The agent on the other side heard nothing since the drop: it exits on its own.
+    # The runtime on the other side heard nothing since the drop: it closes on its own.
     assert d.exited.wait(agent.IDLE_EXIT_SECONDS + 5 - (time.monotonic() - dropped))
     print(f"\nconnection loss detected after {detected:.1f} s")
 
@@ -102,10 +109,11 @@ def fast(monkeypatch):
 def test_a_request_longer_than_the_silence_bound_is_not_cut(fast, director):
     d = director()
     assert d.session.request("sleep", seconds=3.0) == {"slept": 3.0}  # 3x the silence bound
-    # Pings during the request kept the agent: the same agent answers the next request.
+    # Pings during the request kept the connection: the same one answers the next request.
     time.sleep(0.5)
     assert d.session.request("hello") == {"pong": "hello"}
-    assert (d.session.handshakes, d.session.agent_starts) == (1, 1) and not d.exited.is_set()
+    assert (d.session.handshakes, d.session.attaches, d.session.installs) == (1, 1, 0)
+    assert not d.exited.is_set()
 
 
 def test_idle_sessions_are_kept_alive_by_pings(fast, director):
@@ -113,7 +121,7 @@ def test_idle_sessions_are_kept_alive_by_pings(fast, director):
     d.session.request("hello")
     time.sleep(3 * agent.IDLE_EXIT_SECONDS)
     assert not d.exited.is_set()
-    assert d.session.request("hello") == {"pong": "hello"} and d.session.agent_starts == 1
+    assert d.session.request("hello") == {"pong": "hello"} and d.session.attaches == 1
 
 
 def test_two_hundred_requests_at_once_are_not_cut(fast, director):
@@ -135,7 +143,7 @@ def test_two_hundred_requests_at_once_are_not_cut(fast, director):
     for t in threads:
         t.join(timeout=60)
     assert errors == [] and len(answers) == 200
-    assert (d.session.handshakes, d.session.agent_starts) == (1, 1)
+    assert (d.session.handshakes, d.session.attaches, d.session.installs) == (1, 1, 0)
 
 
 def test_a_drop_during_a_long_request(fast, director):
@@ -157,16 +165,16 @@ def test_a_drop_during_a_long_request(fast, director):
     worker.join(timeout=10)
     assert failed and failed[0][1].startswith("lost the connection to director ")
     assert failed[0][0] - dropped <= transport.SILENCE_SECONDS + 3
-    # The agent finishes the running request first (2 s more), then exits: silent since the drop.
+    # The runtime finishes the running request first (2 s more), then closes: silent since.
     assert d.exited.wait(5)
     assert time.monotonic() - dropped >= 1.5
 
 
-def test_a_drop_while_the_agent_starts_is_named_within_the_silence_bound(
+def test_a_drop_while_the_runtime_installs_is_named_within_the_silence_bound(
     fast, monkeypatch, private_key
 ):
-    # The agent began (its first heartbeat came) and then nothing more arrives.
-    monkeypatch.setattr(transport, "AGENT_START_TIMEOUT", 60.0)
+    # No runtime listens; the installer began (its first heartbeat came), then nothing more.
+    monkeypatch.setattr(transport, "INSTALL_START_TIMEOUT", 60.0)
 
     def starts_then_silent(channel, command):
         channel.makefile("r").readline()
@@ -177,11 +185,11 @@ def test_a_drop_while_the_agent_starts_is_named_within_the_silence_bound(
         director = model.Director(host="127.0.0.1", port=sshd.port, host_key=sshd.host_key_line)
         started = time.monotonic()
         with pytest.raises(transport.DirectorError) as err:
-            transport.AgentSession(director, private_key).request("hello")
+            transport.RuntimeSession(director, private_key).request("hello")
         assert time.monotonic() - started < transport.SILENCE_SECONDS + 3  # not the 60 s
         assert str(err.value).startswith(
             f"lost the connection to director root@127.0.0.1:{sshd.port}: "
         )
-        assert "while starting the agent" in str(err.value)
+        assert "while installing the runtime" in str(err.value)
     finally:
         sshd.close()

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from providers import model, transport
-from tests.provider.sshd import FakeSSHD
+from providers import api, model, transport
+from tests.provider.sshd import FakeSSHD, fake_runtime, installer_exec
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMUmmSK6gtVhUmYnKSwP+B/ZoYbs1FkFCtqNm4AxvOq"
 
@@ -43,7 +43,7 @@ def test_a_director_that_never_answers_times_out_with_one_line(
 ):
     monkeypatch.setattr(transport, "CONNECT_TIMEOUT", 1.0)
     director = model.Director(host="127.0.0.1", port=silent_server, host_key=HOST_KEY)
-    session = transport.AgentSession(director, private_key)
+    session = transport.RuntimeSession(director, private_key)
     started = time.monotonic()
     with pytest.raises(transport.DirectorError) as err:
         session.request("hello")
@@ -59,7 +59,7 @@ def test_nothing_listening_is_unreachable(private_key):
     with socket.socket() as probe:  # a free port: bound, then released
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    session = transport.AgentSession(
+    session = transport.RuntimeSession(
         model.Director(host="127.0.0.1", port=port, host_key=HOST_KEY), private_key
     )
     with pytest.raises(
@@ -124,7 +124,7 @@ def test_agent_that_cannot_start_says_why_once(sshd, private_key):
         channel.send_exit_status(127)
         channel.close()
 
-    session = transport.AgentSession(sshd(no_python), private_key)
+    session = transport.RuntimeSession(sshd(no_python), private_key)
     with pytest.raises(transport.DirectorError) as err:
         session.request("apply")
     msg = str(err.value)
@@ -141,7 +141,7 @@ def test_login_script_noise_is_named(sshd, private_key):
     with pytest.raises(
         transport.DirectorError, match=r"printed b'Welcome to the director!\\n' instead of"
     ):
-        transport.AgentSession(sshd(chatty), private_key).request("hello")
+        transport.RuntimeSession(sshd(chatty), private_key).request("hello")
 
 
 def test_a_proxy_command_that_cannot_start_is_one_line(private_key):
@@ -149,7 +149,7 @@ def test_a_proxy_command_that_cannot_start_is_one_line(private_key):
         host="203.0.113.2", host_key=HOST_KEY, proxy_command="no-such-proxy-binary %h %p"
     )
     with pytest.raises(transport.DirectorError) as err:
-        transport.AgentSession(director, private_key).request("hello")
+        transport.RuntimeSession(director, private_key).request("hello")
     assert str(err.value).startswith(
         "director.proxyCommand 'no-such-proxy-binary %h %p' cannot start ("
     )
@@ -165,31 +165,127 @@ def test_a_proxy_command_failure_echoes_a_bounded_value(private_key, proxy):
     # State written before check split proxyCommand can still hold such a value.
     director = model.Director(host="203.0.113.2", host_key=HOST_KEY, proxy_command=proxy)
     with pytest.raises(transport.DirectorError) as err:
-        transport.AgentSession(director, private_key).request("hello")
+        transport.RuntimeSession(director, private_key).request("hello")
     msg = str(err.value)
     assert msg.startswith(f"director.proxyCommand {proxy[:10]!r}"[:-1])
     assert msg.endswith("fix the command") and "\n" not in msg and len(msg) < 200, len(msg)
 
 
-def test_the_agent_is_started_once_and_reused(sshd, private_key):
-    starts = []
+def _echo(request: dict) -> dict:
+    return {"op": request["op"], "version": request.get("version")}
 
-    def echo_agent(channel, command):
-        starts.append(command)
-        reader = channel.makefile("rb")
-        reader.readline()  # the agent's sources
-        channel.sendall(b'{"ready": true, "pyroute2": "0.9.7"}\n')
-        for line in reader:
-            rid = json.loads(line)["id"]
-            channel.sendall(
-                json.dumps({"id": rid, "ok": True, "result": {"n": rid}}).encode() + b"\n"
-            )
 
-    session = transport.AgentSession(sshd(echo_agent), private_key)
-    assert [session.request("hello")["n"] for _ in range(3)] == [1, 2, 3]
-    assert len(starts) == 1 and starts[0].startswith("exec python3 -u -c ")
-    assert (session.handshakes, session.agent_starts) == (1, 1)
+@pytest.fixture
+def director_with(private_key):
+    """An sshd whose runtime listener may be absent or of another version, and an installer
+    (the exec path) that points it at a runtime of the provider's version."""
+    made = []
+
+    def make(runtime_version: str | None, installs_version: str | None = None):
+        current = fake_runtime(_echo, version=installs_version or transport.VERSION)
+        old = fake_runtime(_echo, version=runtime_version) if runtime_version else None
+        ref, installed = [None], []
+        sshd = FakeSSHD(
+            transport.load_private_key(private_key),
+            installer_exec(ref, current, installed),
+            runtime_port=old.port if old else None,
+        )
+        ref[0] = sshd
+        made.extend([sshd, current] + ([old] if old else []))
+        d = model.Director(host="127.0.0.1", port=sshd.port, host_key=sshd.host_key_line)
+        return d, sshd, installed
+
+    yield make
+    for thing in made:
+        thing.close(**({"wait": 0} if hasattr(thing, "version") else {}))
+
+
+def test_the_runtime_is_installed_once_then_every_run_only_attaches(director_with, private_key):
+    director, sshd, installed = director_with(None)
+    first = transport.RuntimeSession(director, private_key)
+    assert [first.request("read")["op"] for _ in range(3)] == ["read"] * 3
+    assert (first.handshakes, first.installs, first.attaches) == (1, 1, 1)
+    assert sshd.execs == 1 and len(installed) == 1
+    # The installer got every director source, the same the version is computed from.
+    assert set(installed[0]) == {"providers"} | {f"providers.{m}" for m in ("model", "ownership", "agent", "api", "runtime", "install")}  # fmt: skip
+    first.close()
+    for _ in range(2):  # two later `pulumi` runs: a handshake and a channel, no process
+        later = transport.RuntimeSession(director, private_key)
+        assert later.request("read") == {"op": "read", "version": transport.VERSION}
+        assert (later.handshakes, later.installs, later.attaches) == (1, 0, 1)
+        later.close()
+    assert sshd.execs == 1
+
+
+def test_a_runtime_of_another_version_is_upgraded_before_any_request(director_with, private_key):
+    director, sshd, installed = director_with("0123456789abcdef")
+    session = transport.RuntimeSession(director, private_key)
+    assert session.request("apply")["version"] == transport.VERSION
+    assert (session.installs, session.attaches, sshd.execs) == (1, 1, 1)
     session.close()
+
+
+def test_a_runtime_that_keeps_another_version_after_the_install_never_gets_a_request(
+    director_with, private_key
+):
+    director, sshd, _ = director_with("0123456789abcdef", installs_version="fedcba9876543210")
+    session = transport.RuntimeSession(director, private_key)
+    with pytest.raises(transport.DirectorError) as err:
+        session.request("apply")
+    msg = str(err.value)
+    assert msg == (
+        f"director 127.0.0.1: installed runtime {transport.VERSION} but runtime fedcba9876543210 "
+        "answers: see 'journalctl -u ipvs-ingress.service' on the director"
+    )
+    assert session.installs == 1 and session.attaches == 0  # one try, no request sent
+
+
+def test_sshd_that_forbids_forwarding_is_one_line_with_the_fix(director_with, private_key):
+    director, sshd, _ = director_with(None)
+    sshd.forwarding_prohibited = True
+    with pytest.raises(transport.DirectorError) as err:
+        transport.RuntimeSession(director, private_key).request("read")
+    msg = str(err.value)
+    assert msg.startswith(
+        "director 127.0.0.1: sshd refused a channel to the runtime at 127.0.0.1:7463"
+    )
+    assert "AllowTcpForwarding local" in msg and "\n" not in msg
+    assert sshd.execs == 0  # nothing was installed through a path that cannot be used after
+
+
+def test_a_director_without_systemd_is_one_line_with_the_fix(sshd, private_key):
+    def busybox_installer(channel, command):
+        channel.makefile("r").readline()
+        reply = {"ready": False, "code": "no-systemd", "error": "the director runs no systemd (PID 1 is init): the runtime is a systemd service"}  # fmt: skip
+        channel.sendall((json.dumps(reply) + "\n").encode())
+        channel.close()
+
+    with pytest.raises(transport.DirectorError) as err:
+        transport.RuntimeSession(sshd(busybox_installer), private_key).request("read")
+    assert str(err.value) == (
+        "director 127.0.0.1: the director runs no systemd (PID 1 is init): the runtime is a "
+        "systemd service: run the director on a systemd distribution (Debian's default init) "
+        "so that the runtime can keep the table"
+    )
+
+
+def test_a_runtime_that_refuses_the_user_says_to_log_in_as_root(private_key):
+    silent = api.Api(transport.VERSION, lambda: (_echo, lambda: None), port=0,
+                     allowed=lambda conn: False)  # fmt: skip
+    server = FakeSSHD(transport.load_private_key(private_key), None, runtime_port=silent.port)
+    try:
+        director = model.Director(
+            host="127.0.0.1", port=server.port, user="deploy", host_key=server.host_key_line
+        )
+        with pytest.raises(transport.DirectorError) as err:
+            transport.RuntimeSession(director, private_key).request("read")
+        assert str(err.value) == (
+            "director 127.0.0.1: the runtime closed the channel without a greeting: it answers "
+            "root only, so set director.user to root (it is deploy)"
+        )
+    finally:
+        server.close()
+        silent.close(wait=0)
 
 
 HOSTILE_HOST = "fe80::1%x;touch${{IFS}}{marker};true"  # item 11: shell text in an IPv6 scope id
@@ -198,7 +294,7 @@ HOSTILE_HOST = "fe80::1%x;touch${{IFS}}{marker};true"  # item 11: shell text in 
 def _run_proxy(director: model.Director, private_key: str) -> None:
     # The proxy command runs, prints nothing SSH can use and exits: the connection fails.
     with pytest.raises(transport.DirectorError, match="is unreachable"):
-        transport.AgentSession(director, private_key).request("hello")
+        transport.RuntimeSession(director, private_key).request("hello")
 
 
 def test_proxy_command_values_cannot_run_a_command_in_a_shell_script(tmp_path, private_key):
@@ -270,3 +366,20 @@ def test_an_ipv6_host_in_host_colon_port_is_bracketed(tmp_path, private_key, hos
     )
     _run_proxy(director, private_key)
     assert out.read_text().splitlines() == argv
+
+
+@pytest.mark.parametrize("runtime_version", [None, "0123456789abcdef"])
+def test_a_dry_run_session_installs_nothing_and_says_why(
+    director_with, private_key, runtime_version
+):
+    director, sshd, installed = director_with(runtime_version)
+    session = transport.RuntimeSession(director, private_key, install=False)
+    with pytest.raises(transport.DirectorError) as err:
+        session.request("plan")
+    found = "no runtime" if runtime_version is None else f"runtime {runtime_version}"
+    assert str(err.value) == (
+        f"director 127.0.0.1 runs {found}, this ipvs-ingress needs runtime {transport.VERSION} "
+        "and a dry run installs nothing: run pulumi up (it installs it), or plan with the "
+        "ipvs-ingress version that applied the stack"
+    )
+    assert sshd.execs == 0 and installed == []

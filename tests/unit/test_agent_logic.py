@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import io
 import ipaddress
 import json
+import socket
 import threading
 import time
 
 import pytest
 
-from providers import agent, model, ownership
+from providers import agent, api, model, ownership
 
 
 class Crash(BaseException):
@@ -296,35 +296,44 @@ def test_lock_wait_is_bounded_with_a_clear_error(kernel):
     assert err.value.code == "busy"
 
 
-def test_json_lines_protocol_keeps_serving_after_errors(kernel, monkeypatch):
-    monkeypatch.setattr(agent, "Kernel", lambda: kernel)
+def _runtime_connection(make_handler):
+    listener = api.Api("v9", make_handler, port=0, allowed=lambda conn: True)
+    conn = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
+    return listener, conn, conn.makefile("r"), conn.makefile("w")
+
+
+def test_json_lines_protocol_keeps_serving_after_errors(kernel):
+    # The runtime's listener with the real Agent on the in-memory kernel.
+    listener, conn, r, w = _runtime_connection(lambda: (agent.Agent(kernel).handle, lambda: None))
     requests = [
         {"id": 1, "op": "hello"},
         {"id": 2, "op": "nope"},
         {"id": 3, "op": "apply", "spec": spec(), "interface": "eth0"},
-    ]  # noqa: E501
-    monkeypatch.setattr("sys.stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in requests)))
-    out = io.StringIO()
-    monkeypatch.setattr("sys.stdout", out)
-    assert agent.main() == 0
-    lines = [json.loads(x) for x in out.getvalue().splitlines()]
-    assert lines[0]["ready"] is True
+    ]
+    with conn:
+        for request in requests:
+            w.write(json.dumps({**request, "version": "v9"}) + "\n")
+        w.flush()
+        lines = [json.loads(r.readline()) for _ in range(4)]
+    listener.close(wait=0)
+    assert lines[0]["ready"] is True and lines[0]["version"] == "v9"
     assert lines[1]["ok"] and lines[1]["result"]["agent"] == agent.PROTOCOL_VERSION
     assert lines[2] == {"id": 2, "ok": False, "code": "bad-request", "error": "unknown op 'nope'"}
     assert lines[3]["ok"] and lines[3]["result"]["touched"] == 4
 
 
-def test_missing_pyroute2_is_reported_in_the_greeting(monkeypatch):
+def test_a_kernel_interface_that_cannot_open_is_reported_in_the_greeting():
     def no_pyroute2():
         raise agent.AgentError(
             "pyroute2-missing", "python3 cannot import pyroute2 (No module named 'pyroute2')"
         )
 
-    monkeypatch.setattr(agent, "Kernel", no_pyroute2)
-    out = io.StringIO()
-    monkeypatch.setattr("sys.stdout", out)
-    assert agent.main() == 1
-    assert json.loads(out.getvalue()) == {
+    listener, conn, r, w = _runtime_connection(lambda: api.kernel_handler(no_pyroute2))
+    with conn:
+        greeting = json.loads(r.readline())
+        assert r.readline() == ""  # and the connection ends
+    listener.close(wait=0)
+    assert greeting == {
         "ready": False,
         "code": "pyroute2-missing",
         "error": "python3 cannot import pyroute2 (No module named 'pyroute2')",
