@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.lab import harness, provision, state, vm
+from tests.lab import harness, ops, provision, state, vm
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_FILE = REPO / "stacks" / "Pulumi.lab.yaml"
@@ -151,13 +151,17 @@ def status() -> int:
             print(f"lab {run.id}: its VM is gone; `down` removes the rest")
             code = 1
             continue
-        # ipvsadm would load ip_vs itself; leave that to the product's agent.
-        show = "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi"
+        # ipvsadm would load ip_vs itself; leave that to the product's runtime.
+        show = (
+            "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi; "
+            f"if [ -x {ops.COMMAND} ]; then echo; {ops.COMMAND} status; "
+            "else echo; echo 'no ipvs-ingress runtime yet (the first pulumi up installs it)'; fi"
+        )
         probe = subprocess.run(
             harness.ssh_argv(run.info, show), capture_output=True, text=True, timeout=30
         )
         _print_info(run.info)
-        if probe.returncode == 0:
+        if probe.returncode in (0, 1):  # 1: `ipvs-ingress status` saw drift or no runtime
             print(f"IPVS on the director:\n{probe.stdout}")
         else:
             print(f"ssh to the director failed: {probe.stderr.strip()}")
