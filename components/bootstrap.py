@@ -14,7 +14,7 @@ from pulumi_command import remote
 
 from providers.model import Director
 
-PYROUTE2 = "pyroute2==0.9.7"  # the agent needs >= 0.9.5; pin what the tests ran against
+PYROUTE2 = "pyroute2==0.9.7"  # the runtime needs >= 0.9.5; pin what the tests ran against
 MIN_PYROUTE2 = (0, 9, 5)
 MODULES_FILE = "/etc/modules-load.d/ipvs-ingress.conf"
 SYSCTL_FILE = "/etc/sysctl.d/90-ipvs-ingress.conf"

@@ -29,9 +29,9 @@ from providers.model import _short as _short
 
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
-KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes")
+KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes", "repair")
 # Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
-TEXT_KEYS = ("guardExternalIPs", "kubernetes")
+TEXT_KEYS = ("guardExternalIPs", "kubernetes", "repair")
 SECRET_KEY = "sshPrivateKey"
 
 APP_DEFAULTS: dict[str, Any] = {
@@ -104,6 +104,9 @@ class StackConfig:
     guard: Guard = dataclasses.field(default_factory=lambda: Guard(True, ()))
     # False: the director side only (no Deployment, Service or guard; the nodes forward the VIPs).
     kubernetes: bool = True
+    # False: the director's runtime restores this stack's services at boot but leaves drift
+    # between `pulumi up`s (refresh shows it, up converges); every VirtualService gets it.
+    repair: bool = True
 
     @property
     def service_ports(self) -> tuple[VipPort, ...]:
@@ -185,6 +188,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
     targets = _target_ports(report, vips, app.container_port)
     guard = _guard(report, values)
     kubernetes = _kubernetes(report, values.get("kubernetes"), guard)
+    repair = _boolean(report, "repair", values.get("repair"), REPAIR_FIX)
     if report.problems:
         raise ConfigError(list(dict.fromkeys(report.problems)))  # shared fields repeat per VIP
     return StackConfig(
@@ -204,6 +208,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         virtual_services=tuple(s for group in specs for s in group),
         guard=guard,
         kubernetes=kubernetes,
+        repair=repair,
     )
 
 
@@ -542,6 +547,23 @@ def _cidr(value: Any) -> tuple[str | None, str]:
     if network.network_address != ipaddress.ip_address(address):
         return None, f"it has host bits set: write {network}"
     return str(network), ""
+
+
+# --- the director runtime's repair on or off -----------------------------------------------------
+
+REPAIR_FIX = "use true to have the director's runtime repair out-of-band changes to this stack's services within seconds, false to leave them for pulumi refresh and up"  # fmt: skip
+
+
+def _boolean(report: _Report, key: str, raw: Any, fix: str, default: bool = True) -> bool:
+    """A boolean key, as YAML gives it (true) or as the engine hands it over (the text "true")."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        return raw
+    if raw in ("true", "false"):
+        return raw == "true"
+    report.add(path(key), f"{_short(raw)} is not a boolean: {fix}")
+    return default
 
 
 # --- the Kubernetes side on or off -------------------------------------------------------------

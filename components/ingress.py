@@ -51,11 +51,12 @@ class Ingress(pulumi.ComponentResource):
             )
             depends_on += self.bootstrap.commands
         # Ownership on the director is per stack: another stack's services there are never touched.
+        # `repair` (ipvs-ingress:repair) is recorded with each service for the director runtime.
         owner = f"{pulumi.get_project()}/{pulumi.get_stack()}"
         self.virtual_services = [
             VirtualService(
                 resource_name(spec),
-                {**model.to_props(cfg.director, spec), "owner": owner},
+                {**model.to_props(cfg.director, spec, cfg.repair), "owner": owner},
                 opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on),
             )
             for spec in cfg.virtual_services

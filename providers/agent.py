@@ -286,6 +286,18 @@ class Kernel:
         return self._prefixes[index]
 
 
+def _recorded(entry: dict) -> dict:
+    """What the record holds for a service, for read and apply replies: `desired`, its spec as
+    ipvsadm lines ([] when none is recorded: unknown, or adopted without one), `repair` (absent
+    in records from before the setting: true) and `recordState` (pending: an apply was cut)."""
+    try:
+        desired = model.ipvsadm_lines(model.spec_from_dict(entry["spec"]))
+    except (KeyError, TypeError, ValueError):  # none recorded, or unreadable: nothing desired
+        desired = []
+    state = entry.get("state", "applied") if entry else None
+    return {"desired": desired, "repair": entry.get("repair", True), "recordState": state}
+
+
 def refusal(spec: model.VirtualServiceSpec, op: model.Op, code: int) -> AgentError:
     """A kernel refusal as one line naming the property and value it came from."""
     why = os.strerror(code) if code else "refused"
@@ -341,6 +353,7 @@ class Agent:
             "owner": entry.get("owner"),
             "vipBound": bool(interface) and self._bound(interface, vip),
             "ipForward": k.forwarding_on(),
+            **_recorded(entry),
         }
 
     def _bound(self, interface: str, vip: str) -> bool:
@@ -360,7 +373,8 @@ class Agent:
                 live.vip, live.port, live.protocol, live.scheduler, live.persistence_seconds
             )
             iface = entry.get("interface") or interface or ""
-            owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied")
+            repair = entry.get("repair", True)
+            owners.record(key, dataclasses.replace(spec, owner=owner), iface, "applied", "", repair)
             owners.services[key].pop("spec")  # the live table is not this stack's intent
             # The VIP is not claimed, bound or not: whoever bound it (keepalived, an operator)
             # may not be ipvs-ingress, and a destroy removes only addresses recorded as ours.
@@ -371,6 +385,9 @@ class Agent:
         """Make the kernel hold exactly `spec`; with op "plan", only say what that would take."""
         spec = model.spec_from_dict(request["spec"])
         interface, dry_run = request["interface"], request["op"] == "plan"
+        repair = request.get("repair", True)  # a provider from before the setting: on
+        if not isinstance(repair, bool):
+            raise AgentError("bad-request", f"repair: {model._short(repair)} is not true or false")
         with director_lock():
             owners = Ownership.load()  # a corrupt record refuses before anything is touched
             k = self.kernel
@@ -409,15 +426,18 @@ class Agent:
             move_from = recorded if recorded not in (None, interface) else None
             bind = not k.has_address(index, spec.vip)  # a VIP bound by anyone else is not claimed
             if dry_run:
+                entry = owners.services.get(spec.key)
+                turned = entry is not None and entry.get("repair", True) != repair
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
                     + ["set net.ipv4.ip_forward=1"] * (not k.forwarding_on())
                     + [o.describe(spec) for o in ops]
                     + [f"unbind {spec.vip} from {move_from}"] * bool(move_from)
                     + [f"bind {spec.vip} on {interface}"] * bind
+                    + [f"record repair {'on' if repair else 'off'} (no kernel change)"] * turned
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(owners, spec, interface, live, ops, move_from, bind, former)
+            self._apply(owners, spec, interface, live, ops, move_from, bind, former, repair)
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
@@ -425,6 +445,7 @@ class Agent:
             "touched": len(ops) + int(bind) + int(bool(move_from)),
             "vipBound": True,
             "ipForward": k.forwarding_on(),
+            **_recorded(owners.services.get(spec.key) or {}),
         }
 
     def _refuse_unusable_real_servers(self, spec, interface: str, index: int) -> None:
@@ -452,8 +473,9 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former) -> None:
-        """The changes, each preceded by its record on disk (write-ahead)."""
+    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former, repair) -> None:
+        """The changes, each preceded by its record on disk (write-ahead). A change of `repair`
+        alone is a change of the record alone: no kernel object is touched."""
         k, entry = self.kernel, owners.services.get(spec.key)
         settled = (
             not (ops or move_from or bind)
@@ -462,12 +484,13 @@ class Agent:
             and entry.get("state") == "applied"
             and entry.get("spec") == model.spec_to_dict(spec)
             and entry.get("interface") == interface
+            and entry.get("repair", True) == repair
         )
         if settled:
             return
         # A renamed stack's record keeps the old name too: that stack's state still holds it
         # until this reply lands, so its refresh and destroy must still find the service.
-        owners.record(spec.key, spec, interface, "pending", former)
+        owners.record(spec.key, spec, interface, "pending", former, repair)
         if bind and not move_from:
             owners.addresses[spec.vip] = {"interface": interface}
         owners.save()

@@ -1,7 +1,7 @@
 """The pure core: virtual service model, validation and the desired-vs-live plan.
 
-Stdlib only. This module is also shipped to the director and runs inside the agent, so the
-plan that the agent applies is computed by exactly this code (no second implementation).
+Stdlib only. This module is also shipped to the director and runs inside the runtime, so the
+plan that the runtime applies is computed by exactly this code (no second implementation).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ INPUT_KEYS = (
     "persistenceSeconds",
     "realServers",
     "owner",
+    "repair",
 )
 # The stack that declares a virtual service: "<project>/<stack>".
 _OWNER = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}\Z")
@@ -444,6 +445,9 @@ def _parse(
         and not (isinstance(owner, str) and _OWNER.match(owner))
     ):
         c.fail("owner", f"{_short(owner)} is not a stack: give '<project>/<stack>' (the Ingress component sets it)")  # fmt: skip
+    repair = props.get("repair", True)
+    if not unknown(repair) and not isinstance(repair, bool):
+        c.fail("repair", f"{_short(repair)} is not true or false: set the stack config ipvs-ingress:repair to true or false (the Ingress component passes it on)")  # fmt: skip
     if c.problems or any(unknown(v) for v in props.values()) or director is None:
         return (director, None), c.problems
     spec = VirtualServiceSpec(
@@ -533,9 +537,15 @@ def director_props(d: Director) -> dict:
     return props
 
 
-def to_props(director: Director, spec: VirtualServiceSpec) -> dict:
+def to_props(director: Director, spec: VirtualServiceSpec, repair: bool = True) -> dict:
     """The normalized input properties (what `check` hands back to the engine)."""
-    return {"director": director_props(director), **spec_to_dict(spec)}
+    return {"director": director_props(director), **spec_to_dict(spec), "repair": repair}
+
+
+def repair_of(props: Mapping) -> bool:
+    """Whether the director's runtime repairs this service: the `repair` input, checked by
+    check_virtual_service; state written before it existed has none, and meant true."""
+    return props.get("repair", True) is not False
 
 
 def changed_keys(olds: Mapping, news: Mapping) -> list[str]:

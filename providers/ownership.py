@@ -1,8 +1,8 @@
 """What ipvs-ingress made on a director, per stack, and the lock every change is made under.
 
 Runs on the director inside the agent (stdlib only), shipped with it by the transport. The
-record is /var/lib/ipvs-ingress/state.json: services by key (owner stack, intent, spec, state)
-and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-ahead).
+record is /var/lib/ipvs-ingress/state.json: services by key (owner stack, intent, spec, state,
+repair) and the VIPs ipvs-ingress bound. A change is recorded before it is made (write-ahead).
 """
 
 from __future__ import annotations
@@ -101,13 +101,24 @@ class Ownership:
             return "adopt" if adopt else "foreign"
         return "other" if entry.get("owner") else "legacy"
 
-    def record(self, key, spec: model.VirtualServiceSpec, interface: str, state: str, former=""):
+    def record(
+        self,
+        key,
+        spec: model.VirtualServiceSpec,
+        interface: str,
+        state: str,
+        former="",
+        repair=True,
+    ):
+        """`repair`: the stack's ipvs-ingress:repair, whether the director runtime keeps the
+        kernel equal to this entry between applies (records from before it have none: true)."""
         self.services[key] = {
             "owner": spec.owner or None,
             "vip": spec.vip,
             "interface": interface,
             "state": state,
             "spec": model.spec_to_dict(spec),
+            "repair": repair,
         }
         if former and former != spec.owner:  # until the stack's state has the new name
             self.services[key]["formerOwner"] = former
@@ -176,6 +187,7 @@ def _fields_ok(entry: dict) -> bool:
         and entry.get("state", "applied") in ("pending", "applied")
         and isinstance(entry.get("spec", {}), dict)
         and isinstance(entry.get("interface", ""), str)
+        and isinstance(entry.get("repair", True), bool)
     )
 
 

@@ -68,6 +68,7 @@ def _plans(session: RuntimeSession, cfg, owner: str) -> list[tuple[str, list[str
                 "plan",
                 spec=model.spec_to_dict(dataclasses.replace(spec, owner=owner)),
                 interface=cfg.director.interface,
+                repair=cfg.repair,  # a change of ipvs-ingress:repair alone is shown too
             )["changes"],
         )
         for spec in cfg.virtual_services

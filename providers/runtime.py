@@ -7,8 +7,8 @@ It is also the provider's request path: providers/api.py answers create/read/upd
 on 127.0.0.1:7463 with an Agent per connection, in this process.
 
 Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
-(services with owner stack, spec, interface and state; the VIPs ipvs-ingress bound). The runtime
-never writes it: it only makes the kernel hold what it says.
+(services with owner stack, spec, interface, state and repair; the VIPs ipvs-ingress bound). The
+runtime never writes it: it only makes the kernel hold what it says.
 - At start it restores everything: ip_vs and the schedulers' modules, net.ipv4.ip_forward=1, every
   recorded service and its real servers, then the recorded VIPs on their interfaces (the VIP last,
   as the agent does: answering ARP before the service exists would blackhole it).
@@ -28,12 +28,20 @@ never writes it: it only makes the kernel hold what it says.
   re-adopted by `pulumi refresh`: the stack's next `up` records its spec).
 - Stopping the runtime (or killing it) leaves the table and VIPs as they are.
 
+Repair per stack: a service is repaired when its record says so (`"repair": true`, written by
+every apply from the stack config ipvs-ingress:repair, default true; records from before it have
+none and mean true) and /etc/ipvs-ingress/runtime.json does not turn its owner stack off: the
+operator on the director can only turn a stack off, never on against its config. A stack with
+repair off keeps its drift (status and `pulumi refresh` show it: read returns the recorded
+desired table next to the live one) until its next `pulumi up`, except at boot: the first start
+after a boot restores every stack (a reboot is not an operator's change). Status says per stack
+whether it is repaired and what turned it off.
+
 Settings: /etc/ipvs-ingress/runtime.json, read again when it changes, e.g.
     {"intervalSeconds": 2, "repair": {"team-a/prod": false}}
-intervalSeconds: 0.5..3600, default 2. repair: per owner stack ("<project>/<stack>"), default true.
-A stack with repair false keeps its drift (status and `pulumi refresh` show it) until its next
-`pulumi up`, except at boot: the first start after a boot restores every stack (a reboot is not
-an operator's change). A bad setting is one log line naming it, and its default is used.
+intervalSeconds: 0.5..3600, default 2. repair: per owner stack ("<project>/<stack>"), false turns
+that stack's repair off (true changes nothing). A bad setting is one log line naming it, and its
+default is used.
 
 Log: one line per change on stdout (journald), e.g.
     repaired tcp/203.0.113.201:80: add-dest 203.0.113.11:80 weight 1
@@ -200,6 +208,7 @@ class Service:
     spec: model.VirtualServiceSpec | None
     kept: bool  # restored/repaired in this pass
     left: str | None = None  # why not, if recorded but not kept
+    repair: bool = True  # the record's own setting (the stack's ipvs-ingress:repair)
     live: model.LiveService | None = None
     ops: list[model.Op] = dataclasses.field(default_factory=list)
 
@@ -288,9 +297,13 @@ def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
         left = "adopted without a recorded spec: the stack's next pulumi up records it"
     if left is None and state != "applied":
         left = f"recorded as {state!r} (an apply was interrupted): the stack's next pulumi up completes it"  # fmt: skip
-    if left is None and not (restoring or config.repairs(owner)):
-        left = f"repair is off for stack {owner}"
-    return Service(key, owner, state, entry.get("interface"), spec, left is None, left)
+    recorded = entry.get("repair", True) is not False  # records from before it: on
+    if left is None and not restoring:
+        if not recorded:
+            left = f"repair is off for stack {owner} (its config ipvs-ingress:repair is false)"
+        elif not config.repairs(owner):  # the operator's override in runtime.json
+            left = f"repair is off for stack {owner}"
+    return Service(key, owner, state, entry.get("interface"), spec, left is None, left, recorded)
 
 
 # --- the runtime ---------------------------------------------------------------------------------
@@ -490,6 +503,7 @@ def _service_status(s: Service) -> dict:
         "kept": s.kept,
         "left": s.left,
         "inSync": s.in_sync,
+        "repair": s.repair,
         "desired": model.ipvsadm_lines(s.spec) if s.spec else [],
         "live": model.ipvsadm_lines(s.live) if s.live else [],
         "drift": [describe(op, s.live, s.spec) for op in s.ops],
@@ -609,7 +623,7 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
             ready = True
             sd_notify("READY=1")
         in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
-        sd_notify(f"STATUS={'in sync' if in_sync else 'see: python3 -m providers.runtime status'}")
+        sd_notify(f"STATUS={'in sync' if in_sync else 'see: ipvs-ingress status'}")
         due = max(due + runtime.config.interval, time.monotonic())
         stop.wait(due - time.monotonic())
     runtime.log("stopping: the IPVS table and VIPs stay as they are")
@@ -701,9 +715,7 @@ def print_status(
     except AgentError as err:
         write(f"live table: unreadable ({err})")
         return 1
-    stacks = sorted({e.get("owner") or "(no owner)" for e in owners.services.values()})
-    listed = [f"{s} (repair {'on' if config.repairs(s) else 'off'})" for s in stacks]
-    write(f"stacks: {', '.join(listed) or 'none'}")
+    write(f"stacks: {', '.join(_stack_repair(view.services, config, config_path)) or 'none'}")
     if view.kept and view.missing_modules:
         write(f"modules missing: {' '.join(view.missing_modules)}")
     if view.kept and not view.forwarding:
@@ -737,6 +749,25 @@ def _describe_runtime(saved: dict | None, config: Config, now: float, write) -> 
     every = float(saved.get("intervalSeconds") or config.interval)
     write(f"last reconcile: {_now_text(last)} ({now - last:.1f} s ago; every {every:g} s)")
     return state == "running"
+
+
+def _stack_repair(services: list[Service], config: Config, config_path: str) -> list[str]:
+    """Each owning stack with whether the runtime repairs it, and what says so: the stack's
+    config (ipvs-ingress:repair, recorded per service by its last apply) or this director's
+    runtime.json, which can only turn a stack off."""
+    out = []
+    for stack in sorted({s.owner or "(no owner)" for s in services}):
+        mine = [s for s in services if (s.owner or "(no owner)") == stack]
+        off = sum(not s.repair for s in mine)
+        if not config.repairs(stack if stack != "(no owner)" else None):
+            out.append(f"{stack} (repair off: {config_path})")
+        elif off == len(mine):
+            out.append(f"{stack} (repair off: ipvs-ingress:repair false)")
+        elif off:
+            out.append(f"{stack} (repair off for {off} of {len(mine)} services: ipvs-ingress:repair false)")  # fmt: skip
+        else:
+            out.append(f"{stack} (repair on)")
+    return out
 
 
 def _pid_alive(pid) -> bool:

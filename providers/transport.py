@@ -266,7 +266,10 @@ class RuntimeSession:
         self._channel, self._out = channel, channel.makefile("rb")
         channel.settimeout(INSTALL_START_TIMEOUT)
         channel.exec_command("exec python3 -u -c " + _shell_quote(_BOOT))
-        channel.sendall((json.dumps(_SOURCES) + "\n").encode())
+        try:
+            channel.sendall((json.dumps(_SOURCES) + "\n").encode())
+        except (OSError, EOFError, paramiko.SSHException):
+            pass  # it exited before reading them all (no python3): its stderr below says why
         self.installs += 1
         doing = f"installing the runtime on director {d.host} (python3 -u -c ...)"
         reply = self._read_line(doing)

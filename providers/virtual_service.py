@@ -1,7 +1,8 @@
 """The VirtualService dynamic resource: one IPVS virtual service (VIP:port/protocol) on a director.
 
 check and diff are pure (no SSH), so `pulumi preview` works in a pull request with no route to
-the director. create/update/read/delete go through one pooled agent session per director.
+the director. create/update/read/delete are requests to the director's runtime, over one pooled
+SSH session per director.
 The SSH private key comes from the stack config in `configure`, so it is never an attribute of
 the pickled provider, never a resource input, and never an output.
 """
@@ -87,7 +88,7 @@ class VirtualServiceProvider(ResourceProvider):
             # Preview: the known parts passed; the rest is checked again once it is known.
             return CheckResult(news, [])
         director, spec = model.parse_virtual_service(news)
-        return CheckResult(model.to_props(director, spec), [])
+        return CheckResult(model.to_props(director, spec, model.repair_of(news)), [])
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         # Drift that refresh found and the inputs cannot show (e.g. a forwarding method) is repaired too.
@@ -108,7 +109,7 @@ class VirtualServiceProvider(ResourceProvider):
     # stack's own state holds the service: they adopt it if the director's record was lost.
     def create(self, props: dict[str, Any]) -> CreateResult:
         director, spec = model.parse_virtual_service(props)
-        result = self._apply(director, spec, adopt=False)
+        result = self._apply(director, spec, model.repair_of(props), adopt=False)
         return CreateResult(
             f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result)
         )
@@ -117,7 +118,7 @@ class VirtualServiceProvider(ResourceProvider):
         director, spec = model.parse_virtual_service(news)
         # A renamed stack or project: the director records the service under the old name.
         former = olds.get("owner") if isinstance(olds.get("owner"), str) else ""
-        result = self._apply(director, spec, adopt=True, former=former)
+        result = self._apply(director, spec, model.repair_of(news), adopt=True, former=former)
         return UpdateResult(_outputs(director, spec, result))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
@@ -132,7 +133,12 @@ class VirtualServiceProvider(ResourceProvider):
         self._session(director).request("delete", **_where(director, spec))
 
     def _apply(
-        self, director: model.Director, spec: model.VirtualServiceSpec, adopt: bool, former=""
+        self,
+        director: model.Director,
+        spec: model.VirtualServiceSpec,
+        repair: bool,
+        adopt: bool,
+        former="",
     ) -> dict:
         session = self._session(director)
         result = session.request(
@@ -140,6 +146,7 @@ class VirtualServiceProvider(ResourceProvider):
             spec=model.spec_to_dict(spec),
             interface=director.interface,
             adopt=adopt,
+            repair=repair,  # recorded with the spec: whether the director's runtime repairs it
             **({"formerOwner": former} if former and former != spec.owner else {}),
         )
         log.info(
@@ -165,7 +172,7 @@ def _normalized(props: dict[str, Any]) -> dict[str, Any]:
     """Input-shaped, normalized view of stored props (numbers from gRPC arrive as floats)."""
     inputs = {k: props[k] for k in model.INPUT_KEYS if k in props}
     try:
-        return model.to_props(*model.parse_virtual_service(inputs))
+        return model.to_props(*model.parse_virtual_service(inputs), model.repair_of(inputs))
     except model.InvalidSpec:
         return inputs
 
@@ -176,7 +183,7 @@ def _parsed_inputs(props: dict[str, Any]) -> dict[str, Any] | None:
     if _has_unknown(inputs):
         return None
     try:
-        return model.to_props(*model.parse_virtual_service(inputs))
+        return model.to_props(*model.parse_virtual_service(inputs), model.repair_of(inputs))
     except model.InvalidSpec:
         return None
 
@@ -200,7 +207,8 @@ def _diff_unparsed(olds: dict[str, Any], news: dict[str, Any], drift: bool) -> D
     """
     old_id, new_id = _identity(olds), _identity(news)
     replaces = [k for k in model.REPLACE_KEYS if new_id[k] is _UNSEEN or new_id[k] != old_id[k]]
-    inputs = [{k: p.get(k) for k in model.INPUT_KEYS} for p in (olds, news)]
+    # State from before the repair input has none: it meant true, as an explicit true does.
+    inputs = [{k: p.get(k, True if k == "repair" else None) for k in model.INPUT_KEYS} for p in (olds, news)]  # fmt: skip
     changes = bool(replaces) or drift or _has_unknown(inputs[1]) or inputs[0] != inputs[1]
     return DiffResult(
         changes=changes, replaces=replaces, delete_before_replace=_delete_first(replaces)
@@ -277,10 +285,16 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
     `realServers`, `scheduler` and `persistenceSeconds` are the kernel's values, so a refresh
     that finds drift shows it as a diff against the program's inputs; `vipBound` (the VIP on
     director.interface) and `ipForward` are part of `inSync`; the next `up` repairs all of it.
+    `desired` is the table the director records for this service (what its runtime restores
+    and, with `repair` on, keeps): ipvsadm lines next to the live `ipvsadm`; a record that is
+    missing, pending or not this spec is drift too, as is a recorded `repair` other than the
+    input's (shown as a change of `repair`). So a stack with repair off still sees its drift.
     """
-    outs = model.to_props(director, spec)
+    outs = model.to_props(director, spec, result.get("repair", True) is not False)
     bound, forward = bool(result.get("vipBound")), bool(result.get("ipForward"))
-    outs.update(vipBound=bound, ipForward=forward)
+    desired = [str(line) for line in result.get("desired") or []]
+    recorded = desired == model.ipvsadm_lines(spec) and result.get("recordState") == "applied"
+    outs.update(vipBound=bound, ipForward=forward, desired=desired)
     live = result.get("live")
     if live is None:
         outs.update(realServers=[], ipvsadm=[], inSync=False)
@@ -295,7 +309,7 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
             if d.forwarding == model.ROUTE and d.port == spec.port  # the rest: ipvsadm, inSync
         ],
         ipvsadm=model.ipvsadm_lines(state),
-        inSync=not model.plan(state, spec) and bound and forward,
+        inSync=not model.plan(state, spec) and bound and forward and recorded,
     )
     return outs
 
@@ -307,6 +321,7 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
     port: pulumi.Output[int]
     protocol: pulumi.Output[str]
     ipvsadm: pulumi.Output[list[str]]
+    desired: pulumi.Output[list[str]]
 
     def __init__(
         self, name: str, props: dict[str, Any], opts: pulumi.ResourceOptions | None = None
@@ -314,7 +329,10 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
         super().__init__(
             VirtualServiceProvider(),
             name,
-            {**props, "ipvsadm": None, "inSync": None, "vipBound": None, "ipForward": None},
+            {
+                **props,
+                **dict.fromkeys(("ipvsadm", "desired", "inSync", "vipBound", "ipForward")),
+            },
             opts,
         )
 

@@ -46,6 +46,7 @@ VS_INPUTS = {
     "persistenceSeconds",
     "realServers",
     "owner",
+    "repair",
 }
 
 
@@ -76,6 +77,7 @@ def dev_virtual_services() -> dict[str, dict]:
             "persistenceSeconds": persistence,
             "realServers": real_servers,
             "owner": "ipvs-ingress/dev",  # <project>/<stack>: ownership on the director
+            "repair": True,  # ipvs-ingress:repair, unset: the director runtime repairs drift
         }
         for name, (vip, port, protocol, scheduler, persistence, real_servers) in table.items()
     }

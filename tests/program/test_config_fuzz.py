@@ -100,6 +100,8 @@ def valid_config(rng: random.Random) -> dict[str, Any]:
         "realServers": [{"address": a, "weight": rng.randint(0, 65535)} for a in nodes],
         "director": director,
     }
+    if rng.random() < 0.3:  # ipvs-ingress:repair, as YAML gives it or as the engine hands it over
+        values["repair"] = rng.choice([True, False, "true", "false"])
     if rng.random() < 0.7:
         values["app"] = {
             "name": rng.choice(["nginx", "web-1"]),
@@ -234,9 +236,17 @@ def drop_key(rng, values) -> bool:
     return required
 
 
+BAD_BOOLEANS = ["yes", "no", "True", "FALSE", "", "1", 0, 1, 0.0, [], {}, [True], "true\n"]
+
+
+def bad_repair(rng, values) -> bool:
+    values["repair"] = copy.deepcopy(rng.choice(BAD_BOOLEANS))
+    return True
+
+
 MUTATIONS = [
     bad_number, whole_float, hidden_character, zone_id, unservable, bad_host, bad_key,
-    bad_image, junk, unknown_key, drop_key,
+    bad_image, junk, unknown_key, drop_key, bad_repair,
 ]  # fmt: skip
 
 
@@ -349,6 +359,17 @@ def one_case(rng: random.Random) -> tuple[str, dict, bool]:
     return "+".join(names) or "valid", values, must_refuse
 
 
+def expected_repair(values: dict) -> bool | None:
+    """What ipvs-ingress:repair must load as; None: it must be refused. Written from the key's
+    contract (a boolean or its text, unset is true), not from the loader."""
+    raw = values.get("repair")
+    if raw is None:
+        return True
+    if type(raw) is bool:
+        return raw
+    return {"true": True, "false": False}.get(raw) if isinstance(raw, str) else None
+
+
 def run_loader(values: dict, as_stack_file: bool):
     if as_stack_file:
         return load_stack_file({f"ipvs-ingress:{k}": v for k, v in values.items()})
@@ -379,6 +400,8 @@ def test_config_loader_fuzz():
         if must_refuse:
             failures.append(f"case {i} ({name}): accepted an input that must be refused")
         failures += [f"case {i} ({name}): accepted {w}" for w in sound(cfg)]
+        if cfg.repair is not expected_repair(values):
+            failures.append(f"case {i} ({name}): repair {values.get('repair')!r} loaded as {cfg.repair!r}")  # fmt: skip
     assert failures == [], "\n".join(failures[:20])
     # Both outcomes were exercised in earnest.
     assert tally["accepted"] >= CASES // 10 and tally["refused"] >= CASES // 2, tally

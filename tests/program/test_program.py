@@ -107,6 +107,7 @@ def test_one_virtual_service_per_vip_and_port_with_exact_inputs(dev_run):
         assert set(reg.inputs) - VS_INPUTS <= {
             "__provider",
             "ipvsadm",
+            "desired",
             "inSync",
             "vipBound",
             "ipForward",

@@ -54,7 +54,7 @@ def test_private_key_is_a_secret_without_a_default(project):
     assert decl == {"type": "string", "secret": True, "description": decl["description"]}
 
 
-def test_only_app_the_guard_and_kubernetes_are_optional(project):
+def test_only_app_the_guard_kubernetes_and_repair_are_optional(project):
     # Every other key has no sensible default: the engine then insists that a stack sets it.
     config = project["config"]
     assert {k for k, d in config.items() if "default" in d} == {
@@ -62,9 +62,11 @@ def test_only_app_the_guard_and_kubernetes_are_optional(project):
         "guardExternalIPs",
         "externalIPPool",
         "kubernetes",
+        "repair",
     }
     assert config["app"]["default"] == {}
     assert config["kubernetes"] == {**config["kubernetes"], "type": "boolean", "default": True}
+    assert config["repair"] == {**config["repair"], "type": "boolean", "default": True}
     # The defaults the engine passes mean what the program assumes when a key is unset: on, no pool.
     stack = yaml.safe_load(STACKS[0].read_text())["config"]
     defaults = {f"ipvs-ingress:{k}": config[k]["default"] for k in GUARD_KEYS}

@@ -52,7 +52,11 @@ class _Server(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel, command):
         self.sshd.execs += 1
-        threading.Thread(target=self.on_exec, args=(channel, command.decode()), daemon=True).start()
+        # After paramiko has answered the exec request, as sshd's process starts only then: a
+        # handler that closes at once must not close the channel before the answer goes out.
+        timer = threading.Timer(0.05, self.on_exec, args=(channel, command.decode()))
+        timer.daemon = True
+        timer.start()
         return True
 
 

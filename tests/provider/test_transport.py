@@ -117,9 +117,12 @@ def sshd(private_key):
         server.close()
 
 
-def test_agent_that_cannot_start_says_why_once(sshd, private_key):
+@pytest.mark.parametrize("reads", [0, 65536], ids=["exits-at-once", "exits-mid-sources"])
+def test_an_installer_that_cannot_start_says_why_once(sshd, private_key, reads):
+    # The shell fails before (or while) the sources arrive: the send may fail, the reason stands.
     def no_python(channel, command):
-        channel.recv(65536)
+        if reads:
+            channel.recv(reads)
         channel.send_stderr(b"sh: 1: exec: python3: not found\n")
         channel.send_exit_status(127)
         channel.close()

@@ -40,6 +40,8 @@ def full_props() -> dict:
     }
     if "owner" in model.INPUT_KEYS:  # the stack that owns the service, where the model has it
         props["owner"] = "ipvs-ingress/test"
+    if "repair" in model.INPUT_KEYS:  # ipvs-ingress:repair, recorded for the director runtime
+        props["repair"] = True
     return props
 
 
@@ -77,7 +79,8 @@ PATHS = paths(full_props())
 
 def test_every_property_is_covered():
     assert (
-        len(PATHS) == 19 + ("owner" in model.INPUT_KEYS) and ("realServers", 1, "weight") in PATHS
+        len(PATHS) == 19 + ("owner" in model.INPUT_KEYS) + ("repair" in model.INPUT_KEYS)
+        and ("realServers", 1, "weight") in PATHS
     )
 
 

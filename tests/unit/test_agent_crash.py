@@ -89,6 +89,13 @@ SCENARIOS = {
         {80: rows([("203.0.113.12", 5), ("203.0.113.14", 1)])},
         2,
     ),
+    "turn repair off (a record change only)": (
+        [request("apply", servers=A)],
+        None,
+        request("apply", adopt=True, servers=A) | {"repair": False},
+        {80: rows(A)},
+        2,
+    ),
     "delete, VIP still used": (
         [request("apply", servers=A), request("apply", port=443, servers=A)],
         None,
@@ -162,6 +169,9 @@ def test_killed_at_every_step_the_next_run_converges(name, tmp_path, monkeypatch
         assert all(
             e["owner"] == OWNER and e["state"] == "applied" for e in record["services"].values()
         )
+        if killed["op"] == "apply":  # the repair setting the request carried (absent: on)
+            setting = killed.get("repair", True)
+            assert record["services"][f"tcp/{VIP}:80"]["repair"] is setting, name
         if expected:  # nothing left to do, and the service is ours
             again = agent.Agent(kernel).handle(
                 json.loads(

@@ -51,6 +51,13 @@ def test_read_reports_ownership_vip_binding_and_forwarding(kernel):
         "owner": OWNER,
         "vipBound": True,
         "ipForward": True,
+        # What the record holds (item 3 of issue 8): refresh shows it next to the live table.
+        "desired": [
+            "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
+            "TCP 203.0.113.201:80 wlc -> 203.0.113.12:80 Route 1",
+        ],
+        "repair": True,
+        "recordState": "applied",
     }
     kernel.addresses.clear()
     kernel.forwarding = False

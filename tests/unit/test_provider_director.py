@@ -96,7 +96,9 @@ def test_after_the_state_file_is_lost_refresh_keeps_the_resource_and_destroy_rem
     id_, _, outs = created(provider)
     os.unlink(ownership.STATE_PATH)
     refreshed = provider.read(id_, outs)
-    assert refreshed.id == id_ and refreshed.outs["inSync"] is True
+    # Kept, and out of sync: the director records no desired table for it any more.
+    assert refreshed.id == id_ and refreshed.outs["ipvsadm"] == outs["ipvsadm"]
+    assert (refreshed.outs["desired"], refreshed.outs["inSync"]) == ([], False)
     provider.delete(id_, refreshed.outs)
     assert kernel.services == {} and kernel.addresses == {(2, "203.0.113.201")}
 

@@ -1,0 +1,68 @@
+"""The SDK's provider server (`python -m pulumi.dynamic`) with a director on this machine: the
+real agent on test_agent_logic's in-memory kernel, in place of the SSH session.
+
+    python -u -m tests.provider.memory_director DIR
+
+Everything the engine does goes through gRPC as usual; only `POOL.session` is replaced, so the
+provider's create/read/update/delete reach agent.Agent directly, every request and reply
+crossing JSON as on the wire. The kernel lives in DIR/kernel.json between requests (a test
+edits it for out-of-band drift), the record in DIR/state.json.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+from providers import agent, model, ownership, transport
+from tests.unit.test_agent_logic import MemoryKernel
+
+
+def load_kernel(path: Path) -> MemoryKernel:
+    kernel = MemoryKernel()
+    if path.exists():
+        data = json.loads(path.read_text())
+        for doc in data["services"]:
+            svc = model.LiveService.from_dict(doc)
+            kernel.services[(svc.protocol, svc.vip, svc.port)] = svc
+        kernel.addresses = {(index, vip) for index, vip in data["addresses"]}
+        kernel.forwarding, kernel.loaded = data["forwarding"], data["loaded"]
+    return kernel
+
+
+def save_kernel(path: Path, kernel: MemoryKernel) -> None:
+    data = {
+        "services": [svc.to_dict() for svc in kernel.services.values()],
+        "addresses": sorted(kernel.addresses),
+        "forwarding": kernel.forwarding,
+        "loaded": kernel.loaded,
+    }
+    path.write_text(json.dumps(data))
+
+
+class Session:
+    def __init__(self, folder: Path):
+        self.kernel_path = folder / "kernel.json"
+
+    def request(self, op: str, **fields) -> dict:
+        kernel = load_kernel(self.kernel_path)
+        try:
+            reply = agent.Agent(kernel).handle(json.loads(json.dumps({"op": op, **fields})))
+        finally:
+            save_kernel(self.kernel_path, kernel)
+        return json.loads(json.dumps(reply))
+
+
+def main(folder: Path) -> None:
+    ownership.STATE_PATH = str(folder / "state.json")
+    ownership.LOCK_PATH = str(folder / "lock")
+    session = Session(folder)
+    transport.POOL.session = lambda _director, _key: session
+    sys.argv = [sys.argv[0]]
+    runpy.run_module("pulumi.dynamic", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
