@@ -443,6 +443,33 @@ def test_status_shows_desired_against_live_version_and_stacks(rt_lab, served, re
     assert any(line.endswith(f"repaired {KEY}: set-service scheduler rr -> wlc") for line in lines)
 
 
+def test_a_power_cut_right_after_an_apply_keeps_that_apply(rt_lab, served, request):
+    """An apply that returned is durable: the record on the director's disk says what it made,
+    so after a power cut the runtime restores exactly that (not an older table, not nothing)."""
+    id_, inputs, _ = served
+    heavier = {**vs_props(rt_lab), "realServers": [{"address": N1, "weight": 3}, {"address": N2, "weight": 1}]}  # fmt: skip
+    provider = connect(rt_lab)
+    try:
+        new, _ = provider.check(heavier)
+        provider.update(id_, inputs, new)
+    finally:
+        provider.close()
+    took = rt_lab.power_cut()  # at once: no time for the guest to write back on its own
+    deadline = time.monotonic() + 60
+    while f"-r {N1}:80 -g -w 3" not in rt_lab.ipvsadm_sn():
+        assert time.monotonic() < deadline, "\n".join(ops.status(rt_lab)[1])
+        time.sleep(0.5)
+    answers = rt_lab.http_from_client(f"http://{VIP}/", 6)  # raises on any failure
+    entry = json.loads(rt_lab.director(f"cat {ops.STATE}").stdout)["services"][KEY]
+    _say(
+        request,
+        f"runtime lab: power cut right after an apply: restored as applied "
+        f"(VM start to sshd {took.up:.1f}s), {len(answers)}/6 GETs ok",
+    )
+    assert entry["state"] == "applied", entry
+    assert {"address": N1, "weight": 3} in entry["spec"]["realServers"], entry
+
+
 def test_the_readmes_uninstall_leaves_the_table_and_removes_the_runtime(rt_lab, served):
     ops.uninstall(rt_lab)
     gone = rt_lab.director(f"systemctl is-enabled {runtime.UNIT_NAME}", check=False)
