@@ -4,7 +4,7 @@ and nothing on it changes.
 The pyroute2 and IPVS cases break the session's lab director on purpose (in its tmpfs overlay)
 and restore it after; for the pyroute2 ones the runtime is uninstalled first (the README's
 steps), so the provider's install is what finds them. A director without systemd is a lab of
-its own with the busybox init.
+its own with the busybox init (marked slow_lab: a second VM).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def busybox_lab(request):
         yield lab
 
 
+@pytest.mark.slow_lab  # a second VM
 def test_a_director_without_systemd_is_one_line_and_nothing_changes(busybox_lab, request):
     lab = busybox_lab
     before = footprint(lab)
