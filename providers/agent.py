@@ -166,6 +166,25 @@ class Kernel:
                 return True
         return False
 
+    def bound_addresses(self, index: int) -> set[str]:
+        """Every address on the interface, in one dump (the runtime's pass over many VIPs)."""
+        return {
+            a
+            for msg in self.ipr.addr("dump", index=index)
+            for a in (msg.get("IFA_ADDRESS"), msg.get("IFA_LOCAL"))
+            if a
+        }
+
+    def table_text(self) -> str:
+        """The kernel's own text of the IPVS table ("" without ip_vs): a few ms to read where the
+        netlink reads of 39 services with 10 real servers take 1.5 s under emulation. The
+        runtime only compares it with itself to notice a change; its values are never parsed."""
+        try:
+            with open("/proc/net/ip_vs") as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def add_address(self, index: int, vip: str) -> None:
         prefix = 128 if ":" in vip else 32
         try:

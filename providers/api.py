@@ -78,6 +78,7 @@ class Api:
         self.allowed = allowed or (lambda conn: peer_uid(conn) in ALLOWED_UIDS)
         self.greeting = greeting or {}
         self.busy = 0
+        self.last_active = float("-inf")  # monotonic end of the last request
         self._idle = threading.Condition()
         self._closing = False
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -135,9 +136,15 @@ class Api:
             finally:
                 with self._idle:
                     self.busy -= 1
+                    self.last_active = time.monotonic()
                     self._idle.notify_all()
 
         return guarded
+
+    def idle_seconds(self) -> float:
+        """Since the last request ended; 0 while one runs."""
+        with self._idle:
+            return 0.0 if self.busy else time.monotonic() - self.last_active
 
     def close(self, wait: float = DRAIN_SECONDS) -> bool:
         """Stop listening; True when no request was left running after `wait`."""

@@ -78,6 +78,13 @@ class MemoryKernel:
     def has_address(self, index, vip):
         return (index, vip) in self.addresses
 
+    def bound_addresses(self, index):
+        return {vip for i, vip in self.addresses if i == index}
+
+    def table_text(self):
+        """Changes whenever the table does, as /proc/net/ip_vs does (any deterministic text)."""
+        return repr(sorted(self.services.items())) if self.loaded else ""
+
     def add_address(self, index, vip):
         self.step("bind")
         assert (index, vip) not in self.addresses, "EEXIST"

@@ -167,3 +167,17 @@ def test_connections_are_served_in_parallel(listening):
         t.join(10)
     assert results == [True] * 4
     assert time.monotonic() - started < 1.5  # not 4 x 0.5 s one after the other
+
+
+def test_idle_seconds_say_how_long_since_a_request_ran(listening):
+    a, _ = listening(allowed=lambda conn: True)
+    assert a.idle_seconds() == float("inf")  # none yet: a new runtime is quiet
+    conn, r, w = _talk(a.port)
+    with conn:
+        r.readline()
+        _send(w, {"id": 1, "op": "sleep", "seconds": 0.5, "version": "v1"})
+        time.sleep(0.2)
+        assert a.idle_seconds() == 0.0  # one is running
+        r.readline()
+        time.sleep(0.1)
+        assert 0.05 < a.idle_seconds() < 1.0

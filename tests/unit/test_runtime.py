@@ -503,3 +503,140 @@ def test_run_notifies_systemd_once_ready_and_survives_a_failing_pass(paths, monk
     assert "reconcile failed: OSError: [Errno 105] No buffer space available" in rt.logged
     assert rt.logged[-1] == "stopping: the IPVS table and VIPs stay as they are"
     assert kernel.table() == TABLE  # restored, and kept after the failed pass
+
+
+# --- the cheap mark: a steady pass reads no table over netlink ----------------------------------
+
+# As the lab's kernel prints /proc/net/ip_vs (fields padded, lines end in spaces), with the
+# first real server's counters to fill in.
+REAL_TEXT = "".join(
+    line + "\n"
+    for line in (
+        "IP Virtual Server version 1.2.1 (size=4096)",
+        "Prot LocalAddress:Port Scheduler Flags",
+        "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn",
+        "TCP  CB0071C9:0050 wlc ",
+        "  -> CB00710B:0050      Route   1      {a:<10} {b:<10}",
+        "  -> CB00710C:0050      Route   1      0          0         ",
+    )
+)
+
+
+class CountingKernel(MemoryKernel):
+    def __init__(self):
+        super().__init__()
+        self.netlink_reads = 0
+
+    def get_service(self, protocol, vip, port):
+        self.netlink_reads += 1
+        return super().get_service(protocol, vip, port)
+
+
+def test_the_mark_ignores_connection_counters_and_nothing_else():
+    class Text(MemoryKernel):
+        text = ""
+
+        def table_text(self):
+            return self.text
+
+    k, owners, config = Text(), ownership.Ownership.__new__(ownership.Ownership), runtime.Config()
+    owners.services, owners.addresses = {}, {}
+    marks = []
+    for text in (REAL_TEXT.format(a=0, b=0), REAL_TEXT.format(a=17, b=2300),
+                 REAL_TEXT.format(a=0, b=0).replace("Route   1 ", "Route   2 "),
+                 REAL_TEXT.format(a=0, b=0).replace("wlc", "rr "),
+                 REAL_TEXT.format(a=0, b=0).replace("Route", "Masq ")):  # fmt: skip
+        k.text = text
+        marks.append(runtime.mark(k, owners, config, False))
+    assert marks[0] == marks[1]  # traffic moved the counters: no change
+    assert len(set(marks[1:])) == 4  # a weight, the scheduler, the forwarding method: changes
+
+
+@pytest.mark.parametrize(
+    "drift",
+    ["flush", "weight", "dest deleted", "vip unbound", "ip_forward off", "ip_vs unloaded"],
+)
+def test_after_steady_passes_each_drift_is_still_repaired_in_one_pass(paths, drift):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()  # full: finds it in sync, marks it steady
+    reads = kernel.netlink_reads
+    for _ in range(5):
+        assert rt.reconcile() == []
+    assert kernel.netlink_reads == reads and rt.full_passes == 1  # steady: no netlink table read
+    svc = kernel.services[("tcp", VIP, 80)]
+    if drift == "flush":
+        kernel.services.clear()
+    elif drift == "weight":
+        dests = (dataclasses.replace(svc.dests[0], weight=5), *svc.dests[1:])
+        kernel.services[("tcp", VIP, 80)] = dataclasses.replace(svc, dests=dests)
+    elif drift == "dest deleted":
+        kernel.services[("tcp", VIP, 80)] = dataclasses.replace(svc, dests=svc.dests[1:])
+    elif drift == "vip unbound":
+        kernel.addresses.clear()
+    elif drift == "ip_forward off":
+        kernel.forwarding = False
+    else:
+        kernel.loaded, kernel.services = False, {}
+    assert rt.reconcile() != []  # repaired in the very next pass
+    settled(kernel)
+    assert rt.full_passes == 2 and rt.reconcile() == [] and rt.full_passes == 3
+    assert rt.reconcile() == [] and rt.full_passes == 3  # steady again
+
+
+def test_a_change_of_the_record_or_the_settings_is_judged_in_full(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    rt.reconcile()
+    assert rt.full_passes == 1
+    apply(kernel, port=443)  # a provider's apply: the record changed
+    rt.reconcile()
+    assert rt.full_passes == 2
+    (paths / "runtime.json").write_text(json.dumps({"repair": {OWNER: False}}))
+    rt.reconcile()
+    assert rt.full_passes == 3 and rt.status()["services"][KEY]["kept"] is False
+
+
+def test_a_full_pass_comes_at_least_every_minute_anyway(paths, monkeypatch):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    rt.reconcile()
+    assert rt.full_passes == 1
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: rt.full_due + 0.1)
+    rt.reconcile()
+    assert rt.full_passes == 2
+
+
+def test_while_a_provider_applies_full_passes_wait_for_it_to_go_quiet(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    quiet = [0.0]  # seconds since the provider's last request
+    rt.idle = lambda: quiet[0]
+    for port in (443, 444, 445):  # a create in progress: the record moves every pass
+        apply(kernel, port=port)
+        reads = kernel.netlink_reads
+        rt.reconcile()
+        assert kernel.netlink_reads == reads  # the pass read no table
+    assert rt.deferred_passes == 3 and rt.full_passes == 1
+    kernel.services.clear()  # drift meanwhile: judged as soon as the provider is quiet
+    assert rt.reconcile() == [] and rt.deferred_passes == 4
+    quiet[0] = rt.config.interval
+    assert len(rt.reconcile()) == 12 and rt.full_passes == 2  # 4 services x (1 + 2 dests)
+    settled(kernel)
+
+
+def test_a_restore_at_boot_never_waits(paths):
+    apply(MemoryKernel())
+    rebooted = MemoryKernel()
+    rebooted.loaded = False
+    rt = make_runtime(rebooted, paths, restoring=True)
+    rt.idle = lambda: 0.0
+    assert rt.reconcile() != []
+    settled(rebooted)
