@@ -132,11 +132,17 @@ def uninstall(lab) -> None:
     lab.director(documented_uninstall(), timeout=120)
 
 
-def held_for(lab, owner: str) -> tuple[list[str], list[str]]:
-    """What the runtime still holds for stack `owner`: the lines of `ipvs-ingress status` that
-    name it, and the services its status file (written by a pass after this call) gives it."""
+def held_for(lab, owner: str, want=(), timeout: float = 20) -> tuple[list[str], list[str]]:
+    """What the runtime holds for stack `owner`: the lines of `ipvs-ingress status` that name it
+    (the record and the live table, read now), and the services (sorted) of the runtime's own
+    view in its status file. The view is the last full pass's, and full passes wait while a
+    provider is busy: polled until it holds `want`, or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        saved = json.loads(lab.director(f"cat {STATUS_JSON}").stdout)
+        services = sorted(k for k, s in saved["services"].items() if s.get("owner") == owner)
+        if services == sorted(want) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     _, lines = status(lab)
-    wait_for_pass(lab)
-    saved = json.loads(lab.director(f"cat {STATUS_JSON}").stdout)
-    services = [k for k, s in saved["services"].items() if s.get("owner") == owner]
     return [line for line in lines if owner in line], services
