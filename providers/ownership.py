@@ -78,6 +78,13 @@ class Ownership:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename is durable only once the directory is: without this a power cut soon after
+        # an apply returned brings back the record before it (seen in the lab: 'pending').
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def standing(self, key: str, owner: str, adopt: bool, live, former: str = "") -> str:
         """Whose `key` is, for the stack `owner` (`former`: its name before a rename):
