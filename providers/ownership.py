@@ -201,12 +201,16 @@ def _fields_ok(entry: dict) -> bool:
 @contextmanager
 def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
     path = path or LOCK_PATH
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # Root's only (0600, also when it existed): flock works on a read-only descriptor, so a lock
+    # file others can open is one any local user could hold, stopping every apply and repair.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
         deadline = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -217,4 +221,6 @@ def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -4,7 +4,7 @@ Runs on the director under systemd (unit `ipvs-ingress.service`, see `unit_text`
 pyroute2 only, through the agent's own Kernel; `python3 -m providers.runtime run` with the
 sources' folder on PYTHONPATH, installed and upgraded by the provider (providers/install.py).
 It is also the provider's request path: providers/api.py answers create/read/update/delete/plan
-on 127.0.0.1:7463 with an Agent per connection, in this process.
+on 127.0.0.1:747 with an Agent per connection, in this process.
 
 Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
 (services with owner stack, spec, interface, state and repair; the VIPs ipvs-ingress bound). The

@@ -250,7 +250,7 @@ def test_sshd_that_forbids_forwarding_is_one_line_with_the_fix(director_with, pr
         transport.RuntimeSession(director, private_key).request("read")
     msg = str(err.value)
     assert msg.startswith(
-        "director 127.0.0.1: sshd refused a channel to the runtime at 127.0.0.1:7463"
+        "director 127.0.0.1: sshd refused a channel to the runtime at 127.0.0.1:747"
     )
     assert "AllowTcpForwarding local" in msg and "\n" not in msg
     assert sshd.execs == 0  # nothing was installed through a path that cannot be used after
