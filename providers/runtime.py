@@ -34,7 +34,8 @@ none and mean true) and /etc/ipvs-ingress/runtime.json does not turn its owner s
 operator on the director can only turn a stack off, never on against its config. A stack with
 repair off keeps its drift (status and `pulumi refresh` show it: read returns the recorded
 desired table next to the live one) until its next `pulumi up`, except at boot: the first start
-after a boot restores every stack (a reboot is not an operator's change). Status says per stack
+after a boot restores every stack (a reboot is not an operator's change), pass after pass until
+one finds everything in place (the lock was free, the VIPs' interfaces exist). Status says per stack
 whether it is repaired and what turned it off.
 
 Settings: /etc/ipvs-ingress/runtime.json, read again when it changes, e.g.
@@ -444,6 +445,9 @@ class Runtime:
                 self.full_due = time.monotonic() + FULL_PASS_SECONDS
                 self.full_passes += 1
                 self.view = view
+                # The boot restore lasts until a pass finds it all in place: a first pass kept
+                # from the lock, or before the VIP's interface existed, must not end it.
+                self.restoring = self.restoring and view.drift
             view = self.view
             for s in view.services:
                 if s.left:
@@ -452,7 +456,6 @@ class Runtime:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
         self._settle_notes(notes)
-        self.restoring = False
         self.last_reconcile = self.clock()
         self.pass_seconds = time.monotonic() - began
         self.write_status()

@@ -640,3 +640,45 @@ def test_a_restore_at_boot_never_waits(paths):
     rt.idle = lambda: 0.0
     assert rt.reconcile() != []
     settled(rebooted)
+
+
+# --- the boot restore lasts until a pass finds everything in sync -------------------------------
+
+
+def test_a_boot_restore_the_lock_held_off_is_done_by_the_next_free_pass(paths):
+    kernel = MemoryKernel()
+    apply(kernel, owner=OTHER)
+    config = {"intervalSeconds": 0.5, "repair": {OTHER: False}}
+    rt = make_runtime(kernel, paths, restoring=True, config=config)
+    kernel.services.clear()  # as after a reboot; the stack's repair is off
+    kernel.addresses.clear()
+    with ownership.director_lock():  # a provider's apply holds the lock through the first pass
+        assert rt.reconcile() == [] and kernel.services == {}
+    assert rt.reconcile() == [
+        f"restored {KEY}: add-service wlc",
+        f"restored {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"restored {KEY}: add-dest 203.0.113.12:80 weight 1",
+        f"restored VIP {VIP}: bind on eth0",
+    ]
+    settled(kernel)
+    kernel.services.clear()  # restored once: from now on the stack's repair is off again
+    assert rt.reconcile() == [] and kernel.services == {}
+
+
+def test_a_boot_restore_binds_a_vip_whose_interface_appears_later(paths):
+    kernel = MemoryKernel()
+    apply(kernel, owner=OTHER)
+    rt = make_runtime(kernel, paths, restoring=True, config={"repair": {OTHER: False}})
+    kernel.services.clear()
+    kernel.addresses.clear()
+    kernel.interfaces = {"eth1": 3}  # eth0's driver is still loading
+    assert rt.reconcile() == [
+        f"restored {KEY}: add-service wlc",
+        f"restored {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"restored {KEY}: add-dest 203.0.113.12:80 weight 1",
+    ]
+    kernel.interfaces = {"eth0": 2, "eth1": 3}
+    assert rt.reconcile() == [f"restored VIP {VIP}: bind on eth0"]
+    settled(kernel)
+    kernel.addresses.clear()
+    assert rt.reconcile() == [] and kernel.addresses == set()  # repair off from now on
