@@ -89,6 +89,10 @@ BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the lo
 # A pass reads the table over netlink (1.5 s for 39 services x 10 real servers under qemu TCG)
 # only when its cheap mark changed, and at least this often anyway.
 FULL_PASS_SECONDS = 60.0
+# Full passes wait while a provider's requests keep coming, but at most this many in a row: a
+# director busy for long (a long `pulumi up`, refresh loops) still gets its repairs, about this
+# many intervals late (a full pass works under the director lock, so it is safe at any time).
+DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
@@ -385,6 +389,7 @@ class Runtime:
         self.clock = clock
         self.idle = idle  # seconds since a provider's request last ran (api.Api.idle_seconds)
         self.deferred_passes = 0
+        self.deferred_in_a_row = 0
         self.version = source_version()
         self.started = clock()
         self.config = Config()
@@ -433,10 +438,14 @@ class Runtime:
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
             # While a provider applies, its changes move the mark, and reading the whole table
             # would only take the director's CPU from it (39 services: 1.5 s per pass under
-            # emulation): the first pass after it has been quiet for an interval judges all.
-            if full and self.view is not None and not self.restoring and self.idle() < config.interval:  # fmt: skip
+            # emulation): the first pass after it has been quiet for an interval judges all,
+            # or the one after DEFER_MAX_PASSES deferred in a row.
+            busy = self.idle() < config.interval and self.deferred_in_a_row < DEFER_MAX_PASSES
+            if full and self.view is not None and not self.restoring and busy:
                 self.deferred_passes += 1
+                self.deferred_in_a_row += 1
             elif full:
+                self.deferred_in_a_row = 0
                 view = observe(self.kernel, owners, config, self.restoring)
                 if view.drift:
                     view, lines = self._repair_locked(config, notes) or (view, [])

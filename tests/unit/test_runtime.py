@@ -625,10 +625,14 @@ def test_while_a_provider_applies_full_passes_wait_for_it_to_go_quiet(paths):
         rt.reconcile()
         assert kernel.netlink_reads == reads  # the pass read no table
     assert rt.deferred_passes == 3 and rt.full_passes == 1
-    kernel.services.clear()  # drift meanwhile: judged as soon as the provider is quiet
-    assert rt.reconcile() == [] and rt.deferred_passes == 4
-    quiet[0] = rt.config.interval
+    kernel.services.clear()  # drift meanwhile: the fourth busy pass in a row judges it anyway
     assert len(rt.reconcile()) == 12 and rt.full_passes == 2  # 4 services x (1 + 2 dests)
+    settled(kernel)
+    apply(kernel, port=446)
+    assert rt.reconcile() == [] and (rt.deferred_passes, rt.full_passes) == (4, 2)
+    kernel.services.clear()  # drift meanwhile: judged as soon as the provider is quiet
+    quiet[0] = rt.config.interval
+    assert len(rt.reconcile()) == 15 and (rt.deferred_passes, rt.full_passes) == (4, 3)
     settled(kernel)
 
 
@@ -682,3 +686,24 @@ def test_a_boot_restore_binds_a_vip_whose_interface_appears_later(paths):
     settled(kernel)
     kernel.addresses.clear()
     assert rt.reconcile() == [] and kernel.addresses == set()  # repair off from now on
+
+
+# --- a busy provider delays full passes, boundedly ----------------------------------------------
+
+
+def test_a_provider_busy_every_pass_delays_a_repair_by_three_passes_at_most(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    rt.idle = lambda: 0.0  # a request ran within the interval before every pass
+    flushed = [
+        f"repaired {KEY}: add-service wlc",
+        f"repaired {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"repaired {KEY}: add-dest 203.0.113.12:80 weight 1",
+    ]
+    for round in (1, 2):  # the count of passes deferred in a row starts again after a full one
+        kernel.services.clear()
+        assert [rt.reconcile() for _ in range(4)] == [[], [], [], flushed]
+        settled(kernel)
+        assert (rt.deferred_passes, rt.full_passes) == (3 * round, 1 + round)
