@@ -122,12 +122,24 @@ def version_of(sources: Mapping[str, bytes]) -> str:
 
 
 def source_version(directory: str | os.PathLike | None = None) -> str:
-    """The version of the sources in `directory` (default: the ones this module runs from)."""
+    """The version of the sources in `directory` (default: the installed ones, through the
+    `current` link as it is now: what the status command compares the runtime's version with)."""
     folder = Path(directory) if directory else Path(__file__).parent
     try:
         return version_of({name: (folder / name).read_bytes() for name in SOURCE_FILES})
     except OSError as err:
         return f"unknown ({err.strerror}: {err.filename})"
+
+
+def running_version(module_file: str | os.PathLike) -> str:
+    """The version of the code a module was loaded from. Resolved: the installer's `current`
+    link leads to versions/<v>/providers, and a later swap of the link (an upgrade, before it
+    restarts the runtime) must not change what the running process reports."""
+    return source_version(Path(module_file).resolve().parent)
+
+
+# Once, at import: the code this process runs (source_version() reads the installed sources).
+RUNNING_VERSION = running_version(__file__)
 
 
 def unit_text(install_dir: str = INSTALL_DIR, python: str = "/usr/bin/python3") -> str:
@@ -390,7 +402,7 @@ class Runtime:
         self.idle = idle  # seconds since a provider's request last ran (api.Api.idle_seconds)
         self.deferred_passes = 0
         self.deferred_in_a_row = 0
-        self.version = source_version()
+        self.version = RUNNING_VERSION
         self.started = clock()
         self.config = Config()
         self._config_signature: object = ()

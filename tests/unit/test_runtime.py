@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -707,3 +709,34 @@ def test_a_provider_busy_every_pass_delays_a_repair_by_three_passes_at_most(path
         assert [rt.reconcile() for _ in range(4)] == [[], [], [], flushed]
         settled(kernel)
         assert (rt.deferred_passes, rt.full_passes) == (3 * round, 1 + round)
+
+
+# --- the version reported is the running code's -------------------------------------------------
+
+
+def test_the_version_is_the_running_codes_not_the_newly_installed_one(tmp_path):
+    src = Path(runtime.__file__).parent
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(src, tmp_path / "versions" / "a" / "providers", ignore=ignore)
+    shutil.copytree(src, tmp_path / "versions" / "b" / "providers", ignore=ignore)
+    model_b = tmp_path / "versions" / "b" / "providers" / "model.py"
+    model_b.write_text(model_b.read_text() + "\n# version b\n")
+    a = runtime.source_version(tmp_path / "versions" / "a" / "providers")
+    b = runtime.source_version(tmp_path / "versions" / "b" / "providers")
+    assert a != b
+    os.symlink("versions/a", tmp_path / "current")
+    # Started from a; the installer swaps `current` to b before it restarts the runtime.
+    script = (
+        "import os, sys\n"
+        "from providers import runtime\n"
+        "os.symlink('versions/b', 'next'); os.replace('next', 'current')\n"
+        "rt = runtime.Runtime(None, status_path='status.json', config_path='runtime.json')\n"
+        "print(rt.version, runtime.source_version())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "current")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # The runtime reports a (it runs a's code); the status command's "installed sources": b.
+    assert done.stdout.split() == [a, b]
