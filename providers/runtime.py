@@ -798,11 +798,17 @@ def print_status(
     except AgentError as err:
         write(f"record: {err}")
         return 1
+    except OSError as err:  # e.g. not root
+        write(f"record: unreadable ({_one_line(err)}): run it as root")
+        return 1
     try:
         kernel = kernel or Kernel()
         view = observe(kernel, owners, config)
     except AgentError as err:
         write(f"live table: unreadable ({err})")
+        return 1
+    except Exception as err:  # not root: netlink's IPVS commands are refused (NetlinkError, EPERM)
+        write(f"live table: unreadable ({_one_line(err)}): run it as root")
         return 1
     write(f"stacks: {', '.join(_stack_repair(view.services, config, config_path)) or 'none'}")
     if view.kept and view.missing_modules:
@@ -821,6 +827,10 @@ def print_status(
     for note in (saved or {}).get("notes", []):
         write(f"note: {note}")
     return 0 if running and not view.drift else 1
+
+
+def _one_line(err: Exception, limit: int = 120) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:limit]
 
 
 def _describe_runtime(saved: dict | None, config: Config, now: float, write) -> bool:

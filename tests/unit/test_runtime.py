@@ -740,3 +740,66 @@ def test_the_version_is_the_running_codes_not_the_newly_installed_one(tmp_path):
     assert done.returncode == 0, done.stderr
     # The runtime reports a (it runs a's code); the status command's "installed sources": b.
     assert done.stdout.split() == [a, b]
+
+
+# --- status without root ------------------------------------------------------------------------
+
+
+class NoRootKernel(MemoryKernel):
+    """The netlink IPVS commands of a user who is not root."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def open_ipvs(self):
+        if self.where == "open_ipvs":
+            raise PermissionError(1, "Operation not permitted")
+
+    def get_service(self, protocol, vip, port):
+        if self.where == "get_service":
+            raise OSError(1, "Operation not permitted\n" + "netlink says no " * 20)
+        return super().get_service(protocol, vip, port)
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (
+            "open_ipvs",
+            "live table: unreadable (PermissionError: [Errno 1] Operation not permitted): run it as root",  # fmt: skip
+        ),
+        (
+            "get_service",
+            "live table: unreadable (PermissionError: [Errno 1] Operation not permitted netlink says no netlink says no netlink says no netlink says no netli): run it as root",  # fmt: skip
+        ),
+    ],
+)
+def test_status_without_root_is_one_line_not_a_traceback(paths, where, expected):
+    kernel = MemoryKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    code, lines = status_text(NoRootKernel(where), rt, paths)
+    assert code == 1
+    assert lines[-1] == expected
+    assert len(expected.split("(", 1)[1].rsplit(")", 1)[0]) <= 120
+
+
+def test_status_with_an_unreadable_record_is_one_line_not_a_traceback(paths, monkeypatch):
+    kernel = MemoryKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+
+    def refused(path=None):  # /var/lib/ipvs-ingress/state.json to a user who is not root
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(runtime.Ownership, "load", refused)
+    code, lines = status_text(kernel, rt, paths)
+    assert code == 1
+    assert lines[-1] == (
+        f"record: unreadable (PermissionError: [Errno 13] Permission denied: "
+        f"'{ownership.STATE_PATH}'"[: 120 + len("record: unreadable (")]
+        + "): run it as root"
+    )
