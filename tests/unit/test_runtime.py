@@ -803,3 +803,16 @@ def test_status_with_an_unreadable_record_is_one_line_not_a_traceback(paths, mon
         f"'{ownership.STATE_PATH}'"[: 120 + len("record: unreadable (")]
         + "): run it as root"
     )
+
+
+def test_a_vip_is_not_bound_while_its_service_cannot_be_restored(paths):
+    """Answering ARP for a VIP with no service behind it would blackhole it: the VIP waits."""
+    apply(MemoryKernel())
+    rebooted = MemoryKernel()
+    rebooted.fail_on = "add-service"  # e.g. the scheduler's module is missing after the reboot
+    rt = make_runtime(rebooted, paths, restoring=True)
+    rt.reconcile()
+    assert rebooted.services == {} and rebooted.addresses == set()
+    rebooted.fail_on = None
+    rt.reconcile()
+    settled(rebooted)
