@@ -3,9 +3,11 @@ resident runtime, so no interpreter starts on the director per resource or per `
 
 Runs on the director inside the runtime (stdlib + pyroute2). It listens on 127.0.0.1:PORT; the
 provider reaches it through its SSH connection (a `direct-tcpip` channel: sshd connects on the
-provider's behalf, as the logged-in user, and starts no process). Loopback TCP is open to every
-local user, so a connection is served only when the peer socket belongs to uid 0 (the kernel's
-own account of it, /proc/net/tcp): what root may do through the runtime, only root may ask.
+provider's behalf, as the logged-in user, and starts no process). The port is below 1024, so no
+other user can listen on it while the runtime restarts. Loopback TCP is open to every local
+user, so a connection is served only when the peer socket, established, belongs to uid 0 (the
+kernel's own account of it, /proc/net/tcp): what root may do through the runtime, only root may
+ask.
 
 Per connection: a greeting {"ready": true, "version", ...}, then the agent's line protocol
 (agent.serve: requests, replies, heartbeats, pings; a connection silent for 30 s is closed).
@@ -26,19 +28,23 @@ from providers import agent
 from providers.ownership import AgentError
 
 HOST = "127.0.0.1"
-PORT = 7463
+PORT = 747  # privileged: only root can bind it (paramiko has no unix-socket forwarding)
+_ESTABLISHED = "01"
 ALLOWED_UIDS = frozenset({0})
 DRAIN_SECONDS = 60.0  # a stop waits this long for requests in flight (an apply finishes)
 _PROC_TCP = "/proc/net/tcp"
 
 
 def socket_uid(table: str, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The uid owning the IPv4 socket bound to `local` and connected to `remote`, from the text
-    of /proc/net/tcp; None if it is not there (e.g. the peer closed already)."""
+    """The uid owning the established IPv4 socket bound to `local` and connected to `remote`,
+    from the text of /proc/net/tcp; None if there is none. A socket its owner closed lives on
+    as an entry of uid 0 and inode 0 (TIME_WAIT, FIN_WAIT...): never taken for root's."""
     want = (_hex_endpoint(*local), _hex_endpoint(*remote))
     for line in table.splitlines()[1:]:
         fields = line.split()
-        if len(fields) > 7 and (fields[1], fields[2]) == want:
+        if len(fields) > 9 and (fields[1], fields[2]) == want:
+            if fields[3] != _ESTABLISHED or fields[9] == "0":
+                return None
             return int(fields[7])
     return None
 
@@ -78,6 +84,7 @@ class Api:
         self.allowed = allowed or (lambda conn: peer_uid(conn) in ALLOWED_UIDS)
         self.greeting = greeting or {}
         self.busy = 0
+        self.last_active = float("-inf")  # monotonic end of the last request
         self._idle = threading.Condition()
         self._closing = False
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -115,6 +122,13 @@ class Api:
                 pass  # the provider went away
             finally:
                 done()
+                # The file objects hold the socket open: shut it down so that the provider (and
+                # the loop's reader thread) see the end now, not when sshd gives up on it.
+                for end in (lambda: conn.shutdown(socket.SHUT_RDWR), rfile.close, wfile.close):
+                    try:
+                        end()
+                    except OSError:
+                        pass
 
     def _guarded(self, handle: Callable[[dict], dict]) -> Callable[[dict], dict]:
         def guarded(request: dict) -> dict:
@@ -135,9 +149,15 @@ class Api:
             finally:
                 with self._idle:
                     self.busy -= 1
+                    self.last_active = time.monotonic()
                     self._idle.notify_all()
 
         return guarded
+
+    def idle_seconds(self) -> float:
+        """Since the last request ended; 0 while one runs."""
+        with self._idle:
+            return 0.0 if self.busy else time.monotonic() - self.last_active
 
     def close(self, wait: float = DRAIN_SECONDS) -> bool:
         """Stop listening; True when no request was left running after `wait`."""

@@ -88,6 +88,7 @@ def install(sources: dict[str, bytes], d: Director | None = None) -> dict:
             f"the director runs no systemd (PID 1 is {d.pid1()}): the runtime is a systemd service",  # fmt: skip
         )
     agent._load_pyroute2()  # a missing or old pyroute2 is named now, not by a failing unit
+    os.umask(0o022)  # root runs this code later: whatever the session's umask, others only read
     version = runtime.version_of(sources)
     with ownership.director_lock(os.path.join(ownership.RUN_DIR, "install.lock"), wait=300):
         previous = _current(d)
@@ -99,6 +100,9 @@ def install(sources: dict[str, bytes], d: Director | None = None) -> dict:
             _check(d, "daemon-reload")
         _check(d, "enable", "--quiet", runtime.UNIT_NAME)
         was = d.running_version()
+        if was is None and d.systemctl("is-active", runtime.UNIT_NAME).stdout.strip() in ("active", "activating", "reloading"):  # fmt: skip
+            # Restarting (a kill, another provider's upgrade): wait for it, do not restart it.
+            was = d.running_version(wait=ANSWER_SECONDS)
         if was == version:
             return {"installed": version, "restarted": False, "previous": was}
         restarted = d.systemctl("restart", runtime.UNIT_NAME)
@@ -127,6 +131,9 @@ def _current(d: Director) -> str | None:
 
 
 def _write_version(d: Director, version: str, sources: dict[str, bytes]) -> None:
+    for folder in (d.install_dir, _versions(d)):
+        os.makedirs(folder, exist_ok=True)
+        os.chmod(folder, 0o755)  # made by someone else's umask before: root runs code from it
     target = os.path.join(_versions(d), version)
     if os.path.isdir(target) and runtime.source_version(os.path.join(target, "providers")) == version:  # fmt: skip
         return
@@ -243,6 +250,10 @@ def main(modules: list, out=None, director_factory: Callable[[], Director] = Dir
             result = install(sources, director_factory())
     except AgentError as err:
         agent._emit({"ready": False, "code": err.code, "error": str(err)}, out)
+        return 1
+    except Exception as err:  # a full disk, a read-only /usr, systemctl hanging: one line
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        agent._emit({"ready": False, "code": "install-failed", "error": f"installing the runtime failed ({reason})"}, out)  # fmt: skip
         return 1
     agent._emit({"ready": True, **result}, out)
     return 0

@@ -79,6 +79,13 @@ class Ownership:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename is durable only once the directory is: without this a power cut soon after
+        # an apply returned brings back the record before it (seen in the lab: 'pending').
+        fd = os.open(os.path.dirname(self.path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def standing(self, key: str, owner: str, adopt: bool, live, former: str = "") -> str:
         """Whose `key` is, for the stack `owner` (`former`: its name before a rename):
@@ -222,12 +229,16 @@ def _health_text_ok(text: str, protocol: str) -> bool:
 @contextmanager
 def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
     path = path or LOCK_PATH
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # Root's only (0600, also when it existed): flock works on a read-only descriptor, so a lock
+    # file others can open is one any local user could hold, stopping every apply and repair.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
         deadline = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -238,4 +249,6 @@ def director_lock(path: str | None = None, wait: float = LOCK_WAIT_SECONDS):
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -4,7 +4,7 @@ Runs on the director under systemd (unit `ipvs-ingress.service`, see `unit_text`
 pyroute2 only, through the agent's own Kernel; `python3 -m providers.runtime run` with the
 sources' folder on PYTHONPATH, installed and upgraded by the provider (providers/install.py).
 It is also the provider's request path: providers/api.py answers create/read/update/delete/plan
-on 127.0.0.1:7463 with an Agent per connection, in this process.
+on 127.0.0.1:747 with an Agent per connection, in this process.
 
 Desired state: the record the agent writes ahead of every change, /var/lib/ipvs-ingress/state.json
 (services with owner stack, spec, interface, state and repair; the VIPs ipvs-ingress bound). The
@@ -34,7 +34,8 @@ none and mean true) and /etc/ipvs-ingress/runtime.json does not turn its owner s
 operator on the director can only turn a stack off, never on against its config. A stack with
 repair off keeps its drift (status and `pulumi refresh` show it: read returns the recorded
 desired table next to the live one) until its next `pulumi up`, except at boot: the first start
-after a boot restores every stack (a reboot is not an operator's change). Status says per stack
+after a boot restores every stack (a reboot is not an operator's change), pass after pass until
+one finds everything in place (the lock was free, the VIPs' interfaces exist). Status says per stack
 whether it is repaired and what turned it off.
 
 Settings: /etc/ipvs-ingress/runtime.json, read again when it changes, e.g.
@@ -88,6 +89,10 @@ BUSY_PASSES_NOTED = 3  # passes in a row without the director lock before the lo
 # A pass reads the table over netlink (1.5 s for 39 services x 10 real servers under qemu TCG)
 # only when its cheap mark changed, and at least this often anyway.
 FULL_PASS_SECONDS = 60.0
+# Full passes wait while a provider's requests keep coming, but at most this many in a row: a
+# director busy for long (a long `pulumi up`, refresh loops) still gets its repairs, about this
+# many intervals late (a full pass works under the director lock, so it is safe at any time).
+DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
@@ -117,12 +122,24 @@ def version_of(sources: Mapping[str, bytes]) -> str:
 
 
 def source_version(directory: str | os.PathLike | None = None) -> str:
-    """The version of the sources in `directory` (default: the ones this module runs from)."""
+    """The version of the sources in `directory` (default: the installed ones, through the
+    `current` link as it is now: what the status command compares the runtime's version with)."""
     folder = Path(directory) if directory else Path(__file__).parent
     try:
         return version_of({name: (folder / name).read_bytes() for name in SOURCE_FILES})
     except OSError as err:
         return f"unknown ({err.strerror}: {err.filename})"
+
+
+def running_version(module_file: str | os.PathLike) -> str:
+    """The version of the code a module was loaded from. Resolved: the installer's `current`
+    link leads to versions/<v>/providers, and a later swap of the link (an upgrade, before it
+    restarts the runtime) must not change what the running process reports."""
+    return source_version(Path(module_file).resolve().parent)
+
+
+# Once, at import: the code this process runs (source_version() reads the installed sources).
+RUNNING_VERSION = running_version(__file__)
 
 
 def unit_text(install_dir: str = INSTALL_DIR, python: str = "/usr/bin/python3") -> str:
@@ -373,6 +390,7 @@ class Runtime:
         lock_path: str | None = None,
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        idle: Callable[[], float] = lambda: float("inf"),
     ):
         self.kernel = kernel
         self.state_path = state_path or ownership.STATE_PATH
@@ -381,7 +399,10 @@ class Runtime:
         self.lock_path = lock_path
         self.log = log or _print
         self.clock = clock
-        self.version = source_version()
+        self.idle = idle  # seconds since a provider's request last ran (api.Api.idle_seconds)
+        self.deferred_passes = 0
+        self.deferred_in_a_row = 0
+        self.version = RUNNING_VERSION
         self.started = clock()
         self.config = Config()
         self._config_signature: object = ()
@@ -427,7 +448,16 @@ class Runtime:
         else:
             seen = mark(self.kernel, owners, config, self.restoring)
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
-            if full:
+            # While a provider applies, its changes move the mark, and reading the whole table
+            # would only take the director's CPU from it (39 services: 1.5 s per pass under
+            # emulation): the first pass after it has been quiet for an interval judges all,
+            # or the one after DEFER_MAX_PASSES deferred in a row.
+            busy = self.idle() < config.interval and self.deferred_in_a_row < DEFER_MAX_PASSES
+            if full and self.view is not None and not self.restoring and busy:
+                self.deferred_passes += 1
+                self.deferred_in_a_row += 1
+            elif full:
+                self.deferred_in_a_row = 0
                 view = observe(self.kernel, owners, config, self.restoring)
                 if view.drift:
                     view, lines = self._repair_locked(config, notes) or (view, [])
@@ -435,9 +465,11 @@ class Runtime:
                 self.steady = seen if not view.drift and not lines else None
                 self.full_due = time.monotonic() + FULL_PASS_SECONDS
                 self.full_passes += 1
-            else:  # nothing it judges by changed since a pass found it all in sync
-                view = self.view
-            self.view = view
+                self.view = view
+                # The boot restore lasts until a pass finds it all in place: a first pass kept
+                # from the lock, or before the VIP's interface existed, must not end it.
+                self.restoring = self.restoring and view.drift
+            view = self.view
             for s in view.services:
                 if s.left:
                     notes[f"left {s.key}"] = f"left {s.key} ({s.owner}): {s.left}"
@@ -445,7 +477,6 @@ class Runtime:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
         self._settle_notes(notes)
-        self.restoring = False
         self.last_reconcile = self.clock()
         self.pass_seconds = time.monotonic() - began
         self.write_status()
@@ -534,6 +565,7 @@ class Runtime:
             "lastReconcile": self.last_reconcile,
             "lastPassSeconds": self.pass_seconds,
             "fullPasses": self.full_passes,
+            "deferredPasses": self.deferred_passes,
             "intervalSeconds": self.config.interval,
             "repair": dict(self.config.repair),
             "inSync": view is not None and not view.drift,
@@ -725,6 +757,7 @@ def _main_run() -> int:
             lambda: api.kernel_handler(RuntimeKernel),
             greeting={"pyroute2": kernel.version},
         )
+        runtime.idle = listener.idle_seconds
     except OSError as err:
         _print(f"ipvs-ingress runtime cannot listen on {api.HOST}:{api.PORT}: {err.strerror}")
         return 1
@@ -765,11 +798,17 @@ def print_status(
     except AgentError as err:
         write(f"record: {err}")
         return 1
+    except OSError as err:  # e.g. not root
+        write(f"record: unreadable ({_one_line(err)}): run it as root")
+        return 1
     try:
         kernel = kernel or Kernel()
         view = observe(kernel, owners, config)
     except AgentError as err:
         write(f"live table: unreadable ({err})")
+        return 1
+    except Exception as err:  # not root: netlink's IPVS commands are refused (NetlinkError, EPERM)
+        write(f"live table: unreadable ({_one_line(err)}): run it as root")
         return 1
     write(f"stacks: {', '.join(_stack_repair(view.services, config, config_path)) or 'none'}")
     if view.kept and view.missing_modules:
@@ -788,6 +827,10 @@ def print_status(
     for note in (saved or {}).get("notes", []):
         write(f"note: {note}")
     return 0 if running and not view.drift else 1
+
+
+def _one_line(err: Exception, limit: int = 120) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:limit]
 
 
 def _describe_runtime(saved: dict | None, config: Config, now: float, write) -> bool:

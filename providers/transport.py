@@ -2,7 +2,7 @@
 and through it the director's runtime.
 
 The runtime (providers/runtime.py, a systemd service) answers every request: the provider opens
-an SSH `direct-tcpip` channel to it (127.0.0.1:7463 on the director, providers/api.py), so no
+an SSH `direct-tcpip` channel to it (127.0.0.1:747 on the director, providers/api.py), so no
 process starts on the director for a request, a resource or a `pulumi` run. Only when the
 runtime is missing or greets with another version than the sources this provider ships does
 the provider start one interpreter there, to install them (providers/install.py); it then
@@ -246,9 +246,14 @@ class RuntimeSession:
             line = b""
         if not line:  # closed without a word: the runtime serves root only
             self._drop_channel()
+            if d.user != "root":
+                raise DirectorError(
+                    f"director {d.host}: the runtime closed the channel without a greeting: it "
+                    f"answers root only, so set director.user to root (it is {d.user})"
+                )
             raise DirectorError(
-                f"director {d.host}: the runtime closed the channel without a greeting: it answers "
-                f"root only, so set director.user to root (it is {d.user})"
+                f"director {d.host}: the runtime closed the channel without a greeting: see "
+                f"'journalctl -u {runtime.UNIT_NAME}' on the director"
             )
         greeting = self._parse(line, "greeting")
         if not greeting.get("ready"):

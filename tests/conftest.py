@@ -57,8 +57,9 @@ def _say(request: pytest.FixtureRequest, line: str) -> None:
 
 @contextmanager
 def own_lab(request: pytest.FixtureRequest, label: str, **options):
-    """A lab of a module's own (e.g. init="systemd" for reboots), torn down when the block ends;
-    skipped or failed like the shared one when it cannot start."""
+    """A lab of a module's own (one it reboots, or init="busybox" for a director without
+    systemd), torn down when the block ends; skipped or failed like the shared one when it
+    cannot start."""
     if os.geteuid() != 0:
         _skip(request, "director lab needs root (network namespaces, tap, iptables)")
     from tests.lab import harness, provision, vm
@@ -77,7 +78,8 @@ def own_lab(request: pytest.FixtureRequest, label: str, **options):
 
 @pytest.fixture(scope="session")
 def lab(request: pytest.FixtureRequest):
-    """A booted director lab shared by the session (see tests/lab/harness.py)."""
+    """A booted director lab shared by the session (see tests/lab/harness.py): systemd as PID 1,
+    as the provider's runtime needs; tests that reboot it boot their own (`own_lab`)."""
     if os.geteuid() != 0:
         _skip(request, "director lab needs root (network namespaces, tap, iptables)")
     from tests.lab import provision, vm
@@ -95,9 +97,9 @@ def lab(request: pytest.FixtureRequest):
     the_lab = Lab(artifacts=art).start()
     _say(
         request,
-        f"boot (namespaces + director VM + sshd): {the_lab.boot_seconds:.1f}s; "
+        f"boot (namespaces + director VM with {the_lab.init} + sshd): {the_lab.boot_seconds:.1f}s; "
         f"fixture up {art.elapsed + time.monotonic() - started:.1f}s after request "
-        "(budget 30 s with a warm cache)",
+        "(budget 45 s with a warm cache: systemd boots in ~22-25 s on a quiet machine)",
     )
     if the_lab.stale_cleaned:
         _say(request, f"cleaned stale labs of earlier runs: {the_lab.stale_cleaned}")

@@ -2,9 +2,9 @@
 
 ``up`` boots a lab that stays up after the command returns (its state lives under the lab cache)
 and prints how to reach the director and how to point a stack at it; ``status`` shows it again;
-``reboot`` reboots the director (a lab started with ``up --init systemd``: systemd as PID 1 on a
-disk that survives reboots); ``down`` tears it down. Everything runs inside the lab's own network namespaces, so the
-director is reached through the printed ProxyCommand.
+``reboot`` reboots the director (systemd as PID 1 on a disk that survives reboots, unless started
+with ``up --init busybox``); ``down`` tears it down. Everything runs inside the lab's own network
+namespaces, so the director is reached through the printed ProxyCommand.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.lab import harness, provision, state, vm
+from tests.lab import harness, ops, provision, state, vm
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_FILE = REPO / "stacks" / "Pulumi.lab.yaml"
@@ -151,13 +151,17 @@ def status() -> int:
             print(f"lab {run.id}: its VM is gone; `down` removes the rest")
             code = 1
             continue
-        # ipvsadm would load ip_vs itself; leave that to the product's agent.
-        show = "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi"
+        # ipvsadm would load ip_vs itself; leave that to the product's runtime.
+        show = (
+            "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi; "
+            f"if [ -x {ops.COMMAND} ]; then echo; {ops.COMMAND} status; "
+            "else echo; echo 'no ipvs-ingress runtime yet (the first pulumi up installs it)'; fi"
+        )
         probe = subprocess.run(
             harness.ssh_argv(run.info, show), capture_output=True, text=True, timeout=30
         )
         _print_info(run.info)
-        if probe.returncode == 0:
+        if probe.returncode in (0, 1):  # 1: `ipvs-ingress status` saw drift or no runtime
             print(f"IPVS on the director:\n{probe.stdout}")
         else:
             print(f"ssh to the director failed: {probe.stderr.strip()}")
@@ -168,7 +172,7 @@ def status() -> int:
 def reboot(power_cut: bool) -> int:
     labs = [r for r in _persistent(provision.cache_dir()) if r.owner.alive()]
     if not labs:
-        print("no lab is up (start one with `python -m tests.lab up --init systemd`)")
+        print("no lab is up (start one with `python -m tests.lab up`)")
         return 1
     code = 0
     for run in labs:
@@ -212,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     up_args.add_argument(
         "--init",
         choices=vm.INITS,
-        default="busybox",
-        help="the director's PID 1: busybox (default, fastest) or systemd (a disk that "
-        "survives `reboot`)",
+        default="systemd",
+        help="the director's PID 1: systemd (default: what the provider's runtime needs, on a "
+        "disk that survives `reboot`) or busybox (faster boot, no systemd: the provider refuses it)",
     )
     sub.add_parser("status", help="show the running lab and its IPVS table")
     sub.add_parser(
-        "reboot", help="reboot the director (a lab up with --init systemd)"
+        "reboot", help="reboot the director (not a lab up with --init busybox)"
     ).add_argument(
         "--power-cut", action="store_true", help="kill qemu instead of `systemctl reboot`"
     )

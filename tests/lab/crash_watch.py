@@ -1,15 +1,14 @@
-"""Runs ON the director (stdlib only, sent over ssh as `python3 -u - VIP PORT AFTER SECONDS`).
+"""Runs ON the director (stdlib only, sent over ssh as `python3 -u - VIP PORT AFTER SECONDS PID`).
 
-Kills the ipvs-ingress agent with SIGKILL as soon as the kernel shows that it made at least
-AFTER changes to the IPVS service VIP:PORT (service added or removed = 1, each destination
-added, removed or changed = 1), counted against the table when this script started.
-The kernel's own table (/proc/net/ip_vs) is the trigger, not the agent's word, so the kill
-lands between two kernel changes of a running apply.
+Kills process PID (the ipvs-ingress runtime that serves the provider's apply) with SIGKILL as
+soon as the kernel shows that it made at least AFTER changes to the IPVS service VIP:PORT
+(service added or removed = 1, each destination added, removed or changed = 1), counted against
+the table when this script started. The kernel's own table (/proc/net/ip_vs) is the trigger, not
+the runtime's word, so the kill lands between two kernel changes of a running apply.
 
-Prints `READY <agent pids>` once it watches, then `KILLED <pids> <changes seen>` at once (so
-the caller can kill the provider too) and `FINAL <changes after the kill>`, or `TIMEOUT
-<changes>`. Only agents already running at READY are killed, so an agent the provider might
-start afterwards is left alone.
+Prints `READY <pid>` once it watches, then `KILLED <pid> <changes seen>` at once (so the caller
+can kill the provider too) and `FINAL <changes after the kill>`, or `TIMEOUT <changes>`. Only
+PID is killed: the runtime systemd starts in its place is left alone.
 """
 
 import ipaddress
@@ -17,8 +16,6 @@ import os
 import signal
 import sys
 import time
-
-AGENT_ARGV = [b"python3", b"-u", b"-c"]
 
 
 def _hex_endpoint(vip: str, port: int) -> str:
@@ -48,26 +45,11 @@ def changes(before: dict | None, now: dict | None) -> int:
     return sum(before.get(k) != now.get(k) for k in keys)
 
 
-def agents() -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[:3] == AGENT_ARGV:
-            found.append(int(entry))
-    return found
-
-
 def main() -> None:
     vip, port, after, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     service = _hex_endpoint(vip, port)
     start = table(service) if os.path.exists("/proc/net/ip_vs") else None
-    targets = agents()
+    targets = [int(sys.argv[5])]
     print("READY " + ",".join(map(str, targets)), flush=True)
     deadline = time.monotonic() + seconds
     seen = 0
@@ -81,10 +63,10 @@ def main() -> None:
                 except ProcessLookupError:
                     pass
             print(f"KILLED {','.join(map(str, targets))} {seen}", flush=True)
-            time.sleep(0.2)  # the kernel is final once the killed agent is gone
+            time.sleep(0.2)  # the kernel is final once the killed runtime is gone
             print(f"FINAL {changes(start, table(service))}", flush=True)
             return
-        time.sleep(0.001)  # one CPU on the lab director: let the agent run
+        time.sleep(0.001)  # one CPU on the lab director: let the runtime run
     print(f"TIMEOUT {seen}", flush=True)
 
 

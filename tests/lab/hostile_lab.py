@@ -16,9 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.lab import ops
 from tests.provider.grpc_client import ProviderServer
 
-STATE = "/var/lib/ipvs-ingress/state.json"
+STATE = ops.STATE
 WATCHER = Path(__file__).with_name("crash_watch.py")
 
 
@@ -84,8 +85,7 @@ def recorded(lab) -> dict:
 
 def reset(lab, vips=()) -> None:
     """No IPVS service, none of `vips` bound, no state.json: where every hostile test starts."""
-    unbind = "; ".join(f"ip addr del {v}/32 dev {lab.interface} 2>/dev/null" for v in vips)
-    lab.director(f"ipvsadm -C; {unbind + ';' if unbind else ''} rm -f {STATE}", check=False)
+    ops.clear(lab, vips)
 
 
 def traffic(lab, vip: str, port: int = 80, count: int = 6) -> int:
@@ -105,17 +105,14 @@ def one_line_error(call, *args, **kw) -> str:
     return msg
 
 
-def agents(lab) -> list[str]:
-    """pids of ipvs-ingress agents on the director (they run as `python3 -u -c <boot>`)."""
-    out = lab.director("pgrep -f '^python3 -u -c' || true").stdout
-    return out.split()
-
-
-def wait_no_agents(lab, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while agents(lab):
-        assert time.monotonic() < deadline, f"agents still running: {agents(lab)}"
+def runtime_serving(lab) -> int:
+    """The runtime's pid once systemd has it active and no installer runs (after an install or
+    a kill -9, systemd starts it again)."""
+    deadline = time.monotonic() + 60
+    while ops.interpreters(lab):
+        assert time.monotonic() < deadline, f"installer still running: {ops.interpreters(lab)}"
         time.sleep(0.5)
+    return int(ops.wait_active(lab)["MainPID"])
 
 
 @contextmanager
@@ -130,11 +127,12 @@ def provider(lab):
 
 
 class Watcher:
-    """crash_watch.py on the director: kills the agent after `after` kernel changes to vip:port."""
+    """crash_watch.py on the director: kills process `pid` (the runtime) after `after` kernel
+    changes to vip:port."""
 
-    def __init__(self, lab, vip: str, port: int, after: int, seconds: float = 120):
+    def __init__(self, lab, vip: str, port: int, after: int, pid: int, seconds: float = 120):
         script = WATCHER.read_text()
-        argv = lab.ssh_argv(f"python3 -u - {shlex.quote(vip)} {port} {after} {seconds}")
+        argv = lab.ssh_argv(f"python3 -u - {shlex.quote(vip)} {port} {after} {seconds} {pid}")
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -145,13 +143,13 @@ class Watcher:
         self.targets = ready[1].split(",") if len(ready) > 1 else []
 
     def killed(self) -> int:
-        """Block until the watcher killed the agent; the number of changes it had seen."""
+        """Block until the watcher killed the runtime; the number of changes it had seen."""
         line = self.proc.stdout.readline().split()
-        assert line[:1] == ["KILLED"], f"the watcher did not kill the agent: {line}"
+        assert line[:1] == ["KILLED"], f"the watcher did not kill the runtime: {line}"
         return int(line[2])
 
     def final(self, timeout: float = 30) -> int:
-        """Kernel changes made by the killed apply, read once the agent was gone."""
+        """Kernel changes made by the killed apply, read once the runtime was gone."""
         line = self.proc.stdout.readline().split()
         self.proc.wait(timeout=timeout)
         assert line[:1] == ["FINAL"], line

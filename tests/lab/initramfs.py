@@ -86,9 +86,23 @@ echo "stage2: sshd exited"
 """
 
 # The systemd lab's persistent disk (a raw image on the host, /dev/vda in the VM) and what of it
-# the director sees: the product's state directory, and the upper layer of /etc/systemd/system.
+# the director sees: overlays whose upper layer is on the disk, over the trees that hold the
+# product's directories, its command and the units enabled at run time. Everything else of the root is the
+# tmpfs overlay, new at each boot. Overlays of the parents, not mounts of the directories
+# themselves: the documented uninstall (`rm -rf` of each) must work as on any director.
 DISK_MOUNT = "/lab-disk"
-STATE_DIR = "/var/lib/ipvs-ingress"
+STATE_DIR = "/var/lib/ipvs-ingress"  # the desired state (state.json)
+INSTALL_DIR = "/usr/local/lib/ipvs-ingress"  # the runtime the provider installs
+COMMAND_DIR = "/usr/local/sbin"  # the operators' command, ipvs-ingress
+CONFIG_DIR = "/etc/ipvs-ingress"  # the operator's runtime.json
+UNITS_DIR = "/etc/systemd/system"
+# {name of the overlay (its folder on the disk): the tree it covers}
+PERSISTENT_TREES = {
+    "lab-etc": "/etc",
+    "lab-usr-local": "/usr/local",
+    "lab-var-lib": "/var/lib",
+}
+PERSISTENT_DIRS = (STATE_DIR, INSTALL_DIR, COMMAND_DIR, CONFIG_DIR, UNITS_DIR)
 SSHD_UNIT = "lab-sshd.service"
 # Host units that would wait (gettys: no udev, 90 s device timeouts), start needlessly or clash
 # (the host's own ssh.service: the lab's sshd is SSHD_UNIT). Masked by `systemd.mask=` kernel
@@ -121,6 +135,18 @@ MASKED_UNITS = (
     "systemd-sysusers.service",
 )
 
+# Before systemd starts: the runtime's unit, sources, state and settings are there at boot.
+_PERSISTENT_OVERLAYS = (
+    "mkdir -p "
+    + " ".join(f"{DISK_MOUNT}/{n}/upper {DISK_MOUNT}/{n}/work" for n in PERSISTENT_TREES)
+    + "\n"
+    + "".join(
+        f"mount -t overlay -o lowerdir={tree},upperdir={DISK_MOUNT}/{n}/upper,"
+        f"workdir={DISK_MOUNT}/{n}/work {n} {tree}\n"
+        for n, tree in PERSISTENT_TREES.items()
+    )
+)
+
 STAGE2_SYSTEMD = f"""#!/bin/sh
 # Stage 2 of the systemd lab (tests/lab, Lab(init="systemd")): the busybox stage 2's setup, the
 # lab's disk, then systemd as PID 1. Every boot passes through stage 1, so this runs on every boot.
@@ -138,11 +164,8 @@ while [ ! -b /dev/vda ]; do  # devtmpfs adds the node shortly after the driver b
 done
 mkdir -p {DISK_MOUNT}
 mount -t ext4 /dev/vda {DISK_MOUNT}
-mkdir -p {DISK_MOUNT}/state {DISK_MOUNT}/units/upper {DISK_MOUNT}/units/work {STATE_DIR}
-mount --bind {DISK_MOUNT}/state {STATE_DIR}
-# Units enabled at run time land in the upper layer, on the disk: they survive a reboot.
-mount -t overlay -o lowerdir=/etc/systemd/system,upperdir={DISK_MOUNT}/units/upper,\\
-workdir={DISK_MOUNT}/units/work lab-units /etc/systemd/system
+{_PERSISTENT_OVERLAYS}# The pyroute2 .pth again: the one written above may be hidden by the disk's layer.
+echo "$LAB_PYROUTE2" > "$LAB_PYSITE/ipvs-ingress-lab.pth"
 
 step="prepare systemd"
 if [ ! -s {DISK_MOUNT}/machine-id ]; then  # one machine for the life of the disk

@@ -5,6 +5,9 @@ by hand the way an operator or bad luck would, and checks what `pulumi refresh` 
 that `pulumi up` (Diff, then Create or Update as the engine would call them) repairs it: the
 kernel table equals the one written here from the inputs, the VIP is bound, ip_forward is on,
 the service is recorded for its owner, and requests through the VIP all reach a node.
+
+The stack's repair is off (the operator's /etc/ipvs-ingress/runtime.json), so the director's
+runtime keeps the drift for refresh to show; tests/lab/test_runtime_lab.py has it repaired.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 from pulumi.runtime.proto import provider_pb2
 
 from tests import hostile
+from tests.lab import ops
 from tests.lab.hostile_lab import (
     STATE,
     bound,
@@ -118,7 +122,7 @@ class Drift:
 def drift(lab):
     reset(lab, [VIP])
     lab.expose(VIP, 80)
-    with provider(lab) as srv:
+    with ops.repair_off(lab, OWNER), provider(lab) as srv:
         d = Drift(lab, srv)
         d.create()
         yield d

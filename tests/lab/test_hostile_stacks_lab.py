@@ -3,7 +3,9 @@
 Stacks A and B are two provider processes (two `pulumi up` runs) with different owners
 ("<project>/<stack>"). Disjoint VIPs applied in parallel lose nothing; the same VIP:port from
 the other stack is refused with one line naming its owner; a destroy never touches the other
-stack's services; a VIP both use stays bound until the last of its services goes.
+stack's services; a VIP both use stays bound until the last of its services goes; a destroyed
+stack leaves the director's runtime holding nothing for it (`ipvs-ingress status` names it no
+more).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import grpc
 import pytest
 
 from tests import hostile
+from tests.lab import ops
 from tests.lab.hostile_lab import (
     bound,
     expected_sn,
@@ -177,6 +180,12 @@ def test_shared_vip_stays_bound_until_its_last_service_goes(lab, stacks):
     for vip in A_VIPS:  # the rest of stack A goes: B is left exactly as it was
         a.destroy(vip)
     check_holdings(lab, b)
+    lines, services = ops.held_for(lab, A_OWNER)
+    assert (lines, services) == ([], []), "the runtime still holds stack A after its destroy"
+    b_keys = sorted(f"tcp/{vip}:{port}" for vip, port in b.held)
+    b_lines, b_services = ops.held_for(lab, B_OWNER, want=b_keys)
+    assert b_services == b_keys
+    assert any(line.startswith("stacks: ") for line in b_lines), b_lines
     gets = sum(traffic(lab, vip, port) for vip, port in b.held)
     b.destroy(SHARED, 8080)
     assert f"{SHARED}/32" not in bound(lab), "the VIP outlived its last service"
@@ -184,6 +193,6 @@ def test_shared_vip_stays_bound_until_its_last_service_goes(lab, stacks):
     print(
         f"\n    shared {SHARED}: bound while B's :8080 remained after A's :80 went; "
         f"stack A destroyed, B intact ({len(b.held) + 1} services, {gets}/{gets} GETs ok); "
-        "VIP unbound with its last service"
+        "VIP unbound with its last service; the runtime's status names stack A nowhere"
     )
     hostile.record(lost=0, stuck=0)

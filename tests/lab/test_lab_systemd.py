@@ -1,7 +1,8 @@
-"""The systemd lab (`Lab(init="systemd")`): systemd as the director's PID 1, a disk that survives
-a clean reboot and a power cut, units enabled at run time that come back at boot.
+"""The systemd lab (`Lab()`, init systemd): systemd as the director's PID 1, a disk that survives
+a clean reboot and a power cut, units enabled at run time that come back at boot, and the
+product's directories (state, installed runtime, settings) on that disk.
 
-The module boots its own lab (not the session's busybox one) and tears it down at the end.
+The module boots its own lab (not the session's: it reboots it) and tears it down at the end.
 Marked `slow_lab` too: `-m "not slow_lab"` skips it, `-m slow_lab` runs it alone.
 """
 
@@ -11,9 +12,11 @@ import os
 import re
 import secrets
 import shlex
+from pathlib import Path
 
 import pytest
 
+from providers import ownership, runtime
 from tests.conftest import _say, own_lab
 from tests.lab import harness, initramfs, provision, state, vm
 
@@ -40,7 +43,7 @@ ExecStart=/bin/sh -c 'cat /proc/sys/kernel/random/boot_id > {PROBE_FILE}'
 WantedBy=multi-user.target
 """
 # Failed units that would be the lab's own fault: its sshd, its probe, its disk's mounts.
-OURS = re.compile(r"^(lab-|ipvs-ingress|lab\\x2ddisk|var-lib-ipvs|etc-systemd-system)")
+OURS = re.compile(r"^(lab-|ipvs-ingress|lab\\x2ddisk|etc\.mount|usr-local\.mount|var-lib\.mount)")
 
 _qemus_seen: list[dict] = []  # every qemu of the module's lab, for the teardown check
 
@@ -97,11 +100,21 @@ def assert_probe_ran_this_boot(lab: harness.Lab) -> None:
     assert any(line.startswith(f"TCP  {PROBE_SERVICE}") for line in table), table
 
 
-def write_synced(lab: harness.Lab, name: str) -> tuple[str, str]:
-    """A token in a new file under the state directory, fsynced with its directory."""
-    path, token = f"{initramfs.STATE_DIR}/{name}", secrets.token_hex(16)
-    lab.director(f"printf %s {token} > {path} && sync {path} {initramfs.STATE_DIR}")
-    return path, token
+def write_synced(lab: harness.Lab, name: str) -> dict[str, str]:
+    """{path: token}: a token in a new file under each of the product's directories, fsynced
+    with its directory."""
+    written = {}
+    for folder in initramfs.PERSISTENT_DIRS:
+        path, token = f"{folder}/{name}", secrets.token_hex(16)
+        lab.director(f"mkdir -p {folder} && printf %s {token} > {path} && sync {path} {folder}")
+        written[path] = token
+    return written
+
+
+def assert_kept(lab: harness.Lab, written: dict[str, str]) -> None:
+    for path, token in written.items():
+        assert lab.director(f"cat {path}").stdout == token, path
+        lab.director(f"rm {path}")
 
 
 @slow_lab
@@ -116,8 +129,8 @@ def test_systemd_is_pid1_in_a_vm_and_the_system_runs(sd_lab, request):
     # Not a container any more (/.dockerenv is gone in the overlay): systemd sees the VM.
     assert virt == "qemu"
     assert host_sshd == "masked-runtime"  # the host's own sshd; the lab runs lab-sshd.service
-    assert f"{initramfs.STATE_DIR} /dev/vda[/state] ext4" in mounts
-    assert "/etc/systemd/system lab-units overlay" in mounts
+    for name, tree in initramfs.PERSISTENT_TREES.items():
+        assert f"{tree} {name} overlay" in mounts, mounts
     assert_up(request, sd_lab, "first boot")
 
 
@@ -126,7 +139,7 @@ def test_clean_reboot_keeps_enabled_units_and_synced_files(sd_lab, request):
     enable_probe(sd_lab)
     machine_id = sd_lab.director("cat /etc/machine-id").stdout
     before = boot_id(sd_lab)
-    path, token = write_synced(sd_lab, "lab-reboot-token")
+    written = write_synced(sd_lab, "lab-reboot-token")
     _remember_qemu(sd_lab)
 
     took = sd_lab.reboot()
@@ -137,7 +150,7 @@ def test_clean_reboot_keeps_enabled_units_and_synced_files(sd_lab, request):
     )
     assert_up(request, sd_lab, "after the clean reboot")  # first: waits until boot is over
     assert boot_id(sd_lab) != before
-    assert sd_lab.director(f"cat {path}").stdout == token
+    assert_kept(sd_lab, written)
     assert_probe_ran_this_boot(sd_lab)
     assert sd_lab.director("cat /etc/machine-id").stdout == machine_id
 
@@ -146,7 +159,7 @@ def test_clean_reboot_keeps_enabled_units_and_synced_files(sd_lab, request):
 def test_power_cut_keeps_synced_files_and_enabled_units(sd_lab, request):
     enable_probe(sd_lab)
     before = boot_id(sd_lab)
-    path, token = write_synced(sd_lab, "lab-power-cut-token")
+    written = write_synced(sd_lab, "lab-power-cut-token")
     _remember_qemu(sd_lab)
 
     took = sd_lab.power_cut()
@@ -156,7 +169,7 @@ def test_power_cut_keeps_synced_files_and_enabled_units(sd_lab, request):
     )
     assert_up(request, sd_lab, "after the power cut")
     assert boot_id(sd_lab) != before
-    assert sd_lab.director(f"cat {path}").stdout == token
+    assert_kept(sd_lab, written)
     assert_probe_ran_this_boot(sd_lab)
 
 
@@ -194,9 +207,20 @@ def _artifacts(tmp_path) -> provision.Artifacts:
     )
 
 
+def test_the_disk_holds_the_directories_the_product_uses():
+    # The lab's copies of the paths, checked against the product's own constants.
+    assert initramfs.STATE_DIR == os.path.dirname(ownership.STATE_PATH)
+    assert initramfs.INSTALL_DIR == runtime.INSTALL_DIR
+    assert initramfs.CONFIG_DIR == os.path.dirname(runtime.CONFIG_PATH)
+    trees = [Path(t) for t in initramfs.PERSISTENT_TREES.values()]
+    for folder in map(Path, initramfs.PERSISTENT_DIRS):
+        # Under a tree on the disk, and not a mount point itself: `rm -rf` of it must work.
+        assert any(tree in folder.parents for tree in trees), folder
+
+
 def test_only_the_systemd_lab_gets_a_disk_and_systemd_options(tmp_path):
     art = _artifacts(tmp_path)
-    default = vm.qemu_argv(art, tmp_path, "203.0.113.2/24", "x")
+    default = vm.qemu_argv(art, tmp_path, "203.0.113.2/24", "x", "busybox")
     systemd = vm.qemu_argv(art, tmp_path, "203.0.113.2/24", "x", "systemd", tmp_path / "d.img")
     cmdline = lambda argv: argv[argv.index("-append") + 1].split()  # noqa: E731
     assert "-drive" not in default
@@ -219,4 +243,4 @@ def test_reboot_of_a_busybox_lab_says_how_to_get_one(tmp_path):
     with pytest.raises(ValueError) as err:
         harness.restart_director(run, {}, clean=True)
     assert "\n" not in str(err.value)
-    assert "--init systemd" in str(err.value)
+    assert "without --init busybox (`./dev lab down && ./dev lab up`)" in str(err.value)

@@ -2,7 +2,9 @@
 
 `ipvsadm -Ln` on the director is the independent oracle; the provider itself never parses it.
 Tests run in file order and share one provider process (one pooled SSH connection), as a
-`pulumi up` does.
+`pulumi up` does; every request is answered by the director's runtime, which the first one
+installs if need be. The stack's repair is off (runtime.json), so drift made here by hand stays
+for read to show and update to repair.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import grpc
 import pytest
 
+from tests.lab import ops
 from tests.provider.grpc_client import ProviderServer
 
 pytestmark = pytest.mark.lab
@@ -57,7 +60,7 @@ def vip_bound(lab) -> bool:
 @pytest.fixture(scope="module")
 def provider(lab, tmp_path_factory):
     log = tmp_path_factory.mktemp("provider") / "transport.log"
-    lab.director("ipvsadm -C; rm -f /var/lib/ipvs-ingress/state.json")
+    ops.clear(lab, [VIP])
     # A service ipvs-ingress did not create: it must survive every operation below.
     lab.director(
         "modprobe ip_vs && ipvsadm -A -t 203.0.113.250:8080 -s rr && ipvsadm -a -t 203.0.113.250:8080 -r 203.0.113.11:8080 -g"
@@ -67,12 +70,10 @@ def provider(lab, tmp_path_factory):
     srv = ProviderServer(env={"IPVS_INGRESS_LOG": str(log)})
     srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
     srv.log = log
-    yield srv
-    srv.close()
-    lab.director(
-        f"ipvsadm -C; ip addr del {VIP}/32 dev {lab.interface} 2>/dev/null; rm -f /var/lib/ipvs-ingress/state.json",
-        check=False,
-    )  # noqa: E501
+    with ops.repair_off(lab, OWNER):
+        yield srv
+        srv.close()
+        ops.clear(lab, [VIP])
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_read_of_a_deleted_service_reports_it_gone(lab, provider):
     provider.delete(id_, outs)  # deleting what is already gone is fine
 
 
-def test_parallel_resources_share_one_connection_and_agent(lab, provider, created):
+def test_parallel_resources_share_one_connection_and_the_runtime(lab, provider, created):
     ports = [8001, 8002, 8003, 8004]
     results, errors = {}, []
 
@@ -225,8 +226,13 @@ def test_parallel_resources_share_one_connection_and_agent(lab, provider, create
         assert oracle(lab, port) == sorted((f"{ip}:{port}", "Route", "1") for ip in lab.node_ips)
         provider.delete(*results[port])
         assert oracle(lab, port) == []
+    # One SSH connection, one channel to the runtime, whose process answered every request:
+    # no interpreter started on the director for any of them.
     log = provider.log.read_text()
-    assert log.count("connected to director") == 1 and log.count("agent started") == 1
+    assert log.count("connected to director") == 1 and log.count("attached to runtime") == 1, log
+    attached = re.search(r"attached to runtime \S+ on director \S+ \(pid (\d+)\)", log)
+    assert attached and attached.group(1) == ops.unit(lab)["MainPID"], log
+    assert ops.interpreters(lab) == []
 
 
 def test_two_stacks_at_once_do_not_interleave(lab):
@@ -290,6 +296,7 @@ def test_delete_leaves_no_trace_but_the_foreign_service(lab, provider, created):
     assert re.search(r"TCP\s+203\.0\.113\.250:8080 rr", table)
     assert not vip_bound(lab)
     assert "tcp/" not in lab.director("cat /var/lib/ipvs-ingress/state.json").stdout
+    assert ops.held_for(lab, OWNER) == ([], [])  # the runtime holds nothing of the stack
 
 
 @pytest.mark.parametrize("case", ["host-key", "auth", "unreachable"])
@@ -389,13 +396,13 @@ def test_udp_scheduler_and_persistence_reach_the_kernel(lab, provider):
 
 
 def test_a_kernel_refusal_is_one_line_and_the_half_made_service_is_rolled_back(lab):
-    # Sent straight to the agent (no validation on the way) with a route that makes it on-link:
+    # Sent straight to the runtime (no validation on the way) with a route that makes it on-link:
     # 255.255.255.255 passes the agent's own checks, so the real kernel's EINVAL for it, after
     # the service was added, is what answers.
     from providers import model, transport
 
     director, _ = model.parse_virtual_service(vs_props(lab))
-    session = transport.AgentSession(director, lab.private_key_pem)
+    session = transport.RuntimeSession(director, lab.private_key_pem)
     servers = [
         {"address": lab.node_ips[0], "weight": 1},
         {"address": "255.255.255.255", "weight": 1},

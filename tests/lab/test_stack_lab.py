@@ -1,6 +1,7 @@
 """The lab stack end to end, minus the engine and the cluster: the stack file that
 `./dev lab up` writes goes through the program's config layer into the provider's create,
-and traffic to the VIP reaches every node with replies that bypass the director."""
+and traffic to the VIP reaches every node with replies that bypass the director. Every request
+goes to the director's runtime (installed by the first one if need be)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import yaml
 
 from components.config import load_stack_file
 from providers import model, plan
+from tests.lab import ops
 from tests.lab.__main__ import lab_stack
 from tests.provider.grpc_client import ProviderServer
 
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.lab
 def test_lab_stack_deploys_and_serves_through_the_director(lab):
     cfg = load_stack_file(lab_stack(lab.describe())["config"])
     assert [s.key for s in cfg.virtual_services] == [f"tcp/{lab.vip}:80"]
-    lab.director("ipvsadm -C; rm -f /var/lib/ipvs-ingress/state.json")
+    ops.clear(lab, [lab.vip])
     lab.expose(lab.vip, 80)
     srv = ProviderServer()
     created = []
@@ -49,28 +51,30 @@ def test_dry_run_shows_drift_and_changes_nothing(lab, tmp_path, capsys):
     stack_file = tmp_path / "Pulumi.lab.yaml"
     stack_file.write_text(yaml.safe_dump(lab_stack(lab.describe())))
     cfg = load_stack_file(lab_stack(lab.describe())["config"])
-    lab.director("ipvsadm -C; rm -f /var/lib/ipvs-ingress/state.json")
+    ops.clear(lab, [lab.vip])
     srv = ProviderServer()
-    try:
-        srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
-        # Owned by the stack the file is named after: the dry run plans as that stack.
-        props = {
-            **model.to_props(cfg.director, cfg.virtual_services[0]),
-            "owner": "ipvs-ingress/lab",
-        }
-        id_, outs = srv.create(srv.check(props)[0])
-        first = lab.node_ips[0]
-        lab.director(f"ipvsadm -e -t {lab.vip}:80 -r {first}:80 -g -w 7")
-        before = lab.ipvsadm_sn()
-        assert plan.main([str(stack_file), "--key", str(lab.private_key_path)]) == 0
-        assert capsys.readouterr().out.splitlines() == [
-            f"tcp/{lab.vip}:80: 1 change(s)",
-            f"  set-dest tcp/{lab.vip}:80 -> {first}:80 weight 1 Route",
-        ]
-        assert lab.ipvsadm_sn() == before
-        srv.delete(id_, outs)
-    finally:
-        srv.close()
+    # Repair off for the stack: the drift made below stays for the dry run to show.
+    with ops.repair_off(lab, "ipvs-ingress/lab"):
+        try:
+            srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
+            # Owned by the stack the file is named after: the dry run plans as that stack.
+            props = {
+                **model.to_props(cfg.director, cfg.virtual_services[0]),
+                "owner": "ipvs-ingress/lab",
+            }
+            id_, outs = srv.create(srv.check(props)[0])
+            first = lab.node_ips[0]
+            lab.director(f"ipvsadm -e -t {lab.vip}:80 -r {first}:80 -g -w 7")
+            before = lab.ipvsadm_sn()
+            assert plan.main([str(stack_file), "--key", str(lab.private_key_path)]) == 0
+            assert capsys.readouterr().out.splitlines() == [
+                f"tcp/{lab.vip}:80: 1 change(s)",
+                f"  set-dest tcp/{lab.vip}:80 -> {first}:80 weight 1 Route",
+            ]
+            assert lab.ipvsadm_sn() == before
+            srv.delete(id_, outs)
+        finally:
+            srv.close()
 
 
 def test_dry_run_errors_are_one_line(lab, tmp_path, capsys):

@@ -27,11 +27,11 @@ def qemu_argv(
     run_dir: Path,
     address: str,
     name: str,
-    init: str = "busybox",
+    init: str,
     disk: Path | None = None,
 ) -> list[str]:
     """qemu's command line; with `init="systemd"`, stage 2 ends in systemd and `disk` (see
-    make_disk) is the VM's /dev/vda."""
+    make_disk) is the VM's /dev/vda; with "busybox", stage 2 is PID 1 and there is no disk."""
     # Values for stage 1 and 2 (see initramfs.py); the kernel ignores unknown parameters.
     cmdline = " ".join(
         [

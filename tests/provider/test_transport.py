@@ -250,7 +250,7 @@ def test_sshd_that_forbids_forwarding_is_one_line_with_the_fix(director_with, pr
         transport.RuntimeSession(director, private_key).request("read")
     msg = str(err.value)
     assert msg.startswith(
-        "director 127.0.0.1: sshd refused a channel to the runtime at 127.0.0.1:7463"
+        "director 127.0.0.1: sshd refused a channel to the runtime at 127.0.0.1:747"
     )
     assert "AllowTcpForwarding local" in msg and "\n" not in msg
     assert sshd.execs == 0  # nothing was installed through a path that cannot be used after
@@ -386,3 +386,32 @@ def test_a_dry_run_session_installs_nothing_and_says_why(
         "ipvs-ingress version that applied the stack"
     )
     assert sshd.execs == 0 and installed == []
+
+
+def test_an_answer_out_of_turn_is_refused(private_key):
+    """A runtime that answers with another request's id: the session does not take it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            r, w = conn.makefile("r"), conn.makefile("w")
+            w.write(json.dumps({"ready": True, "version": transport.VERSION, "pid": 1}) + "\n")
+            w.flush()
+            for line in r:
+                request = json.loads(line)
+                if request.get("op") != "ping":
+                    w.write(json.dumps({"id": request["id"] + 1, "ok": True, "result": {}}) + "\n")  # fmt: skip
+                    w.flush()
+
+    threading.Thread(target=serve, daemon=True).start()
+    server = FakeSSHD(
+        transport.load_private_key(private_key), None, runtime_port=listener.getsockname()[1]
+    )
+    try:
+        director = model.Director(host="127.0.0.1", port=server.port, host_key=server.host_key_line)
+        with pytest.raises(transport.DirectorError, match="answered out of turn: retry$"):
+            transport.RuntimeSession(director, private_key).request("read")
+    finally:
+        server.close()
+        listener.close()

@@ -19,6 +19,8 @@ PROC_TCP = """\
    0: 0100007F:1D27 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1
    1: 0100007F:A028 0100007F:1D27 01 00000000:00000000 00:00000000 00000000  1000        0 1002 1
    2: 0100007F:1D27 0100007F:A028 01 00000000:00000000 00:00000000 00000000     0        0 1003 1
+   3: 0100007F:A029 0100007F:1D27 06 00000000:00000000 03:00001770 00000000     0        0 0 3
+   4: 0100007F:A02A 0100007F:1D27 08 00000000:00000000 00:00000000 00000000     0        0 1004 1
 """
 
 
@@ -27,6 +29,10 @@ def test_the_uid_is_the_one_of_the_socket_with_the_peer_as_its_local_end():
     assert api.socket_uid(PROC_TCP, ("127.0.0.1", 41000), ("127.0.0.1", 7463)) == 1000
     assert api.socket_uid(PROC_TCP, ("127.0.0.1", 7463), ("127.0.0.1", 41000)) == 0
     assert api.socket_uid(PROC_TCP, ("127.0.0.1", 41001), ("127.0.0.1", 7463)) is None
+    # A peer that closed already: TIME_WAIT (06) shows uid 0 and inode 0; CLOSE_WAIT (08): not
+    # established. Neither is root's connection.
+    assert api.socket_uid(PROC_TCP, ("127.0.0.1", 41001 + 1), ("127.0.0.1", 7463)) is None
+    assert api.socket_uid(PROC_TCP, ("127.0.0.1", 41002 + 1), ("127.0.0.1", 7463)) is None
 
 
 def test_peer_uid_of_a_real_loopback_connection_is_this_process_uid():
@@ -108,6 +114,7 @@ def test_the_default_check_serves_this_uid_only_when_it_is_root(listening):
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
 def test_a_connection_from_another_uid_is_closed_without_a_word(listening):
     a, _ = listening()
+    "127.0.0.1".encode("idna")  # the codec, imported while root can still read the library
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: nobody, connects and reports what it heard
@@ -167,3 +174,99 @@ def test_connections_are_served_in_parallel(listening):
         t.join(10)
     assert results == [True] * 4
     assert time.monotonic() - started < 1.5  # not 4 x 0.5 s one after the other
+
+
+def test_idle_seconds_say_how_long_since_a_request_ran(listening):
+    a, _ = listening(allowed=lambda conn: True)
+    assert a.idle_seconds() == float("inf")  # none yet: a new runtime is quiet
+    conn, r, w = _talk(a.port)
+    with conn:
+        r.readline()
+        _send(w, {"id": 1, "op": "sleep", "seconds": 0.5, "version": "v1"})
+        time.sleep(0.2)
+        assert a.idle_seconds() == 0.0  # one is running
+        r.readline()
+        time.sleep(0.1)
+        assert 0.05 < a.idle_seconds() < 1.0
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
+def test_another_uid_that_sends_and_closes_at_once_gets_nothing_handled(listening):
+    """The reviewer's attack: connect, send a request, close before the lookup (the closed
+    socket shows as uid 0 in /proc/net/tcp). Bounded: 3 s of tries."""
+    a, calls = listening()
+    "127.0.0.1".encode("idna")  # the codec, imported while root can still read the library
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        sent = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            line = json.dumps({"id": 1, "op": "apply", "version": "v1"}).encode() + b"\n"
+            until = time.monotonic() + 3
+            while time.monotonic() < until:
+                sock = socket.socket()
+                try:
+                    sock.connect(("127.0.0.1", a.port))
+                    sock.sendall(line)
+                    sent += 1
+                except OSError:
+                    pass
+                finally:
+                    sock.close()
+        finally:
+            os.write(write, str(sent).encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    sent = int(os.read(read, 64) or b"0")
+    os.close(read)
+    time.sleep(0.5)
+    assert sent >= 20  # the attack ran
+    assert calls == []
+
+
+def test_a_connection_closed_for_silence_ends_for_the_provider_too(listening, monkeypatch):
+    from providers import agent
+
+    monkeypatch.setattr(agent, "IDLE_EXIT_SECONDS", 0.5)
+    a, _ = listening(allowed=lambda conn: True)
+    conn, r, w = _talk(a.port)
+    with conn:
+        r.readline()
+        conn.settimeout(5)
+        started = time.monotonic()
+        assert r.readline() == ""  # end of file, not a wait until sshd gives up
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to open as another uid")
+def test_the_director_lock_is_root_only(tmp_path):
+    from providers import ownership
+
+    path = tmp_path / "run" / "lock"
+    path.parent.mkdir()
+    path.write_text("")
+    path.chmod(0o644)  # left readable by an older version
+    os.chmod(tmp_path, 0o755)
+    with ownership.director_lock(str(path), wait=1):
+        pass
+    assert path.stat().st_mode & 0o777 == 0o600
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                os.open(str(path), os.O_RDONLY)
+                os.write(write, b"opened")
+            except PermissionError:
+                os.write(write, b"refused")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64) == b"refused"
+    os.close(read)

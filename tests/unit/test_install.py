@@ -47,6 +47,8 @@ class Systemd(install.Director):
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess:
         self.calls.append(args)
+        if args[0] == "is-active":
+            return subprocess.CompletedProcess(args, 0, "active\n" if self.running else "inactive\n", "")  # fmt: skip
         if args[0] == "daemon-reload":
             self.loaded_unit = Path(self.unit_path).read_text()
         if args[0] == "restart":
@@ -82,7 +84,7 @@ def test_a_fresh_install_writes_the_version_switches_and_starts_it(tmp_path):
     current = Path(d.install_dir) / "current"
     assert os.readlink(current) == f"versions/{version}"
     assert Path(d.unit_path).read_text() == runtime.unit_text(str(current), d.python)
-    assert verbs(d) == ["daemon-reload", "enable", "restart"]
+    assert verbs(d) == ["daemon-reload", "enable", "is-active", "restart"]
     command = Path(d.command_path)
     assert command.stat().st_mode & 0o777 == 0o755
     assert command.read_text().splitlines()[-1] == (
@@ -184,6 +186,11 @@ def test_a_kill_at_any_step_converges_on_the_next_run(tmp_path, monkeypatch):
         if finished:
             break
         assert d.running in (old, _version(sources("# new\n")))  # never nothing
+        # `current` always names a whole version: the old one or the new one, never a part.
+        assert hash_of(Path(d.install_dir) / "current" / "providers") in (
+            old,
+            _version(sources("# new\n")),
+        )
         install.install(sources("# new\n"), d)
         assert d.running == _version(sources("# new\n")), f"kill after step {k}"
         assert Path(d.unit_path).read_text() == runtime.unit_text(
@@ -201,3 +208,66 @@ def test_the_operators_command_runs_the_installed_runtime_cli(tmp_path):
     done = subprocess.run([d.command_path, "version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == _version(sources("# installed\n")) != hash_of(PROVIDERS)
+
+
+class Restarting(Systemd):
+    """The runtime is coming back (a kill, another provider's upgrade): not listening yet."""
+
+    def running_version(self, wait: float = 0.0) -> str | None:
+        return self.running if wait > 0 else None
+
+    def systemctl(self, *args: str) -> subprocess.CompletedProcess:
+        if args[0] == "is-active":
+            self.calls.append(args)
+            return subprocess.CompletedProcess(args, 0, "activating\n", "")
+        return super().systemctl(*args)
+
+
+def test_a_runtime_coming_back_is_waited_for_not_restarted(tmp_path):
+    d = Restarting(tmp_path)
+    d.running = _version(sources())  # what systemd is starting: this very version
+    result = install.install(sources(), d)
+    assert result["restarted"] is False and "restart" not in verbs(d)
+
+
+def test_what_it_writes_is_root_writable_only_whatever_the_umask(tmp_path):
+    d = Systemd(tmp_path)
+    os.makedirs(d.install_dir, mode=0o777)
+    os.chmod(d.install_dir, 0o777)  # left by an earlier session with umask 0
+    old = os.umask(0)
+    try:
+        install.install(sources(), d)
+    finally:
+        os.umask(old)
+    root = Path(d.install_dir)
+    version_dir = root / "versions" / d.running
+    for folder in (root, root / "versions", version_dir, version_dir / "providers"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+    for file in (*(version_dir / "providers").iterdir(), Path(d.unit_path)):
+        assert file.stat().st_mode & 0o777 == 0o644, file
+    assert Path(d.command_path).stat().st_mode & 0o777 == 0o755
+
+
+def test_an_unexpected_failure_is_one_line_on_the_protocol(monkeypatch):
+    import io
+    import json
+
+    def full_disk(sources, director):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(install, "install", full_disk)
+    out = io.StringIO()
+    assert install.main([("providers", "")], out=out, director_factory=lambda: None) == 1
+    assert json.loads(out.getvalue()) == {
+        "ready": False,
+        "code": "install-failed",
+        "error": "installing the runtime failed (OSError: [Errno 28] No space left on device)",
+    }
+
+
+def test_a_stop_waits_longer_than_a_request_may_drain():
+    from providers import api
+
+    unit = runtime.unit_text("/x")
+    stop = int(next(line for line in unit.splitlines() if line.startswith("TimeoutStopSec=")).split("=")[1])  # fmt: skip
+    assert stop > api.DRAIN_SECONDS + 10

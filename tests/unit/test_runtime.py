@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -610,3 +612,207 @@ def test_a_full_pass_comes_at_least_every_minute_anyway(paths, monkeypatch):
     monkeypatch.setattr(runtime.time, "monotonic", lambda: rt.full_due + 0.1)
     rt.reconcile()
     assert rt.full_passes == 2
+
+
+def test_while_a_provider_applies_full_passes_wait_for_it_to_go_quiet(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    quiet = [0.0]  # seconds since the provider's last request
+    rt.idle = lambda: quiet[0]
+    for port in (443, 444, 445):  # a create in progress: the record moves every pass
+        apply(kernel, port=port)
+        reads = kernel.netlink_reads
+        rt.reconcile()
+        assert kernel.netlink_reads == reads  # the pass read no table
+    assert rt.deferred_passes == 3 and rt.full_passes == 1
+    kernel.services.clear()  # drift meanwhile: the fourth busy pass in a row judges it anyway
+    assert len(rt.reconcile()) == 12 and rt.full_passes == 2  # 4 services x (1 + 2 dests)
+    settled(kernel)
+    apply(kernel, port=446)
+    assert rt.reconcile() == [] and (rt.deferred_passes, rt.full_passes) == (4, 2)
+    kernel.services.clear()  # drift meanwhile: judged as soon as the provider is quiet
+    quiet[0] = rt.config.interval
+    assert len(rt.reconcile()) == 15 and (rt.deferred_passes, rt.full_passes) == (4, 3)
+    settled(kernel)
+
+
+def test_a_restore_at_boot_never_waits(paths):
+    apply(MemoryKernel())
+    rebooted = MemoryKernel()
+    rebooted.loaded = False
+    rt = make_runtime(rebooted, paths, restoring=True)
+    rt.idle = lambda: 0.0
+    assert rt.reconcile() != []
+    settled(rebooted)
+
+
+# --- the boot restore lasts until a pass finds everything in sync -------------------------------
+
+
+def test_a_boot_restore_the_lock_held_off_is_done_by_the_next_free_pass(paths):
+    kernel = MemoryKernel()
+    apply(kernel, owner=OTHER)
+    config = {"intervalSeconds": 0.5, "repair": {OTHER: False}}
+    rt = make_runtime(kernel, paths, restoring=True, config=config)
+    kernel.services.clear()  # as after a reboot; the stack's repair is off
+    kernel.addresses.clear()
+    with ownership.director_lock():  # a provider's apply holds the lock through the first pass
+        assert rt.reconcile() == [] and kernel.services == {}
+    assert rt.reconcile() == [
+        f"restored {KEY}: add-service wlc",
+        f"restored {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"restored {KEY}: add-dest 203.0.113.12:80 weight 1",
+        f"restored VIP {VIP}: bind on eth0",
+    ]
+    settled(kernel)
+    kernel.services.clear()  # restored once: from now on the stack's repair is off again
+    assert rt.reconcile() == [] and kernel.services == {}
+
+
+def test_a_boot_restore_binds_a_vip_whose_interface_appears_later(paths):
+    kernel = MemoryKernel()
+    apply(kernel, owner=OTHER)
+    rt = make_runtime(kernel, paths, restoring=True, config={"repair": {OTHER: False}})
+    kernel.services.clear()
+    kernel.addresses.clear()
+    kernel.interfaces = {"eth1": 3}  # eth0's driver is still loading
+    assert rt.reconcile() == [
+        f"restored {KEY}: add-service wlc",
+        f"restored {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"restored {KEY}: add-dest 203.0.113.12:80 weight 1",
+    ]
+    kernel.interfaces = {"eth0": 2, "eth1": 3}
+    assert rt.reconcile() == [f"restored VIP {VIP}: bind on eth0"]
+    settled(kernel)
+    kernel.addresses.clear()
+    assert rt.reconcile() == [] and kernel.addresses == set()  # repair off from now on
+
+
+# --- a busy provider delays full passes, boundedly ----------------------------------------------
+
+
+def test_a_provider_busy_every_pass_delays_a_repair_by_three_passes_at_most(paths):
+    kernel = CountingKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    rt.idle = lambda: 0.0  # a request ran within the interval before every pass
+    flushed = [
+        f"repaired {KEY}: add-service wlc",
+        f"repaired {KEY}: add-dest 203.0.113.11:80 weight 1",
+        f"repaired {KEY}: add-dest 203.0.113.12:80 weight 1",
+    ]
+    for round in (1, 2):  # the count of passes deferred in a row starts again after a full one
+        kernel.services.clear()
+        assert [rt.reconcile() for _ in range(4)] == [[], [], [], flushed]
+        settled(kernel)
+        assert (rt.deferred_passes, rt.full_passes) == (3 * round, 1 + round)
+
+
+# --- the version reported is the running code's -------------------------------------------------
+
+
+def test_the_version_is_the_running_codes_not_the_newly_installed_one(tmp_path):
+    src = Path(runtime.__file__).parent
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(src, tmp_path / "versions" / "a" / "providers", ignore=ignore)
+    shutil.copytree(src, tmp_path / "versions" / "b" / "providers", ignore=ignore)
+    model_b = tmp_path / "versions" / "b" / "providers" / "model.py"
+    model_b.write_text(model_b.read_text() + "\n# version b\n")
+    a = runtime.source_version(tmp_path / "versions" / "a" / "providers")
+    b = runtime.source_version(tmp_path / "versions" / "b" / "providers")
+    assert a != b
+    os.symlink("versions/a", tmp_path / "current")
+    # Started from a; the installer swaps `current` to b before it restarts the runtime.
+    script = (
+        "import os, sys\n"
+        "from providers import runtime\n"
+        "os.symlink('versions/b', 'next'); os.replace('next', 'current')\n"
+        "rt = runtime.Runtime(None, status_path='status.json', config_path='runtime.json')\n"
+        "print(rt.version, runtime.source_version())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "current")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    # The runtime reports a (it runs a's code); the status command's "installed sources": b.
+    assert done.stdout.split() == [a, b]
+
+
+# --- status without root ------------------------------------------------------------------------
+
+
+class NoRootKernel(MemoryKernel):
+    """The netlink IPVS commands of a user who is not root."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def open_ipvs(self):
+        if self.where == "open_ipvs":
+            raise PermissionError(1, "Operation not permitted")
+
+    def get_service(self, protocol, vip, port):
+        if self.where == "get_service":
+            raise OSError(1, "Operation not permitted\n" + "netlink says no " * 20)
+        return super().get_service(protocol, vip, port)
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (
+            "open_ipvs",
+            "live table: unreadable (PermissionError: [Errno 1] Operation not permitted): run it as root",  # fmt: skip
+        ),
+        (
+            "get_service",
+            "live table: unreadable (PermissionError: [Errno 1] Operation not permitted netlink says no netlink says no netlink says no netlink says no netli): run it as root",  # fmt: skip
+        ),
+    ],
+)
+def test_status_without_root_is_one_line_not_a_traceback(paths, where, expected):
+    kernel = MemoryKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+    code, lines = status_text(NoRootKernel(where), rt, paths)
+    assert code == 1
+    assert lines[-1] == expected
+    assert len(expected.split("(", 1)[1].rsplit(")", 1)[0]) <= 120
+
+
+def test_status_with_an_unreadable_record_is_one_line_not_a_traceback(paths, monkeypatch):
+    kernel = MemoryKernel()
+    apply(kernel)
+    rt = make_runtime(kernel, paths)
+    rt.reconcile()
+
+    def refused(path=None):  # /var/lib/ipvs-ingress/state.json to a user who is not root
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(runtime.Ownership, "load", refused)
+    code, lines = status_text(kernel, rt, paths)
+    assert code == 1
+    assert lines[-1] == (
+        f"record: unreadable (PermissionError: [Errno 13] Permission denied: "
+        f"'{ownership.STATE_PATH}'"[: 120 + len("record: unreadable (")]
+        + "): run it as root"
+    )
+
+
+def test_a_vip_is_not_bound_while_its_service_cannot_be_restored(paths):
+    """Answering ARP for a VIP with no service behind it would blackhole it: the VIP waits."""
+    apply(MemoryKernel())
+    rebooted = MemoryKernel()
+    rebooted.fail_on = "add-service"  # e.g. the scheduler's module is missing after the reboot
+    rt = make_runtime(rebooted, paths, restoring=True)
+    rt.reconcile()
+    assert rebooted.services == {} and rebooted.addresses == set()
+    rebooted.fail_on = None
+    rt.reconcile()
+    settled(rebooted)
