@@ -29,6 +29,12 @@ from contextlib import contextmanager
 from providers import model
 from providers.ownership import AgentError, Ownership, director_lock
 
+# The runtime's health state (providers/probing.HealthKeeper) when this agent runs inside the
+# runtime process, which sets it at start; None elsewhere (tests, the old per-connection agent).
+# With it, an apply plans against health's weights (a drained real server stays at weight 0:
+# `pulumi up` never undoes a drain) and replies say each real server's health.
+HEALTH = None
+
 PROTOCOL_VERSION = 1
 MIN_PYROUTE2 = (0, 9, 5, 1)  # 0.9.5, final: _version_tuple form
 IP_VS_SVC_F_PERSISTENT = 0x1
@@ -316,7 +322,15 @@ def _recorded(entry: dict) -> dict:
         desired = []
     state = entry.get("state", "applied") if entry else None
     health = {"health": entry["health"]} if "health" in entry else {}  # none recorded: absent
-    return {"desired": desired, "repair": entry.get("repair", True), "recordState": state, **health}
+    reply = {"desired": desired, "repair": entry.get("repair", True), "recordState": state, **health}  # fmt: skip
+    if HEALTH is not None and desired:
+        spec = model.spec_from_dict(entry["spec"])
+        checked, problems = None, []
+        if isinstance(entry.get("health"), dict):
+            checked, problems = model.check_health(entry["health"], spec.protocol)
+        checked = None if problems else checked  # unreadable: not probed
+        reply["realServerHealth"] = HEALTH.report(spec, checked)
+    return reply
 
 
 def _health(raw, protocol: str) -> dict | None:
@@ -466,7 +480,8 @@ class Agent:
                     "owned",
                     f"vip: {spec.key} was recorded by an ipvs-ingress too old to name its stack: run pulumi refresh in the stack that holds it (it adopts it), or choose another VIP/port",
                 )
-            ops = model.plan(live, spec)
+            # Health's weights (a drained real server at 0) when the runtime keeps them.
+            ops = model.plan(live, HEALTH.effective(spec, health) if HEALTH else spec)
             # A VIP we bound on another interface (director.interface changed) moves with it.
             recorded = owners.addresses.get(spec.vip, {}).get("interface")
             move_from = recorded if recorded not in (None, interface) else None

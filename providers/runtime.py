@@ -74,7 +74,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import api, model, ownership
+from providers import agent, api, model, ownership, probing
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -96,6 +96,7 @@ DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
+    "health.py", "probing.py",
 )  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -231,6 +232,9 @@ class Service:
     repair: bool = True  # the record's own setting (the stack's ipvs-ingress:repair)
     live: model.LiveService | None = None
     ops: list[model.Op] = dataclasses.field(default_factory=list)
+    health: dict | None = None  # the recorded health check (None: none)
+    target: model.VirtualServiceSpec | None = None  # the spec with health's weights: planned
+    real_servers: list[dict] = dataclasses.field(default_factory=list)  # health per real server
 
     @property
     def in_sync(self) -> bool | None:
@@ -270,8 +274,12 @@ class View:
         )
 
 
-def observe(kernel, owners: Ownership, config: Config, restoring: bool = False) -> View:
-    """Read-only: what each recorded service and VIP should be and is. Loads no module."""
+def observe(
+    kernel, owners: Ownership, config: Config, restoring: bool = False, keeper=None
+) -> View:
+    """Read-only: what each recorded service and VIP should be and is. Loads no module.
+    With `keeper` (probing.HealthKeeper), a kept service's weights are health's: a drained
+    real server should be at weight 0, and that is not drift."""
     services = sorted(
         (_service(key, entry, config, restoring) for key, entry in owners.services.items()),
         key=_order,
@@ -285,7 +293,10 @@ def observe(kernel, owners: Ownership, config: Config, restoring: bool = False) 
     for s in services:
         if s.spec is not None:
             s.live = kernel.get_service(s.spec.protocol, s.spec.vip, s.spec.port) if ipvs else None
-            s.ops = model.plan(s.live, s.spec)
+            s.target = keeper.effective(s.spec, s.health) if keeper and s.kept else s.spec
+            s.ops = model.plan(s.live, s.target)
+            if keeper is not None:
+                s.real_servers = keeper.report(s.spec, s.health if s.kept else None)
     vips = []
     on = _bound_by_interface(kernel, owners)
     for address, entry in sorted(owners.addresses.items()):
@@ -307,7 +318,7 @@ def _bound_by_interface(kernel, owners: Ownership) -> dict[str, set[str] | None]
     return on
 
 
-def mark(kernel, owners: Ownership, config: Config, restoring: bool) -> str:
+def mark(kernel, owners: Ownership, config: Config, restoring: bool, health: int = 0) -> str:
     """Everything a pass judges by, cheaply read: the kernel's IPVS text (without the
     connection counters, which move with traffic), the addresses on the record's interfaces,
     ip_forward, the modules, the record and the settings. Equal marks mean equal inputs, so a
@@ -329,6 +340,7 @@ def mark(kernel, owners: Ownership, config: Config, restoring: bool) -> str:
             config.interval,
             sorted(config.repair.items()),
             restoring,
+            health,  # the keeper's generation: a drain or undrain is judged in full
         ],
         sort_keys=True,
         default=str,
@@ -360,7 +372,13 @@ def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
             left = f"repair is off for stack {owner} (its config ipvs-ingress:repair is false)"
         elif not config.repairs(owner):  # the operator's override in runtime.json
             left = f"repair is off for stack {owner}"
-    return Service(key, owner, state, entry.get("interface"), spec, left is None, left, recorded)
+    checked = None
+    if spec is not None and isinstance(entry.get("health"), dict):
+        normal, problems = model.check_health(entry["health"], spec.protocol)
+        checked = None if problems else normal  # unreadable: not probed (the next up records it)
+    service = Service(key, owner, state, entry.get("interface"), spec, left is None, left, recorded)
+    service.health = checked
+    return service
 
 
 # --- the runtime ---------------------------------------------------------------------------------
@@ -391,6 +409,8 @@ class Runtime:
         log: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         idle: Callable[[], float] = lambda: float("inf"),
+        health_path: str | None = None,
+        probers: Mapping[str, probing.Prober] | None = None,
     ):
         self.kernel = kernel
         self.state_path = state_path or ownership.STATE_PATH
@@ -400,6 +420,12 @@ class Runtime:
         self.log = log or _print
         self.clock = clock
         self.idle = idle  # seconds since a provider's request last ran (api.Api.idle_seconds)
+        # Health: loaded before the first pass, so a drained server is never restored to its
+        # configured weight by it (health.json survives restart and reboot).
+        self.health = probing.HealthKeeper(
+            health_path or probing.HEALTH_PATH, probers, self.log, clock
+        )
+        self.wake = threading.Event()  # set when health changed what the kernel should hold
         self.deferred_passes = 0
         self.deferred_in_a_row = 0
         self.version = RUNNING_VERSION
@@ -446,7 +472,8 @@ class Runtime:
             notes["record"] = f"{err}; the runtime changes nothing meanwhile"
             self.view = None
         else:
-            seen = mark(self.kernel, owners, config, self.restoring)
+            self._configure_health(owners, config)
+            seen = mark(self.kernel, owners, config, self.restoring, self.health.generation)
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
             # While a provider applies, its changes move the mark, and reading the whole table
             # would only take the director's CPU from it (39 services: 1.5 s per pass under
@@ -458,7 +485,7 @@ class Runtime:
                 self.deferred_in_a_row += 1
             elif full:
                 self.deferred_in_a_row = 0
-                view = observe(self.kernel, owners, config, self.restoring)
+                view = observe(self.kernel, owners, config, self.restoring, self.health)
                 if view.drift:
                     view, lines = self._repair_locked(config, notes) or (view, [])
                 # Marked steady only when this pass found it in sync and changed nothing.
@@ -473,6 +500,11 @@ class Runtime:
             for s in view.services:
                 if s.left:
                     notes[f"left {s.key}"] = f"left {s.key} ({s.owner}): {s.left}"
+            for key, line in self.health.unprobed().items():
+                notes[f"unprobed {key}"] = line
+            for s in view.kept:
+                for line in self.health.held(s.key):
+                    notes[f"held {line.split(' kept in service')[0]}"] = line
             for v in view.vips:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
@@ -482,15 +514,29 @@ class Runtime:
         self.write_status()
         return lines
 
+    def _configure_health(self, owners: Ownership, config: Config) -> None:
+        """The keeper probes exactly the kept services, with their recorded health."""
+        kept = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
+        self.health.configure((s.key, s.spec, s.health) for s in kept if s.kept and s.spec)
+
+    def probe(self, now: float | None = None) -> bool:
+        """Probe the targets that are due; True (and the next pass woken) when a real server
+        was drained or got its weight back."""
+        changed = self.health.probe_due(now)
+        if changed:
+            self.wake.set()
+        return changed
+
     def _repair_locked(self, config: Config, notes: dict) -> tuple[View, list[str]] | None:
         try:
             with director_lock(self.lock_path, wait=config.interval):
                 self.busy_passes = 0
                 # Again under the lock: a provider's apply may have changed the record.
                 owners = Ownership.load(self.state_path)
-                before = observe(self.kernel, owners, config, self.restoring)
+                self._configure_health(owners, config)
+                before = observe(self.kernel, owners, config, self.restoring, self.health)
                 lines = self._repair(before, notes)
-                return observe(self.kernel, owners, config, self.restoring), lines
+                return observe(self.kernel, owners, config, self.restoring, self.health), lines
         except AgentError as err:
             if err.code != "busy":
                 raise
@@ -530,7 +576,7 @@ class Runtime:
                 continue
             live = k.get_service(s.spec.protocol, s.spec.vip, s.spec.port)
             try:
-                for op in model.plan(live, s.spec):
+                for op in model.plan(live, s.target or s.spec):
                     k.apply(s.spec, op)
                     done(f"{s.key}: {describe(op, live, s.spec)}")
             except AgentError as err:
@@ -595,6 +641,7 @@ def _service_status(s: Service) -> dict:
         "desired": model.ipvsadm_lines(s.spec) if s.spec else [],
         "live": model.ipvsadm_lines(s.live) if s.live else [],
         "drift": [describe(op, s.live, s.spec) for op in s.ops],
+        "health": s.real_servers,
     }
 
 
@@ -700,6 +747,8 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
     Passes start every interval (not an interval after the last one ended), so a change is
     seen at most one interval after it was made; a pass that overran starts the next at once."""
     ready, due = False, time.monotonic()
+    prober = threading.Thread(target=_probe_loop, args=(runtime, stop), name="probe", daemon=True)
+    prober.start()
     while not stop.is_set():
         try:
             runtime.reconcile()
@@ -713,9 +762,25 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
         in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
         sd_notify(f"STATUS={'in sync' if in_sync else 'see: ipvs-ingress status'}")
         due = max(due + runtime.config.interval, time.monotonic())
-        stop.wait(due - time.monotonic())
+        # A drain or undrain wakes the next pass at once: it is applied within a tick.
+        runtime.wake.wait(max(0.0, due - time.monotonic()))
+        runtime.wake.clear()
+    runtime.health.close()
     runtime.log("stopping: the IPVS table and VIPs stay as they are")
     return 0
+
+
+PROBE_TICK = 0.1  # the probe thread starts what is due every tick (the lab: spread, not bursts)
+
+
+def _probe_loop(runtime: Runtime, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            runtime.probe()
+        except Exception as err:  # e.g. health.json unwritable: said, and probing goes on
+            runtime.log(f"probing failed: {type(err).__name__}: {str(err)[:200]}")
+            stop.wait(runtime.config.interval)
+        stop.wait(PROBE_TICK)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -740,15 +805,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_run() -> int:
     stop = threading.Event()
+    runtime_box: list[Runtime] = []
+
+    def stopping(*_) -> None:
+        stop.set()
+        for r in runtime_box:
+            r.wake.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stopping)
     try:
         kernel = RuntimeKernel()
     except AgentError as err:
         _print(f"ipvs-ingress runtime cannot start: {err}")
         return 1
     runtime = Runtime(kernel)
+    runtime_box.append(runtime)
     runtime.reload_config()
+    # The provider's applies in this process plan against health's weights: never undo a drain.
+    agent.HEALTH = runtime.health
     try:
         # Listening before the first pass: a provider that connects while the table is
         # restored waits on the director lock, it is not refused.
@@ -783,6 +858,7 @@ def print_status(
     config_path: str = CONFIG_PATH,
     out=None,
     now: Callable[[], float] = time.time,
+    health_path: str | None = None,
 ) -> int:
     """Desired against live per service (read now), the runtime's last reconcile and repairs,
     its version and the owning stacks. Exit 0 when the runtime runs and everything it keeps is
@@ -803,7 +879,14 @@ def print_status(
         return 1
     try:
         kernel = kernel or Kernel()
-        view = observe(kernel, owners, config)
+        keeper = probing.HealthKeeper(health_path or probing.HEALTH_PATH, log=lambda _line: None)
+        keeper.save = lambda: None  # status changes nothing
+        keeper.configure(
+            (s.key, s.spec, s.health)
+            for s in (_service(k, e, config, False) for k, e in owners.services.items())
+            if s.kept and s.spec
+        )
+        view = observe(kernel, owners, config, keeper=keeper)
     except AgentError as err:
         write(f"live table: unreadable ({err})")
         return 1
@@ -890,6 +973,13 @@ def _write_service(s: Service, write) -> None:
         write(f"  desired {line}")
     for line in model.ipvsadm_lines(s.live) if s.live else ["(absent)"]:
         write(f"  live    {line}")
+    for rs in s.real_servers:
+        if rs["state"] in ("drained", "held"):
+            since = f" since {_now_text(rs['since'])}" if rs["since"] else ""
+            why = f": {rs['reason']}" if rs["reason"] else ""
+            write(
+                f"  health  {model._hostport(rs['address'], rs['port'])} {rs['state']}{since}{why}"
+            )
 
 
 if __name__ == "__main__":

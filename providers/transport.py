@@ -59,7 +59,9 @@ _BOOT = (
 )
 _HERE = Path(__file__).parent
 # The director's sources in import order (each module's imports come before it).
-_MODULES = ("__init__", "model", "ownership", "agent", "api", "runtime", "install")
+_MODULES = (
+    "__init__", "model", "health", "ownership", "agent", "probing", "api", "runtime", "install",
+)  # fmt: skip
 _SOURCES = [
     (
         "providers" if m == "__init__" else f"providers.{m}",

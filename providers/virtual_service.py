@@ -9,9 +9,11 @@ the pickled provider, never a resource input, and never an output.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import sys
+import time
 import traceback
 import types
 from collections.abc import Mapping
@@ -314,18 +316,61 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
         outs.update(realServers=[], ipvsadm=[], inSync=False)
         return outs
     state = model.LiveService.from_dict(live)
+    # Health (the director's runtime): a drained real server's weight 0 is what the director
+    # should hold, not drift: shown with its configured weight, judged against health's weights.
+    rs_health = _rs_health(result.get("realServerHealth"))
+    effective = {(h["address"], h["port"]): h["weight"] for h in rs_health}
+    target = dataclasses.replace(
+        spec,
+        real_servers=tuple(
+            dataclasses.replace(r, weight=effective.get((r.address, spec.port), r.weight))
+            for r in spec.real_servers
+        ),
+    )
+    configured = {r.address: r.weight for r in spec.real_servers}
+
+    def shown(d: model.LiveDest) -> int:
+        held = effective.get((d.address, d.port))  # None: no health said
+        drained = held is not None and held == d.weight != configured.get(d.address)
+        return configured[d.address] if drained and d.address in configured else d.weight
+
+    outs["realServerHealth"] = rs_health
     outs.update(
         scheduler=state.scheduler,
         persistenceSeconds=state.persistence_seconds,
         realServers=[
-            {"address": d.address, "weight": d.weight}
+            {"address": d.address, "weight": shown(d)}
             for d in state.dests
             if d.forwarding == model.ROUTE and d.port == spec.port  # the rest: ipvsadm, inSync
         ],
         ipvsadm=model.ipvsadm_lines(state),
-        inSync=not model.plan(state, spec) and bound and forward and recorded,
+        inSync=not model.plan(state, target) and bound and forward and recorded,
     )
     return outs
+
+
+def _rs_health(raw: Any) -> list[dict]:
+    """The director's health per real server, as outputs: address, port, state (up, drained,
+    held: failing but kept in service by depoolThreshold, unprobed, unchecked), since (UTC),
+    reason, weight (what health has the director hold). Entries not of that form are dropped."""
+    out = []
+    for h in raw if isinstance(raw, list) else []:
+        try:
+            since = h.get("since")
+            item = {
+                "address": str(h["address"]),
+                "port": int(h["port"]),
+                "state": str(h["state"]),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                if since
+                else None,  # fmt: skip
+                "reason": _one_line(str(h.get("reason") or "")),
+                "weight": int(h["weight"]),
+            }
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError, OSError):
+            continue
+        out.append(item)
+    return out
 
 
 class VirtualService(Resource, module="ipvs", name="VirtualService"):
@@ -345,7 +390,9 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
             name,
             {
                 **props,
-                **dict.fromkeys(("ipvsadm", "desired", "inSync", "vipBound", "ipForward")),
+                **dict.fromkeys(
+                    ("ipvsadm", "desired", "inSync", "vipBound", "ipForward", "realServerHealth")
+                ),
             },
             opts,
         )

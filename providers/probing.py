@@ -1,0 +1,312 @@
+"""Real-server probes on the director and the health state the runtime keeps from them.
+
+Runs in the runtime process (stdlib only). `HealthKeeper` owns a health.Tracker configured from
+each kept service's recorded `health`, probes each target at its own interval through a `Prober`
+(injectable: tests script results), applies rise/fall, persists the tracker to
+/var/lib/ipvs-ingress/health.json after every change (a drained server stays drained across a
+restart or reboot until `rise` successes) and answers what weights the kernel should hold
+(`effective`): the runtime's passes and the provider's applies (providers/agent.py HEALTH) both
+plan against those, so a drain is never drift and never undone.
+
+Probes: `kubeProxy` is an HTTP GET http://<node>:<kubeProxyPort>/healthz, 200 = up.
+`vip` (the Seesaw DSR probe: a fwmark service per node and SO_MARK) is not implemented yet:
+such services are not probed (their weights stay as configured) and the runtime says so once
+in the log and in status, never silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from providers import health, model
+
+HEALTH_PATH = "/var/lib/ipvs-ingress/health.json"
+MAX_WORKERS = 32  # probes in flight at once: a round of failing probes costs one timeout, not n
+UNPROBED = "vip"  # checks this runtime cannot probe yet
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeTarget:
+    """One real server of one service, as a prober needs it."""
+
+    key: str  # service key, "tcp/203.0.113.201:80"
+    rs: str  # health.rs_key: "203.0.113.11:80"
+    address: str
+    port: int
+    vip: str
+    check: str
+    timeout: float
+    interval: float
+    kube_proxy_port: int
+    http: Mapping | None = None
+
+
+class Prober(Protocol):
+    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
+        """(up, why not: one short line; "" when up). Must return within about the timeout."""
+
+
+class KubeProxyProber:
+    """kube-proxy's own health: GET http://<node>:<kubeProxyPort>/healthz, 200 = up. It says
+    whether the node's proxy rules are fresh, not whether the VIP works there."""
+
+    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
+        where = f"kubeProxy healthz {model._hostport(target.address, target.kube_proxy_port)}"
+        conn = http.client.HTTPConnection(
+            target.address, target.kube_proxy_port, timeout=target.timeout
+        )
+        try:
+            conn.request("GET", "/healthz", headers={"User-Agent": "ipvs-ingress"})
+            reply = conn.getresponse()
+            reply.read(4096)
+        except TimeoutError:
+            return False, f"{where}: timed out after {target.timeout:g} s"
+        except (OSError, http.client.HTTPException) as err:
+            why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+            return False, f"{where}: {why}"
+        finally:
+            conn.close()
+        if reply.status != 200:
+            return False, f"{where}: HTTP {reply.status}"
+        return True, ""
+
+
+def default_probers() -> dict[str, Prober]:
+    return {"kubeProxy": KubeProxyProber()}
+
+
+def _effective_spec(spec: model.VirtualServiceSpec, weights: Mapping[str, int]):
+    servers = tuple(
+        dataclasses.replace(r, weight=weights.get(health.rs_key(r.address, spec.port), r.weight))
+        for r in spec.real_servers
+    )
+    return dataclasses.replace(spec, real_servers=servers)
+
+
+class HealthKeeper:
+    """The tracker, the probe schedule and health.json. Thread-safe: the runtime's passes, its
+    probe thread and the provider's request threads all use it."""
+
+    def __init__(
+        self,
+        path: str = HEALTH_PATH,
+        probers: Mapping[str, Prober] | None = None,
+        log: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.path = path
+        self.probers = dict(default_probers() if probers is None else probers)
+        self.log = log
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.services: dict[str, tuple[model.VirtualServiceSpec, dict]] = {}
+        self.due: dict[tuple[str, str], float] = {}
+        self.shown: dict[tuple[str, str], str] = {}  # last logged state: up/drained/held
+        self.generation = 0  # moves with every change of what the kernel should hold
+        self.tracker = self._load()
+        self._executor: ThreadPoolExecutor | None = None
+
+    # --- persistence ---
+
+    def _load(self) -> health.Tracker:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read().decode()
+        except FileNotFoundError:
+            return health.Tracker()
+        except (OSError, UnicodeDecodeError) as err:
+            self.log(f"{self.path}: unreadable ({str(err)[:80]}): every real server starts up")
+            return health.Tracker()
+        tracker, why = health.Tracker.from_json(text)
+        if why:
+            self.log(f"{self.path}: {why}")
+        return tracker
+
+    def save(self) -> None:
+        """Atomically and durably: a kill or power cut leaves the old file or the new."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.tracker.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # --- configuration, from the record, every pass ---
+
+    def configure(self, services: Iterable[tuple[str, model.VirtualServiceSpec, dict | None]]):
+        """The kept services with their recorded spec and health; targets of services or real
+        servers no longer kept are forgotten (and health.json rewritten)."""
+        with self.lock:
+            wanted = {key: (spec, h) for key, spec, h in services if _checked(h)}
+            before = self.tracker.to_json()
+            for key in set(self.tracker.services) | set(self.services):
+                if key not in wanted:
+                    self.tracker.forget(key)
+            for key, (spec, h) in wanted.items():
+                self.tracker.configure(key, h)
+                self.tracker.forget(key, [health.rs_key(r.address, spec.port) for r in spec.real_servers])  # fmt: skip
+            if wanted != self.services:
+                self.generation += 1
+            self.services = wanted
+            targets = {(t.key, t.rs) for t in self.targets()}
+            self.due = {k: v for k, v in self.due.items() if k in targets}
+            self.shown = {k: v for k, v in self.shown.items() if k in targets}
+            if self.tracker.to_json() != before:
+                self.save()
+            for key in wanted:
+                self._settle(key)
+
+    def targets(self) -> list[ProbeTarget]:
+        with self.lock:
+            out = []
+            for key, (spec, h) in sorted(self.services.items()):
+                for r in spec.real_servers:
+                    out.append(
+                        ProbeTarget(
+                            key, health.rs_key(r.address, spec.port), r.address, spec.port,
+                            spec.vip, h["check"], float(h["timeoutSeconds"]),
+                            float(h["intervalSeconds"]), int(h["kubeProxyPort"]), h.get("http"),
+                        )
+                    )  # fmt: skip
+            return out
+
+    def unprobed(self) -> dict[str, str]:
+        """Services whose check this runtime cannot probe: one line each, for log and status."""
+        with self.lock:
+            return {
+                key: f"{key}: check {h['check']} is not implemented in this runtime yet: its real servers are not probed (weights as configured)"  # fmt: skip
+                for key, (_spec, h) in sorted(self.services.items())
+                if h["check"] not in self.probers
+            }
+
+    # --- probing ---
+
+    def probe_due(self, now: float | None = None) -> bool:
+        """Probe every target whose interval has come (in parallel, bounded), apply the results;
+        True when what the kernel should hold changed."""
+        now = self.clock() if now is None else now
+        with self.lock:
+            due = [
+                t
+                for t in self.targets()
+                if t.check in self.probers and self.due.get((t.key, t.rs), 0.0) <= now
+            ]
+            for t in due:
+                self.due[(t.key, t.rs)] = now + t.interval
+        if not due:
+            return False
+        if len(due) == 1:
+            results = [self._probe(due[0])]
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(MAX_WORKERS, "probe")
+            results = list(self._executor.map(self._probe, due))
+        before = self.generation
+        for t, (ok, reason) in zip(due, results, strict=True):
+            self.record(t.key, t.rs, ok, reason, self.clock())
+        return self.generation != before
+
+    def _probe(self, t: ProbeTarget) -> tuple[bool, str]:
+        try:
+            ok, reason = self.probers[t.check].probe(t)
+        except Exception as err:  # a prober's own bug is a failed probe, said why, not a crash
+            return False, f"probe error {type(err).__name__}: {str(err)[:80]}"
+        return bool(ok), str(reason)
+
+    def record(self, key: str, rs: str, ok: bool, reason: str, now: float) -> bool:
+        """One probe result; True (and health.json rewritten) when the target went up or down."""
+        with self.lock:
+            if key not in self.services:
+                return False  # forgotten meanwhile
+            changed = self.tracker.observe(key, rs, ok, reason, now)
+            if changed:
+                self.generation += 1
+                self.save()
+                self._settle(key)
+            return changed
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- what the kernel should hold ---
+
+    def effective(self, spec: model.VirtualServiceSpec, h: Mapping | None):
+        """`spec` with the weights health gives it (drained: 0), for `h` its health settings."""
+        with self.lock:
+            if not _checked(h):
+                return spec
+            weights, _ = health.effective_weights(spec, h, self.tracker.states(spec.key))
+            return _effective_spec(spec, weights)
+
+    def held(self, key: str) -> list[str]:
+        with self.lock:
+            if key not in self.services:
+                return []
+            spec, h = self.services[key]
+            return health.effective_weights(spec, h, self.tracker.states(key))[1]
+
+    def report(self, spec: model.VirtualServiceSpec, h: Mapping | None) -> list[dict]:
+        """Per real server: state up / drained / held (failing, kept in service by the depool
+        threshold) / unprobed, since (epoch seconds or None), reason, weight (what the kernel
+        should hold) and configured weight."""
+        with self.lock:
+            states = self.tracker.states(spec.key) if _checked(h) else {}
+            weights = (
+                health.effective_weights(spec, h, states)[0]
+                if _checked(h)
+                else {health.rs_key(r.address, spec.port): r.weight for r in spec.real_servers}
+            )
+            probed = _checked(h) and h["check"] in self.probers
+            out = []
+            for r in spec.real_servers:
+                rs = health.rs_key(r.address, spec.port)
+                t = states.get(rs)
+                state = _state(t, weights[rs], r.weight) if probed or t else "unprobed"
+                if not _checked(h):
+                    state = "unchecked"
+                out.append(
+                    {
+                        "address": r.address,
+                        "port": spec.port,
+                        "state": state,
+                        "since": t.since if t else None,
+                        "reason": t.reason if t and not t.up else "",
+                        "weight": weights[rs],
+                        "configuredWeight": r.weight,
+                    }
+                )
+            return out
+
+    def _settle(self, key: str) -> None:
+        """Log one line per real server whose drain state changed (under the lock)."""
+        spec, h = self.services[key]
+        for item in self.report(spec, h):
+            rs = health.rs_key(item["address"], item["port"])
+            state, was = item["state"], self.shown.get((key, rs), "up")
+            self.shown[(key, rs)] = state
+            if state == was or state == "held":  # held: the runtime's notes say it, once
+                continue
+            if state == "drained":
+                self.log(f"drained {key} {rs} (weight 0): {item['reason'] or 'probe failed'}")
+            elif state == "up" and was in ("drained", "held"):
+                rise = self.tracker._counts.get(key, (2, 2))[0]
+                self.log(f"undrained {key} {rs}: weight {item['configuredWeight']} back after {rise} successful probes")  # fmt: skip
+
+
+def _checked(h: Mapping | None) -> bool:
+    return h is not None and h.get("check", "none") != "none"
+
+
+def _state(t: health.Target | None, weight: int, configured: int) -> str:
+    if t is None or t.up:
+        return "up"
+    return "drained" if weight == 0 else "held"
