@@ -1,0 +1,317 @@
+"""Issue 9, the runtime side: probes drain and restore real servers, the depool threshold holds
+them, health.json keeps a drain across a restart, and neither the runtime's passes nor a
+provider's apply (the agent in the runtime's process) undo a drain.
+
+On the in-memory kernel of test_agent_logic (destinations keyed by (address, port)); probe
+results come from a scripted prober; records are written by the real agent. Expected tables,
+weights and log lines are written out literally here, never computed by providers/health.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+
+import pytest
+
+from providers import agent, probing, virtual_service
+from providers.model import Director
+from tests.unit.test_agent_logic import OWNER, MemoryKernel, spec
+from tests.unit.test_runtime import _set, make_runtime, paths  # noqa: F401 (a fixture)
+
+VIP = "203.0.113.201"
+KEY = f"tcp/{VIP}:80"
+N1, N2, N3 = "203.0.113.11", "203.0.113.12", "203.0.113.13"
+CHECK = {
+    "check": "kubeProxy",
+    "intervalSeconds": 1.0,
+    "timeoutSeconds": 0.5,
+    "rise": 2,
+    "fall": 2,
+    "depoolThreshold": 0.5,
+    "kubeProxyPort": 10256,
+}
+
+
+class Scripted:
+    """Answers each node's probes from its own list of results, in order; records each call."""
+
+    def __init__(self, **script: list[bool]):
+        self.script = {address.replace("_", "."): list(r) for address, r in script.items()}
+        self.calls: list[str] = []
+
+    def add(self, address: str, *results: bool) -> None:
+        self.script.setdefault(address, []).extend(results)
+
+    def probe(self, target: probing.ProbeTarget) -> tuple[bool, str]:
+        self.calls.append(target.address)
+        ok = self.script[target.address].pop(0)
+        return ok, "" if ok else "HTTP 503"
+
+
+def apply(kernel, health=CHECK, servers=((N1, 1), (N2, 1))):
+    request = {"op": "apply", "spec": spec(servers=servers), "interface": "eth0"}
+    if health is not None:
+        request["health"] = health
+    return json.loads(json.dumps(agent.Agent(kernel).handle(json.loads(json.dumps(request)))))
+
+
+def read(kernel):
+    doc = {"op": "read", "protocol": "tcp", "vip": VIP, "port": 80, "interface": "eth0"}
+    return json.loads(json.dumps(agent.Agent(kernel).handle(doc | {"owner": OWNER})))
+
+
+def health_runtime(kernel, paths, prober, restoring=False):  # noqa: F811
+    rt = make_runtime(kernel, paths, restoring)
+    rt.health = probing.HealthKeeper(
+        str(paths / "lib" / "health.json"), {"kubeProxy": prober}, rt.log, lambda: rt.now
+    )
+    rt.now = 1000.0
+    return rt
+
+
+def step(rt, seconds: float = 1.0) -> list[str]:
+    """One probe round at the fake clock, then a pass; the pass's repair lines."""
+    rt.now += seconds
+    rt.probe(rt.now)
+    return rt.reconcile()
+
+
+def weights(kernel) -> list[tuple[str, int]]:
+    return [(a, w) for a, _port, w, _fwd in kernel.table()]
+
+
+def states(rt) -> dict[str, str]:
+    return {h["address"]: h["state"] for h in rt.status()["services"][KEY]["health"]}
+
+
+def test_a_failing_node_is_drained_after_fall_and_gets_its_weight_back_after_rise(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    prober = Scripted(**{N1: [True, False, False, True, True], N2: [True] * 5})
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile()
+    assert step(rt) == [] and weights(k) == [(N1, 1), (N2, 1)]  # ok
+    assert step(rt) == [] and weights(k) == [(N1, 1), (N2, 1)]  # one failure: fall is 2
+    lines = step(rt)  # the second failure: drained, and the pass puts weight 0 in the kernel
+    assert weights(k) == [(N1, 0), (N2, 1)]
+    assert lines == [f"repaired {KEY}: set-dest {N1}:80 weight 1 -> 0"]
+    assert f"drained {KEY} {N1}:80 (weight 0): HTTP 503" in rt.logged
+    assert states(rt) == {N1: "drained", N2: "up"}
+    assert rt.status()["inSync"] is True  # a drain is what the director should hold
+    assert rt.reconcile() == [] and weights(k) == [(N1, 0), (N2, 1)]  # not "repaired" back
+    assert step(rt) == [] and weights(k) == [(N1, 0), (N2, 1)]  # one success: rise is 2
+    assert step(rt) == [f"repaired {KEY}: set-dest {N1}:80 weight 0 -> 1"]
+    assert weights(k) == [(N1, 1), (N2, 1)]
+    assert f"undrained {KEY} {N1}:80: weight 1 back after 2 successful probes" in rt.logged
+    assert states(rt) == {N1: "up", N2: "up"}
+    assert prober.calls == [N1, N2] * 5  # every target at each of its intervals
+
+
+def test_each_target_is_probed_at_its_own_interval(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, health={**CHECK, "intervalSeconds": 2.0})
+    prober = Scripted(**{N1: [True] * 3, N2: [True] * 3})
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile()
+    for _ in range(5):  # t = 1001 .. 1005 against due times 1001, 1003, 1005
+        rt.now += 1.0
+        rt.probe(rt.now)
+    assert prober.calls == [N1, N2] * 3
+
+
+def test_when_all_fail_none_is_drained_below_the_threshold_and_status_says_why(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, servers=((N1, 1), (N2, 1), (N3, 1)))  # threshold 0.5 of 3: 2 stay pooled
+    prober = Scripted(**{N1: [False] * 4, N2: [True, False, False, False], N3: [True, True, False, False]})  # fmt: skip
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile()
+    for _ in range(4):
+        step(rt)
+    # N1 failed first: it is drained; N2 and N3 are failing too but kept in service.
+    assert weights(k) == [(N1, 0), (N2, 1), (N3, 1)]
+    assert states(rt) == {N1: "drained", N2: "held", N3: "held"}
+    why = "draining it would leave fewer than 2 of 3 real servers pooled (depoolThreshold 0.5)"
+    held = [f"{KEY} {n}:80 kept in service though failing (HTTP 503): {why}" for n in (N2, N3)]
+    assert [n for n in rt.status()["notes"] if "kept in service" in n] == held
+    assert all(rt.logged.count(line) == 1 for line in held)  # said once, not every pass
+    step_lines = [line for line in rt.logged if line.startswith("drained")]
+    assert step_lines == [f"drained {KEY} {N1}:80 (weight 0): HTTP 503"]
+
+
+def test_a_restart_keeps_a_drained_server_drained_until_rise_successes(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    rt = health_runtime(k, paths, Scripted(**{N1: [False, False], N2: [True, True]}))
+    rt.reconcile()
+    step(rt), step(rt)
+    assert weights(k) == [(N1, 0), (N2, 1)]
+    saved = json.loads((paths / "lib" / "health.json").read_text())
+    assert saved["services"][KEY][f"{N1}:80"]["up"] is False
+    # A reboot: the kernel is empty, the record and health.json survive; a new runtime.
+    k2 = MemoryKernel()
+    k2.forwarding = False
+    prober = Scripted(**{N1: [True, True], N2: [True, True]})
+    rt2 = health_runtime(k2, paths, prober, restoring=True)
+    rt2.now = 5000.0
+    rt2.reconcile()
+    assert weights(k2) == [(N1, 0), (N2, 1)]  # restored drained, never at weight 1 first
+    assert not any(f"{N1}:80 weight 1" in change for change in k2.changes)
+    assert states(rt2) == {N1: "drained", N2: "up"}
+    assert step(rt2) == [] and weights(k2) == [(N1, 0), (N2, 1)]  # one success: not yet
+    assert step(rt2) == [f"repaired {KEY}: set-dest {N1}:80 weight 0 -> 1"]
+
+
+def drained(paths, monkeypatch):  # noqa: F811
+    """A runtime that drained N1, its keeper set as the agent's (as the runtime process does)."""
+    k = MemoryKernel()
+    apply(k)
+    rt = health_runtime(k, paths, Scripted(**{N1: [False, False], N2: [True, True]}))
+    rt.reconcile()
+    step(rt), step(rt)
+    monkeypatch.setattr(agent, "HEALTH", rt.health)
+    return k, rt
+
+
+def test_an_apply_in_the_runtime_does_not_undo_a_drain(paths, monkeypatch):  # noqa: F811
+    k, rt = drained(paths, monkeypatch)
+    reply = apply(k)  # `pulumi up` with the same inputs
+    assert weights(k) == [(N1, 0), (N2, 1)] and reply["changes"] == []
+    reply = apply(k, servers=((N1, 1), (N2, 3)))  # a real change still happens, drain kept
+    assert weights(k) == [(N1, 0), (N2, 3)]
+    assert reply["changes"] == [f"set-dest {KEY} -> {N2}:80 weight 3 Route"]
+    assert [(h["address"], h["state"], h["weight"]) for h in reply["realServerHealth"]] == [
+        (N1, "drained", 0),
+        (N2, "up", 3),
+    ]
+    assert rt.reconcile() == []  # and the runtime agrees: nothing to repair
+    apply(k, health=None, servers=((N1, 1), (N2, 3)))  # check removed: the configured weights
+    assert weights(k) == [(N1, 1), (N2, 3)]
+
+
+def test_without_the_runtime_an_apply_uses_the_configured_weights(paths, monkeypatch):  # noqa: F811
+    k, _rt = drained(paths, monkeypatch)
+    monkeypatch.setattr(agent, "HEALTH", None)
+    apply(k)
+    assert weights(k) == [(N1, 1), (N2, 1)]
+
+
+def test_a_refresh_during_a_drain_shows_no_diff(paths, monkeypatch):  # noqa: F811
+    k, _rt = drained(paths, monkeypatch)
+    director = Director("203.0.113.1", "ssh-ed25519 unused")
+    model_spec = virtual_service.model.spec_from_dict(spec())
+    result = read(k)
+    outs = virtual_service._outputs(director, model_spec, result)
+    assert outs["inSync"] is True
+    assert outs["realServers"] == [{"address": N1, "weight": 1}, {"address": N2, "weight": 1}]
+    assert outs["ipvsadm"] == [f"TCP {VIP}:80 wlc -> {N}:80 Route {w}" for N, w in ((N1, 0), (N2, 1))]  # fmt: skip
+    assert [
+        (h["address"], h["state"], h["weight"], h["reason"]) for h in outs["realServerHealth"]
+    ] == [  # fmt: skip
+        (N1, "drained", 0, "HTTP 503"),
+        (N2, "up", 1, ""),
+    ]
+    assert outs["realServerHealth"][0]["since"] == "1970-01-01T00:16:42Z"  # drained at 1002
+    # The next `up` compares the refreshed state with the same inputs: no change.
+    news = virtual_service._props(director, model_spec, {"health": CHECK})
+    diff = virtual_service.VirtualServiceProvider().diff("id", {**news, **outs}, news)
+    assert diff.changes is False
+    # Real drift still shows: the kernel's weight of N2 changed by hand.
+    _set(k, N2, weight=5)
+    outs = virtual_service._outputs(director, model_spec, read(k))
+    assert outs["inSync"] is False
+    assert outs["realServers"] == [{"address": N1, "weight": 1}, {"address": N2, "weight": 5}]
+    assert virtual_service.VirtualServiceProvider().diff("id", {**news, **outs}, news).changes
+    # And a drained server put back to its weight by hand is drift too (the runtime repairs it).
+    _set(k, N2, weight=1), _set(k, N1, weight=1)
+    outs = virtual_service._outputs(director, model_spec, read(k))
+    assert outs["inSync"] is False
+
+
+def test_a_vip_check_is_not_probed_yet_and_says_so_once(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, health={**CHECK, "check": "vip"})
+    prober = Scripted()
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile(), step(rt), step(rt)
+    line = f"{KEY}: check vip is not implemented in this runtime yet: its real servers are not probed (weights as configured)"  # fmt: skip
+    assert rt.logged.count(line) == 1
+    assert line in rt.status()["notes"]
+    assert prober.calls == [] and weights(k) == [(N1, 1), (N2, 1)]
+    assert states(rt) == {N1: "unprobed", N2: "unprobed"}
+
+
+def test_a_removed_real_server_is_forgotten_and_a_prober_error_is_a_failed_probe(paths):  # noqa: F811
+    class Broken:
+        def probe(self, target):
+            raise RuntimeError("boom")
+
+    k = MemoryKernel()
+    apply(k)
+    rt = health_runtime(k, paths, Broken())
+    rt.reconcile(), step(rt), step(rt)
+    assert weights(k) == [(N1, 0), (N2, 1)]  # N1 failed first (probe order): drained
+    assert f"drained {KEY} {N1}:80 (weight 0): probe error RuntimeError: boom" in rt.logged
+    apply(k, servers=((N2, 1),))
+    rt.reconcile()
+    saved = json.loads((paths / "lib" / "health.json").read_text())
+    assert list(saved["services"][KEY]) == [f"{N2}:80"]
+
+
+# --- the kubeProxy prober against a server on loopback ------------------------------------------
+
+
+class Healthz(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802
+        code = Healthz.status if self.path == "/healthz" else 404
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def healthz():
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def target(port: int, timeout: float = 0.5) -> probing.ProbeTarget:
+    return probing.ProbeTarget(KEY, f"127.0.0.1:{port}", "127.0.0.1", 80, VIP, "kubeProxy", timeout, 1.0, port)  # fmt: skip
+
+
+def test_kube_proxy_prober_200_is_up_anything_else_is_down(healthz):
+    port = healthz.server_address[1]
+    prober = probing.KubeProxyProber()
+    Healthz.status = 200
+    assert prober.probe(target(port)) == (True, "")
+    Healthz.status = 503
+    assert prober.probe(target(port)) == (False, f"kubeProxy healthz 127.0.0.1:{port}: HTTP 503")
+    Healthz.status = 200
+
+
+def test_kube_proxy_prober_refused_and_timed_out():
+    prober = probing.KubeProxyProber()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: refused
+        ok, why = prober.probe(target(port))
+        assert not ok and why == f"kubeProxy healthz 127.0.0.1:{port}: Connection refused"
+    with socket.socket() as silent:  # accepts (backlog) but never answers: the timeout
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        ok, why = prober.probe(target(port, 0.2))
+        assert not ok and why == f"kubeProxy healthz 127.0.0.1:{port}: timed out after 0.2 s"
