@@ -6,7 +6,9 @@ real agent on test_agent_logic's in-memory kernel, in place of the SSH session.
 Everything the engine does goes through gRPC as usual; only `POOL.session` is replaced, so the
 provider's create/read/update/delete reach agent.Agent directly, every request and reply
 crossing JSON as on the wire. The kernel lives in DIR/kernel.json between requests (a test
-edits it for out-of-band drift), the record in DIR/state.json.
+edits it for out-of-band drift), the record in DIR/state.json. When DIR/health.json exists
+(a test wrote it: the runtime's drains), the agent runs as inside the runtime process: with a
+probing.HealthKeeper loaded from it and configured from the record as the runtime's pass does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from providers import agent, model, ownership, transport
+from providers import agent, model, ownership, probing, transport
 from tests.unit.test_agent_logic import MemoryKernel
 
 
@@ -45,9 +47,23 @@ def save_kernel(path: Path, kernel: MemoryKernel) -> None:
 class Session:
     def __init__(self, folder: Path):
         self.kernel_path = folder / "kernel.json"
+        self.health_path = folder / "health.json"
+
+    def _health(self) -> probing.HealthKeeper | None:
+        if not self.health_path.exists():
+            return None
+        keeper = probing.HealthKeeper(str(self.health_path), log=lambda _line: None)
+        services = []
+        for key, entry in ownership.Ownership.load().services.items():
+            if isinstance(entry.get("spec"), dict) and isinstance(entry.get("health"), dict):
+                spec = model.spec_from_dict(entry["spec"])
+                services.append((key, spec, model.check_health(entry["health"], spec.protocol)[0]))
+        keeper.configure(services)
+        return keeper
 
     def request(self, op: str, **fields) -> dict:
         kernel = load_kernel(self.kernel_path)
+        agent.HEALTH = self._health()
         try:
             reply = agent.Agent(kernel).handle(json.loads(json.dumps({"op": op, **fields})))
         finally:

@@ -186,3 +186,42 @@ def test_a_malformed_health_in_state_blocks_neither_refresh_nor_destroy(director
     director.delete(id_, junk)
     assert KEY not in json.loads((director.folder / "state.json").read_text())["services"]
     assert director.kernel()["services"] == []
+
+
+def drain_first_node(srv) -> None:
+    """What the director's runtime does when 203.0.113.11 fails its probes: health.json says it
+    is down, and the kernel holds it at weight 0."""
+    down = {"up": False, "successes": 0, "failures": 2, "since": 1700000000.0, "reason": "HTTP 503"}
+    doc = {"version": 1, "services": {KEY: {"203.0.113.11:80": down}}}
+    (srv.folder / "health.json").write_text(json.dumps(doc))
+    data = srv.kernel()
+    for d in data["services"][0]["dests"]:
+        d["weight"] = 0 if d["address"] == "203.0.113.11" else d["weight"]
+    (srv.folder / "kernel.json").write_text(json.dumps(data))
+
+
+def test_a_drain_is_no_diff_on_refresh_and_up_keeps_it(director):
+    inputs = checked(director, health={"check": "kubeProxy"})
+    id_, outs = director.create(inputs)
+    drain_first_node(director)
+    rid, live = director.read(id_, outs)
+    assert rid == id_ and live["inSync"] is True
+    assert live["realServers"] == INPUTS["realServers"]  # the configured weights: not drift
+    assert live["ipvsadm"] == [TABLE[0].replace("Route 1", "Route 0"), TABLE[1]]
+    got = [tuple(h[k] for k in ("address", "port", "state", "since", "reason", "weight")) for h in live["realServerHealth"]]  # fmt: skip
+    assert got == [
+        ("203.0.113.11", 80, "drained", "2023-11-14T22:13:20Z", "HTTP 503", 0),
+        ("203.0.113.12", 80, "up", None, "", 2),
+    ]
+    assert director.diff(id_, live, inputs).changes == NONE
+    # An update for another reason (fall 3) keeps the drain: the kernel's weight stays 0.
+    changed = checked(director, health={"check": "kubeProxy", "fall": 3})
+    assert director.diff(id_, live, changed).changes == SOME
+    updated = director.update(id_, live, changed)
+    weights = [(d["address"], d["weight"]) for d in director.kernel()["services"][0]["dests"]]
+    assert sorted(weights) == [("203.0.113.11", 0), ("203.0.113.12", 2)]
+    assert updated["inSync"] is True and updated["realServers"] == INPUTS["realServers"]
+    # Without health's state (no runtime: an old director), the configured weights come back.
+    (director.folder / "health.json").unlink()
+    updated = director.update(id_, updated, checked(director, health={"check": "kubeProxy"}))
+    assert updated["ipvsadm"] == TABLE and updated["realServerHealth"] == []
