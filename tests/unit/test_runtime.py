@@ -53,6 +53,7 @@ def make_runtime(kernel, paths, restoring=False, config=None):
         config_path=str(paths / "runtime.json"),
         status_path=str(paths / "run" / "status.json"),
         log=logged.append,
+        health_path=str(paths / "lib" / "health.json"),
     )
     rt.restoring = restoring
     rt.logged = logged

@@ -10,13 +10,14 @@ weights and log lines are written out literally here, never computed by provider
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import socket
 import threading
 
 import pytest
 
-from providers import agent, probing, virtual_service
+from providers import agent, probing, runtime, virtual_service
 from providers.model import Director
 from tests.unit.test_agent_logic import OWNER, MemoryKernel, spec
 from tests.unit.test_runtime import _set, make_runtime, paths  # noqa: F401 (a fixture)
@@ -258,6 +259,57 @@ def test_a_removed_real_server_is_forgotten_and_a_prober_error_is_a_failed_probe
     rt.reconcile()
     saved = json.loads((paths / "lib" / "health.json").read_text())
     assert list(saved["services"][KEY]) == [f"{N2}:80"]
+
+
+def test_status_prints_each_drained_and_held_real_server(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, servers=((N1, 1), (N2, 1), (N3, 1)))
+    prober = Scripted(**{N1: [False] * 2, N2: [False] * 2, N3: [True] * 2})
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile(), step(rt), step(rt)
+    out = io.StringIO()
+    code = runtime.print_status(
+        k,
+        status_path=rt.status_path,
+        config_path=rt.config_path,
+        out=out,
+        health_path=rt.health.path,
+    )
+    lines = out.getvalue().splitlines()
+    assert f"{KEY} [{OWNER}] applied: in sync" in lines  # the drain is not drift
+    health_lines = [line for line in lines if line.startswith("  health")]
+    assert health_lines == [
+        f"  health  {N1}:80 drained since 1970-01-01T00:16:42Z: HTTP 503",
+        f"  health  {N2}:80 held since 1970-01-01T00:16:42Z: HTTP 503",
+    ]
+    assert code == 0  # running (this process wrote the status) and in sync despite the drain
+
+
+def test_the_running_runtime_applies_a_drain_at_once_not_at_its_next_interval(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, health={**CHECK, "intervalSeconds": 0.2, "timeoutSeconds": 0.1})
+    rt = make_runtime(k, paths, config={"intervalSeconds": 3600})
+
+    class Failing:
+        def probe(self, target):
+            return target.address != N1, "HTTP 503"
+
+    rt.health = probing.HealthKeeper(str(paths / "h.json"), {"kubeProxy": Failing()}, rt.log)
+    stop = threading.Event()
+    thread = threading.Thread(target=runtime.run, args=(rt, stop))
+    thread.start()
+    try:
+        for _ in range(100):  # at most 10 s; fall 2 x 0.2 s and a wake: well under 1 s
+            if k.services and weights(k) == [(N1, 0), (N2, 1)]:
+                break
+            threading.Event().wait(0.1)
+    finally:
+        stop.set()
+        rt.wake.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert weights(k) == [(N1, 0), (N2, 1)]
+    assert f"repaired {KEY}: set-dest {N1}:80 weight 1 -> 0" in rt.logged
 
 
 # --- the kubeProxy prober against a server on loopback ------------------------------------------
