@@ -110,6 +110,7 @@ class HealthKeeper:
         self.due: dict[tuple[str, str], float] = {}
         self.shown: dict[tuple[str, str], str] = {}  # last logged state: up/drained/held
         self.generation = 0  # moves with every change of what the kernel should hold
+        self.save_problem: str | None = None
         self.tracker = self._load()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -130,14 +131,26 @@ class HealthKeeper:
         return tracker
 
     def save(self) -> None:
-        """Atomically and durably: a kill or power cut leaves the old file or the new."""
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        """Atomically and durably: a kill or power cut leaves the old file or the new. A file
+        that cannot be written is said once (drains then last only until a restart) and
+        probing goes on."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.tracker.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(self.tracker.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            line = f"{self.path}: cannot be written ({err.strerror or err}): drains are kept in memory only, until a restart"  # fmt: skip
+            if line != self.save_problem:
+                self.log(line)
+            self.save_problem = line
+        else:
+            if self.save_problem:
+                self.log(f"{self.path}: written again")
+            self.save_problem = None
 
     # --- configuration, from the record, every pass ---
 

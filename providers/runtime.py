@@ -293,10 +293,10 @@ def observe(
     for s in services:
         if s.spec is not None:
             s.live = kernel.get_service(s.spec.protocol, s.spec.vip, s.spec.port) if ipvs else None
-            s.target = keeper.effective(s.spec, s.health) if keeper and s.kept else s.spec
+            s.target = keeper.effective(s.spec, s.health) if keeper else s.spec
             s.ops = model.plan(s.live, s.target)
             if keeper is not None:
-                s.real_servers = keeper.report(s.spec, s.health if s.kept else None)
+                s.real_servers = keeper.report(s.spec, s.health)
     vips = []
     on = _bound_by_interface(kernel, owners)
     for address, entry in sorted(owners.addresses.items()):
@@ -502,7 +502,7 @@ class Runtime:
                     notes[f"left {s.key}"] = f"left {s.key} ({s.owner}): {s.left}"
             for key, line in self.health.unprobed().items():
                 notes[f"unprobed {key}"] = line
-            for s in view.kept:
+            for s in view.services:
                 for line in self.health.held(s.key):
                     notes[f"held {line.split(' kept in service')[0]}"] = line
             for v in view.vips:
@@ -515,9 +515,11 @@ class Runtime:
         return lines
 
     def _configure_health(self, owners: Ownership, config: Config) -> None:
-        """The keeper probes exactly the kept services, with their recorded health."""
-        kept = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
-        self.health.configure((s.key, s.spec, s.health) for s in kept if s.kept and s.spec)
+        """The keeper probes every recorded service with a spec and a health check, kept or
+        not: a service recorded `pending` for the moment of a provider's apply, or a stack with
+        repair off, must not lose its drains (a provider's apply plans against them too)."""
+        services = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
+        self.health.configure((s.key, s.spec, s.health) for s in services if s.spec)
 
     def probe(self, now: float | None = None) -> bool:
         """Probe the targets that are due; True (and the next pass woken) when a real server

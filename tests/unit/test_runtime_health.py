@@ -367,3 +367,31 @@ def test_kube_proxy_prober_refused_and_timed_out():
         port = silent.getsockname()[1]
         ok, why = prober.probe(target(port, 0.2))
         assert not ok and why == f"kubeProxy healthz 127.0.0.1:{port}: timed out after 0.2 s"
+
+
+def test_a_service_recorded_pending_for_an_apply_keeps_its_drain(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    rt = health_runtime(k, paths, Scripted(**{N1: [False, False], N2: [True, True]}))
+    rt.reconcile(), step(rt), step(rt)
+    state = json.loads((paths / "state.json").read_text())
+    state["services"][KEY]["state"] = "pending"  # a provider's apply, cut or under way
+    (paths / "state.json").write_text(json.dumps(state))
+    rt.reconcile()
+    saved = json.loads((paths / "lib" / "health.json").read_text())
+    assert saved["services"][KEY][f"{N1}:80"]["up"] is False
+    assert states(rt) == {N1: "drained", N2: "up"}
+
+
+def test_an_unwritable_health_file_is_said_once_and_probing_goes_on(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    (paths / "lib").mkdir()
+    (paths / "lib" / "health.json").mkdir()  # os.replace onto a directory: refused
+    rt = health_runtime(k, paths, Scripted(**{N1: [False, False, True, True], N2: [True] * 4}))
+    rt.reconcile(), step(rt), step(rt)
+    assert weights(k) == [(N1, 0), (N2, 1)]
+    step(rt), step(rt)
+    assert weights(k) == [(N1, 1), (N2, 1)]
+    problems = [line for line in rt.logged if "cannot be written" in line]
+    assert len(problems) == 1 and problems[0].startswith(f"{paths}/lib/health.json: cannot")
