@@ -237,8 +237,9 @@ class HealthKeeper:
     def record(self, key: str, rs: str, ok: bool, reason: str, now: float) -> bool:
         """One probe result; True (and health.json rewritten) when the target went up or down."""
         with self.lock:
-            if key not in self.services:
-                return False  # forgotten meanwhile
+            spec = self.services[key][0] if key in self.services else None
+            if spec is None or rs not in {health.rs_key(r.address, spec.port) for r in spec.real_servers}:  # fmt: skip
+                return False  # forgotten meanwhile (the service or this real server removed)
             changed = self.tracker.observe(key, rs, ok, reason, now)
             if changed:
                 self.generation += 1

@@ -38,6 +38,18 @@ after a boot restores every stack (a reboot is not an operator's change), pass a
 one finds everything in place (the lock was free, the VIPs' interfaces exist). Status says per stack
 whether it is repaired and what turned it off.
 
+Health (issue 9; providers/probing.py): every recorded service with a health check has its real
+servers probed at their own interval by a probe thread (kubeProxy: GET node:port/healthz; vip:
+not implemented yet, said once in log and status, such services keep their configured weights).
+A real server failing `fall` probes in a row is drained (weight 0; established connections
+finish), one back after `rise` successes gets its configured weight again; depoolThreshold
+keeps a share of each service pooled however many fail (each one held says so, in the log
+once and in status). These weights are the runtime's desired ones (a drain is not drift), and
+the provider's applies in this process plan against them too (agent.HEALTH). The state is in
+/var/lib/ipvs-ingress/health.json, written on every change and read at start: a drained
+server stays drained across a restart or reboot until `rise` successes. A drain or undrain
+wakes the next pass at once.
+
 Settings: /etc/ipvs-ingress/runtime.json, read again when it changes, e.g.
     {"intervalSeconds": 2, "repair": {"team-a/prod": false}}
 intervalSeconds: 0.5..3600, default 2. repair: per owner stack ("<project>/<stack>"), false turns

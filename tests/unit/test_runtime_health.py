@@ -395,3 +395,16 @@ def test_an_unwritable_health_file_is_said_once_and_probing_goes_on(paths):  # n
     assert weights(k) == [(N1, 1), (N2, 1)]
     problems = [line for line in rt.logged if "cannot be written" in line]
     assert len(problems) == 1 and problems[0].startswith(f"{paths}/lib/health.json: cannot")
+
+
+def test_a_result_for_a_real_server_removed_meanwhile_is_dropped(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    rt = health_runtime(k, paths, Scripted())
+    rt.reconcile()
+    apply(k, servers=((N2, 1),))
+    rt.reconcile()
+    # A probe of N1 started before the removal answers after it: it must not come back.
+    assert rt.health.record(KEY, f"{N1}:80", False, "late", 2000.0) is False
+    assert rt.health.record(KEY, f"{N1}:80", False, "late", 2001.0) is False
+    assert list(rt.health.tracker.states(KEY)) == []
