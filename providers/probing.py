@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -76,6 +78,72 @@ class KubeProxyProber:
         if reply.status != 200:
             return False, f"{where}: HTTP {reply.status}"
         return True, ""
+
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+class VipProber:
+    """The Seesaw DSR probe's socket side: connect to VIP:port with SO_MARK set to the mark of
+    a one-destination fwmark IPVS service that routes to exactly this node, from the director's
+    own address (`source`, never the VIP), then optionally GET `http.path` expecting
+    `http.expectStatus`. `route(address) -> (mark, source) or None` names the probe service;
+    None (no such service: a mark without one would fall through to the VIP's own service and
+    answer for another node) is a failed probe, never a guess.
+
+    Not in default_probers yet: the fwmark services themselves (created and owned by the
+    runtime, one per node, recorded before creation; accept_local=1 on the VIP's interface,
+    LAB-NOTES "Health probes through the VIP") are the next step of issue 9."""
+
+    def __init__(self, route: Callable[[str], tuple[int, str] | None]):
+        self.route = route
+
+    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
+        where = f"vip probe {model._hostport(target.vip, target.port)} via {target.address}"
+        routed = self.route(target.address)
+        if routed is None:
+            return False, f"{where}: no probe service (fwmark) for this node"
+        mark, source = routed
+        family = socket.AF_INET6 if ":" in target.vip else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.settimeout(target.timeout)
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+                sock.connect((target.vip, target.port))
+                if target.http:
+                    return _http_check(sock, target, where)
+                # No lingering connection on the node: close with RST (SO_LINGER 0).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except TimeoutError:
+            return False, f"{where}: timed out after {target.timeout:g} s"
+        except OSError as err:
+            return False, f"{where}: {err.strerror or type(err).__name__}"
+        return True, ""
+
+
+def _http_check(sock: socket.socket, target: ProbeTarget, where: str) -> tuple[bool, str]:
+    path, expect = target.http.get("path", "/"), int(target.http.get("expectStatus", 200))
+    host = model._hostport(target.vip, target.port)
+    sock.sendall(
+        f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: ipvs-ingress\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n" not in head and len(head) < 1024:
+        chunk = sock.recv(1024)
+        if not chunk:
+            break
+        head += chunk
+    parts = head.split(b"\r\n", 1)[0].split()
+    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    if status is None:
+        return False, f"{where}: no HTTP status line in the reply"
+    if status != expect:
+        return False, f"{where}: HTTP {status}, expected {expect}"
+    return True, ""
 
 
 def default_probers() -> dict[str, Prober]:

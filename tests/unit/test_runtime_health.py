@@ -408,3 +408,45 @@ def test_a_result_for_a_real_server_removed_meanwhile_is_dropped(paths):  # noqa
     assert rt.health.record(KEY, f"{N1}:80", False, "late", 2000.0) is False
     assert rt.health.record(KEY, f"{N1}:80", False, "late", 2001.0) is False
     assert list(rt.health.tracker.states(KEY)) == []
+
+
+# --- the vip prober's socket side, on loopback (the fwmark services are the next step) --------
+
+
+def vip_target(port: int, http=None, timeout: float = 0.5) -> probing.ProbeTarget:
+    return probing.ProbeTarget(KEY, f"{N1}:{port}", N1, port, "127.0.0.1", "vip", timeout, 1.0, 10256, http)  # fmt: skip
+
+
+def test_vip_prober_connects_with_its_mark_from_the_source_and_checks_the_status(healthz):
+    port = healthz.server_address[1]
+    routes: list[str] = []
+
+    def route(address):
+        routes.append(address)
+        return 1001, "127.0.0.1"
+
+    prober = probing.VipProber(route)
+    assert prober.probe(vip_target(port)) == (True, "")  # a TCP connect only
+    assert prober.probe(vip_target(port, {"path": "/healthz", "expectStatus": 200})) == (True, "")
+    where = f"vip probe 127.0.0.1:{port} via {N1}"
+    got = prober.probe(vip_target(port, {"path": "/other", "expectStatus": 200}))
+    assert got == (False, f"{where}: HTTP 404, expected 200")
+    assert routes == [N1] * 3
+    unrouted = probing.VipProber(lambda _address: None)
+    got = unrouted.probe(vip_target(port))
+    assert got == (False, f"{where}: no probe service (fwmark) for this node")
+
+
+def test_vip_prober_refused_and_timed_out():
+    prober = probing.VipProber(lambda _address: (1001, "127.0.0.1"))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        got = prober.probe(vip_target(port))
+        assert got == (False, f"vip probe 127.0.0.1:{port} via {N1}: Connection refused")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        got = prober.probe(vip_target(port, {"path": "/", "expectStatus": 200}, 0.2))
+        assert got == (False, f"vip probe 127.0.0.1:{port} via {N1}: timed out after 0.2 s")
