@@ -290,7 +290,7 @@ def observe(
     kernel, owners: Ownership, config: Config, restoring: bool = False, keeper=None
 ) -> View:
     """Read-only: what each recorded service and VIP should be and is. Loads no module.
-    With `keeper` (probing.HealthKeeper), a kept service's weights are health's: a drained
+    With `keeper` (probing.HealthKeeper), a service's weights are health's: a drained
     real server should be at weight 0, and that is not drift."""
     services = sorted(
         (_service(key, entry, config, restoring) for key, entry in owners.services.items()),
