@@ -8,10 +8,11 @@ restart or reboot until `rise` successes) and answers what weights the kernel sh
 (`effective`): the runtime's passes and the provider's applies (providers/agent.py HEALTH) both
 plan against those, so a drain is never drift and never undone.
 
-Probes: `kubeProxy` is an HTTP GET http://<node>:<kubeProxyPort>/healthz, 200 = up.
-`vip` (the Seesaw DSR probe: a fwmark service per node and SO_MARK) is not implemented yet:
-such services are not probed (their weights stay as configured) and the runtime says so once
-in the log and in status, never silently.
+Probes: `kubeProxy` is an HTTP GET http://<node>:<kubeProxyPort>/healthz, 200 = up. `vip` is
+the Seesaw DSR probe (VipProber): a connect to VIP:port with SO_MARK set to the node's probe
+service (providers/probe_services.py), so IPVS sends it the clients' way to that one node. A
+prober may answer "not probed" (None): no result is recorded, the target keeps its state.
+Probes are spread over each interval (a fixed phase per target), not sent in bursts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -51,8 +53,9 @@ class ProbeTarget:
 
 
 class Prober(Protocol):
-    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
-        """(up, why not: one short line; "" when up). Must return within about the timeout."""
+    def probe(self, target: ProbeTarget) -> tuple[bool | None, str]:
+        """(up, why not: one short line; "" when up); up None: not probed this time (nothing
+        to record). Must return within about the timeout."""
 
 
 class KubeProxyProber:
@@ -88,13 +91,10 @@ class VipProber:
     """The Seesaw DSR probe's socket side: connect to VIP:port with SO_MARK set to the mark of
     a one-destination fwmark IPVS service that routes to exactly this node, from the director's
     own address (`source`, never the VIP), then optionally GET `http.path` expecting
-    `http.expectStatus`. `route(address) -> (mark, source) or None` names the probe service;
-    None (no such service: a mark without one would fall through to the VIP's own service and
-    answer for another node) is a failed probe, never a guess.
-
-    Not in default_probers yet: the fwmark services themselves (created and owned by the
-    runtime, one per node, recorded before creation; accept_local=1 on the VIP's interface,
-    LAB-NOTES "Health probes through the VIP") are the next step of issue 9."""
+    `http.expectStatus`. `route(address) -> (mark, source) or None` names the probe service
+    (probe_services.ProbeServices.route); None, no such service in place (a mark without one
+    would fall through to the VIP's own service and answer for another node), is "not probed",
+    never a guess: the runtime's next pass creates the service, and says why if it cannot."""
 
     def __init__(self, route: Callable[[str], tuple[int, str] | None]):
         self.route = route
@@ -103,7 +103,7 @@ class VipProber:
         where = f"vip probe {model._hostport(target.vip, target.port)} via {target.address}"
         routed = self.route(target.address)
         if routed is None:
-            return False, f"{where}: no probe service (fwmark) for this node"
+            return None, f"{where}: no probe service (fwmark) in place for this node"
         mark, source = routed
         family = socket.AF_INET6 if ":" in target.vip else socket.AF_INET
         try:
@@ -147,6 +147,7 @@ def _http_check(sock: socket.socket, target: ProbeTarget, where: str) -> tuple[b
 
 
 def default_probers() -> dict[str, Prober]:
+    """What needs no kernel: the runtime adds `vip` with its probe services' route."""
     return {"kubeProxy": KubeProxyProber()}
 
 
@@ -237,8 +238,13 @@ class HealthKeeper:
             if wanted != self.services:
                 self.generation += 1
             self.services = wanted
-            targets = {(t.key, t.rs) for t in self.targets()}
+            targets = {(t.key, t.rs): t for t in self.targets()}
             self.due = {k: v for k, v in self.due.items() if k in targets}
+            # A new target's first probe comes at its own phase of the interval: 500 targets
+            # are a steady trickle, not a burst every interval.
+            now = self.clock()
+            for k, t in targets.items():
+                self.due.setdefault(k, now + _phase(t) * t.interval)
             self.shown = {k: v for k, v in self.shown.items() if k in targets}
             if self.tracker.to_json() != before:
                 self.save()
@@ -275,13 +281,14 @@ class HealthKeeper:
         True when what the kernel should hold changed."""
         now = self.clock() if now is None else now
         with self.lock:
-            due = [
-                t
-                for t in self.targets()
-                if t.check in self.probers and self.due.get((t.key, t.rs), 0.0) <= now
-            ]
-            for t in due:
-                self.due[(t.key, t.rs)] = now + t.interval
+            due = []
+            for t in self.targets():
+                if t.check not in self.probers:
+                    continue
+                at = self.due.get((t.key, t.rs), 0.0)
+                if at <= now:
+                    due.append(t)
+                    self.due[(t.key, t.rs)] = max(at + t.interval, now)
         if not due:
             return False
         if len(due) == 1:
@@ -292,15 +299,16 @@ class HealthKeeper:
             results = list(self._executor.map(self._probe, due))
         before = self.generation
         for t, (ok, reason) in zip(due, results, strict=True):
-            self.record(t.key, t.rs, ok, reason, self.clock())
+            if ok is not None:
+                self.record(t.key, t.rs, ok, reason, self.clock())
         return self.generation != before
 
-    def _probe(self, t: ProbeTarget) -> tuple[bool, str]:
+    def _probe(self, t: ProbeTarget) -> tuple[bool | None, str]:
         try:
             ok, reason = self.probers[t.check].probe(t)
         except Exception as err:  # a prober's own bug is a failed probe, said why, not a crash
             return False, f"probe error {type(err).__name__}: {str(err)[:80]}"
-        return bool(ok), str(reason)
+        return (None if ok is None else bool(ok)), str(reason)
 
     def record(self, key: str, rs: str, ok: bool, reason: str, now: float) -> bool:
         """One probe result; True (and health.json rewritten) when the target went up or down."""
@@ -382,6 +390,11 @@ class HealthKeeper:
             elif state == "up" and was in ("drained", "held"):
                 rise = self.tracker._counts.get(key, (2, 2))[0]
                 self.log(f"undrained {key} {rs}: weight {item['configuredWeight']} back after {rise} successful probes")  # fmt: skip
+
+
+def _phase(t: ProbeTarget) -> float:
+    """A fixed fraction of the interval per target (the same in every run)."""
+    return zlib.crc32(f"{t.key} {t.rs}".encode()) / 2**32
 
 
 def _checked(h: Mapping | None) -> bool:

@@ -86,7 +86,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import agent, api, model, ownership, probing
+from providers import agent, api, model, ownership, probe_services, probing
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -108,7 +108,7 @@ DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
-    "health.py", "probing.py",
+    "health.py", "probing.py", "probe_services.py",
 )  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -423,6 +423,8 @@ class Runtime:
         idle: Callable[[], float] = lambda: float("inf"),
         health_path: str | None = None,
         probers: Mapping[str, probing.Prober] | None = None,
+        probes_path: str | None = None,
+        sysctl_root: str = probe_services.SYSCTL_ROOT,
     ):
         self.kernel = kernel
         self.state_path = state_path or ownership.STATE_PATH
@@ -434,6 +436,14 @@ class Runtime:
         self.idle = idle  # seconds since a provider's request last ran (api.Api.idle_seconds)
         # Health: loaded before the first pass, so a drained server is never restored to its
         # configured weight by it (health.json survives restart and reboot).
+        self.probes = probe_services.ProbeServices(
+            kernel, probes_path or probe_services.PROBES_PATH, self.log, sysctl_root
+        )
+        if probers is None:
+            probers = {
+                "kubeProxy": probing.KubeProxyProber(),
+                "vip": probing.VipProber(self.probes.route),
+            }
         self.health = probing.HealthKeeper(
             health_path or probing.HEALTH_PATH, probers, self.log, clock
         )
@@ -484,7 +494,7 @@ class Runtime:
             notes["record"] = f"{err}; the runtime changes nothing meanwhile"
             self.view = None
         else:
-            self._configure_health(owners, config)
+            self._sync_probes(self._configure_health(owners, config), notes)
             seen = mark(self.kernel, owners, config, self.restoring, self.health.generation)
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
             # While a provider applies, its changes move the mark, and reading the whole table
@@ -532,6 +542,26 @@ class Runtime:
         repair off, must not lose its drains (a provider's apply plans against them too)."""
         services = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
         self.health.configure((s.key, s.spec, s.health) for s in services if s.spec)
+        return services
+
+    def _sync_probes(self, services: list[Service], notes: dict) -> None:
+        """A probe service for every node a `vip` check probes, accept_local on the interfaces
+        of their VIPs, expire_quiescent_template while a persistent service is checked; none
+        of it before ip_vs is loaded (the restore loads it first)."""
+        checked = [s for s in services if s.spec and s.health and s.health["check"] != "none"]
+        vip = [s for s in checked if s.health["check"] == "vip"]
+        if "ip_vs" in self.kernel.missing_modules():
+            return
+        sysctls = {}
+        for s in vip:
+            name = probe_services.sysctl_name("net/ipv4/conf", s.interface or "", "accept_local")
+            if name and ":" not in s.spec.vip:
+                sysctls[name] = "1"
+        if any(s.spec.persistence_seconds for s in checked):
+            sysctls["net/ipv4/vs/expire_quiescent_template"] = "1"
+        self.probes.sync({r.address for s in vip for r in s.spec.real_servers}, sysctls)
+        for name, line in self.probes.problems.items():
+            notes[f"probe {name}"] = line
 
     def probe(self, now: float | None = None) -> bool:
         """Probe the targets that are due; True (and the next pass woken) when a real server
@@ -547,7 +577,7 @@ class Runtime:
                 self.busy_passes = 0
                 # Again under the lock: a provider's apply may have changed the record.
                 owners = Ownership.load(self.state_path)
-                self._configure_health(owners, config)
+                self._configure_health(owners, config)  # the probe services: the pass's own
                 before = observe(self.kernel, owners, config, self.restoring, self.health)
                 lines = self._repair(before, notes)
                 return observe(self.kernel, owners, config, self.restoring, self.health), lines
@@ -633,6 +663,7 @@ class Runtime:
             "vips": [dataclasses.asdict(v) for v in view.vips] if view else [],
             "repairs": list(self.repairs),
             "notes": sorted(self.notes.values()),
+            "probeServices": self.probes.status(),
         }
 
     def write_status(self) -> None:
@@ -726,6 +757,50 @@ class RuntimeKernel(Kernel):
         if "ip_vs" in self.missing_modules():
             self.reset()
         super().ensure_ipvs(scheduler)
+
+    # -- probe services (providers/probe_services.py): fwmark services, one node each --
+    def _fwmark_key(self, mark: int, node: str):
+        return self.IPVSService(af=socket.AF_INET6 if ":" in node else socket.AF_INET, fwmark=mark)
+
+    def add_probe_service(self, mark: int, node: str, scheduler: str) -> None:
+        """`-A -f MARK -s rr` with `-a -r node:0 -g -w 1`; what exists already is kept (the
+        second call of a create a kill interrupted)."""
+        self.open_ipvs()
+        six = ":" in node
+        service = self.IPVSService(
+            af=socket.AF_INET6 if six else socket.AF_INET,
+            fwmark=mark,
+            sched_name=scheduler,
+            timeout=0,
+            flags={"flags": 0, "mask": 0xFFFFFFFF},
+            netmask="128.0.0.0" if six else "255.255.255.255",  # see Kernel._service_full
+        )
+        dest = self.IPVSDest(addr=node, port=0, weight=1, fwd_method=model.ROUTE)
+        for call in (
+            lambda: self._ipvs.service("add", service=service),
+            lambda: self._ipvs.dest("add", service=self._fwmark_key(mark, node), dest=dest),
+        ):
+            try:
+                call()
+            except self.NetlinkError as err:
+                if err.code != errno.EEXIST:
+                    raise
+
+    def del_probe_service(self, mark: int, node: str) -> None:
+        self.open_ipvs()
+        try:
+            self._ipvs.service("del", service=self._fwmark_key(mark, node))
+        except self.NetlinkError as err:
+            if err.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+
+    def source_for(self, node: str) -> str | None:
+        """The director's own address the kernel would send from toward `node`."""
+        try:
+            msg = self.ipr.route("get", dst=node)[0]
+        except self.NetlinkError:
+            return None
+        return msg.get("RTA_PREFSRC")
 
     def reset(self) -> None:
         if self._ipvs is not None:

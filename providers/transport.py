@@ -60,7 +60,8 @@ _BOOT = (
 _HERE = Path(__file__).parent
 # The director's sources in import order (each module's imports come before it).
 _MODULES = (
-    "__init__", "model", "health", "ownership", "agent", "probing", "api", "runtime", "install",
+    "__init__", "model", "health", "ownership", "agent", "probing", "probe_services", "api",
+    "runtime", "install",
 )  # fmt: skip
 _SOURCES = [
     (

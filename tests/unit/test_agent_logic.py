@@ -42,6 +42,9 @@ class MemoryKernel:
         self.crash_after: int | None = None  # steps (changes and state writes) before a kill
         self.steps = 0
         self.route_oif = 2
+        self.fwmarks: dict[
+            int, tuple[str, dict]
+        ] = {}  # mark -> (scheduler, {(addr, port): (fwd, w)})
 
     def step(self, what: str) -> None:
         if self.crash_after is not None and self.steps >= self.crash_after:
@@ -82,8 +85,41 @@ class MemoryKernel:
         return {vip for i, vip in self.addresses if i == index}
 
     def table_text(self):
-        """Changes whenever the table does, as /proc/net/ip_vs does (any deterministic text)."""
-        return repr(sorted(self.services.items())) if self.loaded else ""
+        """Changes whenever the table does, as /proc/net/ip_vs does: the services of a key in any
+        deterministic text, then the fwmark services as the kernel prints them
+        (ip_vs_info_seq_show: `FWM  %08X %s ` and `  -> %08X:%04X      %-7s %-6d ...`)."""
+        if not self.loaded:
+            return ""
+        lines = [repr(sorted(self.services.items()))]
+        for mark, (scheduler, dests) in sorted(self.fwmarks.items()):
+            lines.append(f"FWM  {mark:08X} {scheduler} ")
+            for (address, port), (forwarding, weight) in sorted(dests.items()):
+                host = (
+                    f"[{address}]"
+                    if ":" in address
+                    else f"{int(ipaddress.IPv4Address(address)):08X}"
+                )
+                lines.append(
+                    f"  -> {host}:{port:04X}      {forwarding:<7} {weight:<6} 0          0"
+                )
+        return "\n".join(lines) + "\n"
+
+    # The runtime's probe services (RuntimeKernel's contract: what exists already is kept).
+    def add_probe_service(self, mark, node, scheduler):
+        self.step("add-probe")
+        scheduler_now, dests = self.fwmarks.setdefault(mark, (scheduler, {}))
+        self.changes.append(f"add-probe {mark:#x}")
+        self.step("add-probe-dest")
+        dests.setdefault((node, 0), ("Route", 1))
+        self.changes.append(f"add-probe-dest {mark:#x} {node}")
+
+    def del_probe_service(self, mark, node):
+        self.step("del-probe")
+        self.fwmarks.pop(mark, None)
+        self.changes.append(f"del-probe {mark:#x}")
+
+    def source_for(self, node):
+        return "203.0.113.2" if node.startswith("203.0.113.") else None
 
     def add_address(self, index, vip):
         self.step("bind")

@@ -54,6 +54,8 @@ def make_runtime(kernel, paths, restoring=False, config=None):
         status_path=str(paths / "run" / "status.json"),
         log=logged.append,
         health_path=str(paths / "lib" / "health.json"),
+        probes_path=str(paths / "lib" / "probes.json"),
+        sysctl_root=str(paths / "sys"),
     )
     rt.restoring = restoring
     rt.logged = logged

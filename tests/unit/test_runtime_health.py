@@ -231,17 +231,35 @@ def test_a_refresh_during_a_drain_shows_no_diff(paths, monkeypatch):  # noqa: F8
     assert outs["inSync"] is False
 
 
-def test_a_vip_check_is_not_probed_yet_and_says_so_once(paths):  # noqa: F811
+def test_a_vip_check_gets_probe_services_and_accept_local_while_the_service_lives(paths):  # noqa: F811
+    M1, M2 = 0x49490001, 0x49490002
+    local = paths / "sys" / "net/ipv4/conf/eth0/accept_local"
+    quiescent = paths / "sys" / "net/ipv4/vs/expire_quiescent_template"
+    for f in (local, quiescent):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("0\n")
     k = MemoryKernel()
     apply(k, health={**CHECK, "check": "vip"})
-    prober = Scripted()
-    rt = health_runtime(k, paths, prober)
-    rt.reconcile(), step(rt), step(rt)
-    line = f"{KEY}: check vip is not implemented in this runtime yet: its real servers are not probed (weights as configured)"  # fmt: skip
-    assert rt.logged.count(line) == 1
-    assert line in rt.status()["notes"]
-    assert prober.calls == [] and weights(k) == [(N1, 1), (N2, 1)]
-    assert states(rt) == {N1: "unprobed", N2: "unprobed"}
+    rt = make_runtime(k, paths)
+    rt.reconcile()
+    assert {m: sorted(d) for m, (_s, d) in k.fwmarks.items()} == {M1: [(N1, 0)], M2: [(N2, 0)]}
+    assert local.read_text() == "1\n" and quiescent.read_text() == "0\n"  # not persistent
+    # The runtime's own vip prober goes through those services, and only while they exist.
+    assert isinstance(rt.health.probers["vip"], probing.VipProber)
+    assert rt.health.probers["vip"].route(N2) == (M2, "203.0.113.2")
+    assert rt.status()["probeServices"][N1] == {"mark": f"{M1:#x}", "inPlace": True, "source": "203.0.113.2"}  # fmt: skip
+    assert not any("not implemented" in line for line in rt.logged + rt.status()["notes"])
+    # Persistent: drained servers must shed their persistent clients too.
+    request = {"op": "apply", "spec": {**spec(), "persistenceSeconds": 300}, "interface": "eth0", "health": {**CHECK, "check": "vip"}}  # fmt: skip
+    agent.Agent(k).handle(json.loads(json.dumps(request)))
+    rt.reconcile()
+    assert quiescent.read_text() == "1\n"
+    # The stack destroyed: its probe services go, the settings are put back.
+    doc = {"op": "delete", "protocol": "tcp", "vip": VIP, "port": 80, "interface": "eth0", "owner": OWNER}  # fmt: skip
+    agent.Agent(k).handle(doc)
+    rt.reconcile()
+    assert k.fwmarks == {} and local.read_text() == "0\n" and quiescent.read_text() == "0\n"
+    assert rt.health.probers["vip"].route(N1) is None
 
 
 def test_a_removed_real_server_is_forgotten_and_a_prober_error_is_a_failed_probe(paths):  # noqa: F811
@@ -433,8 +451,8 @@ def test_vip_prober_connects_with_its_mark_from_the_source_and_checks_the_status
     assert got == (False, f"{where}: HTTP 404, expected 200")
     assert routes == [N1] * 3
     unrouted = probing.VipProber(lambda _address: None)
-    got = unrouted.probe(vip_target(port))
-    assert got == (False, f"{where}: no probe service (fwmark) for this node")
+    got = unrouted.probe(vip_target(port))  # not probed: never a guess through another node
+    assert got == (None, f"{where}: no probe service (fwmark) in place for this node")
 
 
 def test_vip_prober_refused_and_timed_out():
