@@ -179,6 +179,10 @@ class HealthKeeper:
         self.due: dict[tuple[str, str], float] = {}
         self.shown: dict[tuple[str, str], str] = {}  # last logged state: up/drained/held
         self.generation = 0  # moves with every change of what the kernel should hold
+        self.sent = 0  # probes started since this process began (status: probes per second)
+        # Targets drained or undrained since the runtime last applied weights: their kernel
+        # changes are health's, logged as such, not repairs of drift.
+        self.changed: set[tuple[str, str]] = set()
         self.save_problem: str | None = None
         self.tracker = self._load()
         self._executor: ThreadPoolExecutor | None = None
@@ -289,6 +293,7 @@ class HealthKeeper:
                 if at <= now:
                     due.append(t)
                     self.due[(t.key, t.rs)] = max(at + t.interval, now)
+            self.sent += len(due)
         if not due:
             return False
         if len(due) == 1:
@@ -318,6 +323,7 @@ class HealthKeeper:
                 return False  # forgotten meanwhile (the service or this real server removed)
             changed = self.tracker.observe(key, rs, ok, reason, now)
             if changed:
+                self.changed.add((key, rs))
                 self.generation += 1
                 self.save()
                 self._settle(key)

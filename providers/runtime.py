@@ -86,7 +86,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import agent, api, model, ownership, probe_services, probing
+from providers import agent, api, health, model, ownership, probe_services, probing
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -596,6 +596,8 @@ class Runtime:
             return []
         k, lines = self.kernel, []
         verb = "restored" if self.restoring else "repaired"
+        with self.health.lock:
+            changed, self.health.changed = self.health.changed, set()
 
         def done(line: str) -> None:
             lines.append(f"{verb} {line}")
@@ -622,7 +624,12 @@ class Runtime:
             try:
                 for op in model.plan(live, s.target or s.spec):
                     k.apply(s.spec, op)
-                    done(f"{s.key}: {describe(op, live, s.spec)}")
+                    line = f"{s.key}: {describe(op, live, s.spec)}"
+                    if (s.key, health.rs_key(op.address or "", op.port or 0)) in changed:
+                        lines.append(f"health {line}")  # a drain or undrain, not a repair
+                        self.log(f"health {line}")
+                    else:
+                        done(line)
             except AgentError as err:
                 notes[f"service {s.key}"] = f"{s.key} ({s.owner}): {err}"
             if k.get_service(s.spec.protocol, s.spec.vip, s.spec.port) is not None:
@@ -664,6 +671,7 @@ class Runtime:
             "repairs": list(self.repairs),
             "notes": sorted(self.notes.values()),
             "probeServices": self.probes.status(),
+            "probesSent": self.health.sent,
         }
 
     def write_status(self) -> None:
@@ -996,6 +1004,7 @@ def print_status(
     write(f"last repairs: {'none' if not repairs else ''}")
     for r in repairs[-10:]:
         write(f"  {_now_text(r['time'])} {r['line']}")
+    _write_probes(saved or {}, write)
     for note in (saved or {}).get("notes", []):
         write(f"note: {note}")
     return 0 if running and not view.drift else 1
@@ -1039,6 +1048,18 @@ def _stack_repair(services: list[Service], config: Config, config_path: str) -> 
         else:
             out.append(f"{stack} (repair on)")
     return out
+
+
+def _write_probes(saved: dict, write) -> None:
+    """The probe services the runtime keeps and how many probes it sent."""
+    services, sent = saved.get("probeServices") or {}, saved.get("probesSent") or 0
+    if not services and not sent:
+        return
+    up = max(1.0, (saved.get("lastReconcile") or 0) - (saved.get("started") or 0))
+    write(f"probes: {sent} sent since the runtime started ({sent / up:.1f} per second)")
+    for node, e in services.items():
+        where = "in place" if e.get("inPlace") else "NOT IN PLACE"
+        write(f"  probe service fwmark {e.get('mark')} -> {node} (route): {where}, probes from {e.get('source') or '?'}")  # fmt: skip
 
 
 def _pid_alive(pid) -> bool:

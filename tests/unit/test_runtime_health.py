@@ -98,13 +98,13 @@ def test_a_failing_node_is_drained_after_fall_and_gets_its_weight_back_after_ris
     assert step(rt) == [] and weights(k) == [(N1, 1), (N2, 1)]  # one failure: fall is 2
     lines = step(rt)  # the second failure: drained, and the pass puts weight 0 in the kernel
     assert weights(k) == [(N1, 0), (N2, 1)]
-    assert lines == [f"repaired {KEY}: set-dest {N1}:80 weight 1 -> 0"]
+    assert lines == [f"health {KEY}: set-dest {N1}:80 weight 1 -> 0"]
     assert f"drained {KEY} {N1}:80 (weight 0): HTTP 503" in rt.logged
     assert states(rt) == {N1: "drained", N2: "up"}
     assert rt.status()["inSync"] is True  # a drain is what the director should hold
     assert rt.reconcile() == [] and weights(k) == [(N1, 0), (N2, 1)]  # not "repaired" back
     assert step(rt) == [] and weights(k) == [(N1, 0), (N2, 1)]  # one success: rise is 2
-    assert step(rt) == [f"repaired {KEY}: set-dest {N1}:80 weight 0 -> 1"]
+    assert step(rt) == [f"health {KEY}: set-dest {N1}:80 weight 0 -> 1"]
     assert weights(k) == [(N1, 1), (N2, 1)]
     assert f"undrained {KEY} {N1}:80: weight 1 back after 2 successful probes" in rt.logged
     assert states(rt) == {N1: "up", N2: "up"}
@@ -162,7 +162,7 @@ def test_a_restart_keeps_a_drained_server_drained_until_rise_successes(paths):  
     assert not any(f"{N1}:80 weight 1" in change for change in k2.changes)
     assert states(rt2) == {N1: "drained", N2: "up"}
     assert step(rt2) == [] and weights(k2) == [(N1, 0), (N2, 1)]  # one success: not yet
-    assert step(rt2) == [f"repaired {KEY}: set-dest {N1}:80 weight 0 -> 1"]
+    assert step(rt2) == [f"health {KEY}: set-dest {N1}:80 weight 0 -> 1"]
 
 
 def drained(paths, monkeypatch):  # noqa: F811
@@ -249,6 +249,16 @@ def test_a_vip_check_gets_probe_services_and_accept_local_while_the_service_live
     assert rt.health.probers["vip"].route(N2) == (M2, "203.0.113.2")
     assert rt.status()["probeServices"][N1] == {"mark": f"{M1:#x}", "inPlace": True, "source": "203.0.113.2"}  # fmt: skip
     assert not any("not implemented" in line for line in rt.logged + rt.status()["notes"])
+    rt.health.sent = 7
+    rt.write_status()
+    out = io.StringIO()
+    runtime.print_status(k, status_path=rt.status_path, config_path=rt.config_path, out=out, health_path=rt.health.path)  # fmt: skip
+    lines = out.getvalue().splitlines()
+    assert [line for line in lines if "probe" in line] == [
+        "probes: 7 sent since the runtime started (7.0 per second)",
+        f"  probe service fwmark {M1:#x} -> {N1} (route): in place, probes from 203.0.113.2",
+        f"  probe service fwmark {M2:#x} -> {N2} (route): in place, probes from 203.0.113.2",
+    ]
     # Persistent: drained servers must shed their persistent clients too.
     request = {"op": "apply", "spec": {**spec(), "persistenceSeconds": 300}, "interface": "eth0", "health": {**CHECK, "check": "vip"}}  # fmt: skip
     agent.Agent(k).handle(json.loads(json.dumps(request)))
@@ -327,7 +337,7 @@ def test_the_running_runtime_applies_a_drain_at_once_not_at_its_next_interval(pa
         thread.join(10)
     assert not thread.is_alive()
     assert weights(k) == [(N1, 0), (N2, 1)]
-    assert f"repaired {KEY}: set-dest {N1}:80 weight 1 -> 0" in rt.logged
+    assert f"health {KEY}: set-dest {N1}:80 weight 1 -> 0" in rt.logged
 
 
 # --- the kubeProxy prober against a server on loopback ------------------------------------------
