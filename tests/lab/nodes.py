@@ -47,10 +47,15 @@ The API (`lab.nodes`, a `Nodes`); i is a node's number, 1..len(lab.node_ips):
     clear_peers(i=None)
     address(i), pod_address(i), healthz_url(i)
     expose(vip, port, protocol)  what Lab.expose does: kube-proxy's rules for one more VIP:port
+
+From the client: `attempts(lab, host, port, count, timeout, path)` makes `count` sequential GETs
+from the client namespace and says how each ended: {"outcome": "ok", "status", "body"} or
+{"outcome": "refused" | "timeout" | "unreachable" | "reset" | "error", "error"}.
 """
 
 from __future__ import annotations
 
+import json
 import select
 import subprocess
 import time
@@ -354,3 +359,40 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
+
+
+_ATTEMPTS = """
+import errno, http.client, json, sys
+host, port, path, count, timeout = sys.argv[1:6]
+out = []
+for _ in range(int(count)):
+    conn = http.client.HTTPConnection(host, int(port), timeout=float(timeout))
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        reply = conn.getresponse()
+        out.append({"outcome": "ok", "status": reply.status, "body": reply.read().decode()})
+    except TimeoutError as exc:
+        out.append({"outcome": "timeout", "error": repr(exc)})
+    except ConnectionRefusedError as exc:
+        out.append({"outcome": "refused", "error": repr(exc)})
+    except ConnectionResetError as exc:
+        out.append({"outcome": "reset", "error": repr(exc)})
+    except OSError as exc:
+        gone = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+        out.append({"outcome": "unreachable" if gone else "error", "error": repr(exc)})
+    except Exception as exc:
+        out.append({"outcome": "error", "error": repr(exc)})
+    finally:
+        conn.close()
+print(json.dumps(out))
+"""
+
+
+def attempts(
+    lab, host: str, port: int, count: int = 1, timeout: float = 1.0, path: str = "/"
+) -> list[dict]:
+    """`count` sequential GETs of http://host:port/path from the client namespace, each ending
+    in a dict whose "outcome" says how (see the module docstring); never raises for a failure."""
+    argv = [HOST_PYTHON, "-c", _ATTEMPTS, host, str(port), path, str(count), str(timeout)]
+    proc = lab.in_ns(lab.client_ns, argv, timeout=count * (timeout + 1) + 15)
+    return json.loads(proc.stdout)
