@@ -51,6 +51,11 @@ The API (`lab.nodes`, a `Nodes`); i is a node's number, 1..len(lab.node_ips):
 From the client: `attempts(lab, host, port, count, timeout, path)` makes `count` sequential GETs
 from the client namespace and says how each ended: {"outcome": "ok", "status", "body"} or
 {"outcome": "refused" | "timeout" | "unreachable" | "reset" | "error", "error"}.
+`load(lab, host, port, rate, timeout, max_seconds)` is a context manager: a client process in the
+client namespace starting one GET every 1/rate s (each in its own thread, so a request that hangs
+does not slow the rate) until the block ends (at most max_seconds); `.results()` are the finished
+ones so far, oldest first, each with "start" (epoch seconds, comparable to time.time() here) and
+"took" besides the keys above.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ import json
 import select
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,31 +368,61 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
         raise RuntimeError(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
 
 
-_ATTEMPTS = """
-import errno, http.client, json, sys
-host, port, path, count, timeout = sys.argv[1:6]
-out = []
-for _ in range(int(count)):
+_GET = """
+import errno, http.client, json, sys, threading, time
+
+
+def get(host, port, path, timeout):
     conn = http.client.HTTPConnection(host, int(port), timeout=float(timeout))
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         reply = conn.getresponse()
-        out.append({"outcome": "ok", "status": reply.status, "body": reply.read().decode()})
+        return {"outcome": "ok", "status": reply.status, "body": reply.read().decode()}
     except TimeoutError as exc:
-        out.append({"outcome": "timeout", "error": repr(exc)})
+        return {"outcome": "timeout", "error": repr(exc)}
     except ConnectionRefusedError as exc:
-        out.append({"outcome": "refused", "error": repr(exc)})
+        return {"outcome": "refused", "error": repr(exc)}
     except ConnectionResetError as exc:
-        out.append({"outcome": "reset", "error": repr(exc)})
+        return {"outcome": "reset", "error": repr(exc)}
     except OSError as exc:
         gone = exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH)
-        out.append({"outcome": "unreachable" if gone else "error", "error": repr(exc)})
+        return {"outcome": "unreachable" if gone else "error", "error": repr(exc)}
     except Exception as exc:
-        out.append({"outcome": "error", "error": repr(exc)})
+        return {"outcome": "error", "error": repr(exc)}
     finally:
         conn.close()
-print(json.dumps(out))
 """
+
+_ATTEMPTS = (
+    _GET
+    + """
+host, port, path, count, timeout = sys.argv[1:6]
+print(json.dumps([get(host, port, path, timeout) for _ in range(int(count))]))
+"""
+)
+
+_LOAD = (
+    _GET
+    + """
+host, port, path, rate, timeout, max_seconds, out_path = sys.argv[1:8]
+out, lock = open(out_path, "a", buffering=1), threading.Lock()
+
+
+def one(start):
+    got = get(host, port, path, timeout)
+    got.update(start=start, took=time.time() - start)
+    with lock:
+        out.write(json.dumps(got) + "\\n")
+
+
+first = time.time()
+print("ready", flush=True)
+for k in range(int(float(rate) * float(max_seconds))):
+    time.sleep(max(0.0, first + k / float(rate) - time.time()))
+    threading.Thread(target=one, args=(time.time(),), daemon=True).start()
+time.sleep(float(timeout) + 1)
+"""
+)
 
 
 def attempts(
@@ -396,3 +433,53 @@ def attempts(
     argv = [HOST_PYTHON, "-c", _ATTEMPTS, host, str(port), path, str(count), str(timeout)]
     proc = lab.in_ns(lab.client_ns, argv, timeout=count * (timeout + 1) + 15)
     return json.loads(proc.stdout)
+
+
+class Load:
+    """A running `load`: its results so far."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def results(self) -> list[dict]:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        # The last line may be half-written while the client runs.
+        done = []
+        for line in lines:
+            try:
+                done.append(json.loads(line))
+            except ValueError:
+                continue
+        return sorted(done, key=lambda r: r["start"])
+
+
+@contextmanager
+def load(
+    lab,
+    host: str,
+    port: int,
+    rate: float = 20,
+    timeout: float = 1.0,
+    max_seconds: float = 120,
+    path: str = "/",
+) -> Iterator[Load]:
+    """GETs at `rate` per second from the client namespace for the duration of the block."""
+    lab.nodes.dir.mkdir(exist_ok=True)
+    out = lab.nodes.dir / f"load-{time.time_ns()}.jsonl"
+    argv = [HOST_PYTHON, "-c", _LOAD, host, str(port), path, str(rate), str(timeout)]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", lab.client_ns, *argv, str(max_seconds), str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    tracked = lab._state.add_proc(proc.pid, "client load")
+    try:
+        lab.nodes._await_ready([(proc, "client load")])
+        yield Load(out)
+    finally:
+        state.kill(tracked)
+        lab._state.procs.remove(tracked)
+        lab._state.save()

@@ -279,3 +279,40 @@ def test_every_failure_heals_to_exactly_the_healthy_state(lab, nodes):
         nodes.policy("Nearby")
     with pytest.raises(ValueError, match="not one of"):
         nodes.fail(len(lab.node_ips) + 1, "unreachable")
+
+
+# -- the load the health tests measure with ------------------------------------------------------
+
+
+def test_load_keeps_its_rate_and_shows_when_a_node_failed(lab, nodes):
+    """20 GETs/s through the VIP (rr over both nodes) while node1's server is stopped for about
+    a second: the rate holds, only requests sent to node1 meanwhile fail, and they are refused."""
+    lab.director(
+        " && ".join(f"ipvsadm -e -t {lab.vip}:{PORT} -r {ip}:{PORT} -g -w 1" for ip in lab.node_ips)
+    )
+    with nodes_mod.load(lab, lab.vip, PORT, rate=20, timeout=TIMEOUT, max_seconds=30) as run:
+        time.sleep(1.0)
+        failed_at = time.time()
+        nodes.fail(1, "server-stop")
+        time.sleep(1.0)
+        nodes.heal(1)
+        healed_at = time.time()
+        time.sleep(1.0)
+        ended = time.time()
+    results = [r for r in run.results() if r["start"] + r["took"] < ended]
+    starts = [r["start"] for r in results]
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    print(
+        f"\nload: {len(results)} GETs in {starts[-1] - starts[0]:.2f}s, "
+        f"gaps {min(gaps) * 1000:.0f}..{max(gaps) * 1000:.0f} ms"
+    )
+    expected = 20 * (ended - starts[0])
+    assert abs(len(results) - expected) <= 3, (len(results), expected)
+    assert max(gaps) < 0.2, gaps
+    failed = [r for r in results if r["outcome"] != "ok"]
+    assert failed and {r["outcome"] for r in failed} == {"refused"}, failed
+    # Only while the server was down (healing starts a new one: allow its start-up).
+    assert all(failed_at <= r["start"] <= healed_at for r in failed), (failed_at, healed_at, failed)
+    answered = [r["body"].strip() for r in results if r["outcome"] == "ok"]
+    assert set(answered) == {"node1", "node2"}, answered
+    assert not [p for p in lab._state.procs if p.what == "client load"]
