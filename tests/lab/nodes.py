@@ -28,7 +28,9 @@ lands on the one state it describes):
                     eth0 -> eth0 without DNAT: DROP (a node is no router for the segment, so a VIP
                     packet no rule took dies here instead of going back to the director).
 
-The API (`lab.nodes`, a `Nodes`); i is a node's number, 1..len(lab.node_ips):
+The API (`lab.nodes`, a `Nodes`; `Nodes.of_run(run)` in another process, as `./dev lab node`
+uses it; each call reads back the last one's record, so both may take turns); i is a node's
+number, 1..len(lab.node_ips):
     policy(name, node=None)      "Cluster" (the default) or "Local", for every node or one
     policy_of(i) -> str
     fail(i, mode)                switch a failure on; idempotent. Modes (MODES):
@@ -95,6 +97,7 @@ class Node:
     policy: str = "Cluster"
     failures: set[str] = field(default_factory=set)
     remote_route: str | None = None  # another node's pod, routed to under Cluster
+    applied: str = ""  # the service rules last written
 
 
 def pod_address(i: int) -> str:
@@ -112,10 +115,17 @@ class Nodes:
         ]
         self.exposed: list[tuple[str, int, str]] = []
         self.dir = Path(lab.run_dir) / "nodes"
+        self._load()
+
+    @classmethod
+    def of_run(cls, run: state.RunState) -> Nodes:
+        """The nodes of a lab another process started (`./dev lab up`), as it left them."""
+        return cls(_RunView(run))
 
     # -- the API ------------------------------------------------------------------------------
 
     def policy(self, name: str, node: int | None = None) -> None:
+        self._load()
         if name not in POLICIES:
             raise ValueError(f"policy {name!r} is not one of {', '.join(POLICIES)}")
         for n in self._select(node):
@@ -123,9 +133,11 @@ class Nodes:
         self._apply_rules()
 
     def policy_of(self, i: int) -> str:
+        self._load()
         return self._node(i).policy
 
     def fail(self, i: int, mode: str) -> None:
+        self._load()
         node = self._node(i)
         if mode not in MODES:
             raise ValueError(f"failure {mode!r} is not one of {', '.join(MODES)}")
@@ -133,6 +145,7 @@ class Nodes:
         self._converge(node)
 
     def heal(self, i: int, mode: str | None = None) -> None:
+        self._load()
         node = self._node(i)
         if mode is not None and mode not in MODES:
             raise ValueError(f"failure {mode!r} is not one of {', '.join(MODES)}")
@@ -140,12 +153,15 @@ class Nodes:
         self._converge(node)
 
     def failures(self, i: int) -> frozenset[str]:
+        self._load()
         return frozenset(self._node(i).failures)
 
     def reset(self) -> None:
+        self._load()  # the routes another process added are removed too
         for n in self.nodes:
             n.policy = "Cluster"
             n.failures.clear()
+            n.applied = ""  # rewritten even if someone changed the rules behind our back
             self._converge(n, rules=False)
         self._apply_rules()
         self.clear_peers()
@@ -169,6 +185,7 @@ class Nodes:
         return f"http://{self._node(i).address}:{HEALTHZ_PORT}/healthz"
 
     def expose(self, vip: str, port: int, protocol: str = "tcp") -> None:
+        self._load()
         if (vip, port, protocol) not in self.exposed:
             self.exposed.append((vip, port, protocol))
         self._apply_rules()
@@ -241,7 +258,43 @@ class Nodes:
     def _apply_rules(self) -> None:
         for n in self.nodes:
             self._route_to_remote_pod(n)
-            self._restore(n.ns, self._service_rules(n))
+            rules = self._service_rules(n)
+            if rules != n.applied:  # a failure's time is not spent rewriting unchanged nodes
+                self._restore(n.ns, rules)
+                n.applied = rules
+        self._save()
+
+    def _save(self) -> None:
+        """What was asked, for `./dev lab node` in a later process (Nodes.of_run)."""
+        saved = {
+            "exposed": self.exposed,
+            "nodes": {
+                n.name: {
+                    "policy": n.policy,
+                    "failures": sorted(n.failures),
+                    "remoteRoute": n.remote_route,
+                    "applied": n.applied,
+                }
+                for n in self.nodes
+            },
+        }
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(saved))
+        tmp.rename(self.dir / "state.json")
+
+    def _load(self) -> None:
+        """Read back what was asked last, here or by `./dev lab node` (one at a time)."""
+        path = self.dir / "state.json"
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        self.exposed = [tuple(e) for e in saved["exposed"]]
+        for n in self.nodes:
+            mine = saved["nodes"].get(n.name, {})
+            n.policy = mine.get("policy", n.policy)
+            n.failures = set(mine.get("failures", ()))
+            n.remote_route = mine.get("remoteRoute")
+            n.applied = mine.get("applied", "")
 
     def _route_to_remote_pod(self, n: Node) -> None:
         """Under Cluster without a local pod, the pod kube-proxy picked is reached through its
@@ -483,3 +536,28 @@ def load(
         state.kill(tracked)
         lab._state.procs.remove(tracked)
         lab._state.save()
+
+
+class _RunView:
+    """What Nodes needs of a Lab, read from a run's recorded state."""
+
+    def __init__(self, run: state.RunState) -> None:
+        info = run.info
+        self._state = run
+        self.id = info["id"]
+        self.run_dir = info["runDir"]
+        self.lab_ns = info["namespaces"]["lab"]
+        self.client_ns = info["namespaces"]["client"]
+        self.node_ns = info["namespaces"]["nodes"]
+        self.node_names = list(info["nodes"])
+        self.node_ips = list(info["nodes"].values())
+
+    def in_ns(self, ns: str, argv: list[str], check: bool = True, timeout: float = 60):
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(argv)}` in {ns} exited {proc.returncode}: {proc.stderr}"
+            )
+        return proc

@@ -316,3 +316,40 @@ def test_load_keeps_its_rate_and_shows_when_a_node_failed(lab, nodes):
     answered = [r["body"].strip() for r in results if r["outcome"] == "ok"]
     assert set(answered) == {"node1", "node2"}, answered
     assert not [p for p in lab._state.procs if p.what == "client load"]
+
+
+# -- another process: `./dev lab node` ---------------------------------------------------------
+
+
+def test_a_later_process_sees_and_drives_the_same_nodes(lab, nodes, monkeypatch, capsys):
+    """`./dev lab node` runs in a process of its own: Nodes.of_run rebuilds the nodes from the
+    run's record, with the policy and failures the lab's owner left."""
+    from tests.lab import __main__ as lab_cli
+
+    nodes.policy("Local")
+    nodes.fail(2, "proxy-stale")
+    later = nodes_mod.Nodes.of_run(lab._state)
+    assert later.policy_of(1) == "Local" and later.failures(2) == {"proxy-stale"}
+    assert later.exposed == nodes.exposed
+
+    monkeypatch.setattr(lab_cli, "_persistent", lambda cache: [lab._state])
+    only(lab, 1)
+    assert lab_cli.node("fail", ["1", "vip-rule-missing"]) == 0
+    assert outcomes(via_vip(lab, 2)) == ["timeout"] * 2
+    assert_fresh(healthz(lab, 1))
+    assert lab_cli.node("heal", ["1"]) == 0
+    nodes.clear_peers()
+    assert outcomes(via_vip(lab, 2)) == ["node1"] * 2
+    assert nodes.peers(1) == [lab.client_ip] * 2  # still Local
+    assert lab_cli.node("policy", ["Cluster"]) == 0
+    assert lab_cli.node("heal", ["2", "proxy-stale"]) == 0
+    assert lab_cli.node("status", []) == 0
+    shown = capsys.readouterr().out
+    assert f"node1 {lab.node_ips[0]} (pod 198.51.100.11): Cluster, healthy" in shown, shown
+    assert lab_cli.node("fail", ["x", "unreachable"]) == 2
+    assert lab_cli.node("fail", ["1", "on-fire"]) == 2
+    assert "not one of" in capsys.readouterr().err
+    assert nodes.policy_of(1) == "Cluster" and nodes.failures(2) == set()  # the owner reads back
+    nodes.clear_peers()
+    assert outcomes(via_vip(lab, 2)) == ["node1"] * 2
+    assert nodes.peers(1) == [lab.node_ips[0]] * 2  # Cluster again: masqueraded
