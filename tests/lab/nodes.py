@@ -19,8 +19,9 @@ lands on the one state it describes):
     nat PREROUTING  -> LAB-SERVICES: -d VIP -p P --dport N -j LAB-EXT  (one per exposed VIP:port)
                        node:8080 -> pod:8080 (a hostPort: the pod reached directly)
     nat LAB-EXT     Cluster: mark for masquerade, DNAT to the local pod; without a ready local
-                    pod, to the pod of another node that has one (kube-proxy spreads over all
-                    endpoints), none: no DNAT (filter rejects)
+                    pod, to the pod of the first other node that has one (kube-proxy spreads over
+                    all endpoints at random; the lab picks one, so tests know which), none: no
+                    DNAT (filter rejects)
                     Local: DNAT to the local pod only, no masquerade; none: no DNAT (filter drops)
     nat POSTROUTING mark -> MASQUERADE
     filter FORWARD  new flows -> LAB-EXTERNAL: "has no local endpoints" DROP (Local),
@@ -34,7 +35,9 @@ number, 1..len(lab.node_ips):
     policy(name, node=None)      "Cluster" (the default) or "Local", for every node or one
     policy_of(i) -> str
     fail(i, mode)                switch a failure on; idempotent. Modes (MODES):
-        "server-stop"       the pod's server process stops: connects are refused (RST)
+        "server-stop"       the pod's server process stops: connects are refused (RST). The
+                            pod stays an endpoint (before Kubernetes notices: readiness
+                            probes take seconds), so under Cluster no other node avoids it
         "vip-rule-missing"  kube-proxy's rules for the VIPs are gone; healthz still 200; VIP
                             connects time out (the node drops what it cannot deliver)
         "unreachable"       the node's link to the bridge is down: connects time out, ARP fails
