@@ -1,9 +1,10 @@
-"""A director lab for people: ``python -m tests.lab up|status|reboot|down`` (as root).
+"""A director lab for people: ``python -m tests.lab up|status|reboot|node|down`` (as root).
 
 ``up`` boots a lab that stays up after the command returns (its state lives under the lab cache)
 and prints how to reach the director and how to point a stack at it; ``status`` shows it again;
 ``reboot`` reboots the director (systemd as PID 1 on a disk that survives reboots, unless started
-with ``up --init busybox``); ``down`` tears it down. Everything runs inside the lab's own network
+with ``up --init busybox``); ``node`` fails and heals its Kubernetes-node stand-ins and switches
+their externalTrafficPolicy (tests/lab/nodes.py); ``down`` tears it down. Everything runs inside the lab's own network
 namespaces, so the director is reached through the printed ProxyCommand.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.lab import harness, ops, provision, state, vm
+from tests.lab import harness, nodes, ops, provision, state, vm
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_FILE = REPO / "stacks" / "Pulumi.lab.yaml"
@@ -52,7 +53,7 @@ def _print_info(info: dict) -> None:
   private key  {info["keyPath"]}
   host key     {info["hostKey"]}
   ProxyCommand {info["proxyCommand"]}
-  nodes        {nodes} (each DNATs {info["vip"]}:80 to its :{harness.NODE_PORT})
+  nodes        {nodes} (kube-proxy stand-ins: {info["vip"]}:80 to each node's pod; healthz :{nodes.HEALTHZ_PORT})
   namespaces   lab {ns["lab"]}, client {ns["client"]}
   init         {info.get("init", "busybox")}
 
@@ -190,6 +191,49 @@ def reboot(power_cut: bool) -> int:
     return code
 
 
+def node(action: str, args: list[str]) -> int:
+    """`node status`, `node fail <i> <mode>`, `node heal <i> [<mode>]`, `node policy <name> [<i>]`."""
+    labs = [r for r in _persistent(provision.cache_dir()) if r.owner.alive()]
+    if not labs:
+        print("no lab is up (start one with `python -m tests.lab up`)")
+        return 1
+    run = labs[-1]
+    if "pods" not in run.info.get("namespaces", {}):
+        print("this lab's nodes have no pods yet (an older lab): `./dev lab down && ./dev lab up`")
+        return 1
+    the_nodes = nodes.Nodes.of_run(run)
+    try:
+        if action == "fail" and len(args) == 2:
+            the_nodes.fail(_node_number(args[0]), args[1])
+        elif action == "heal" and len(args) in (1, 2):
+            the_nodes.heal(_node_number(args[0]), args[1] if len(args) == 2 else None)
+        elif action == "policy" and len(args) in (1, 2):
+            the_nodes.policy(args[0], _node_number(args[1]) if len(args) == 2 else None)
+        elif action != "status" or args:
+            print(f"usage: node {NODE_USAGE}", file=sys.stderr)
+            return 2
+    except ValueError as exc:
+        print(f"node {action}: {exc}", file=sys.stderr)
+        return 2
+    for i, n in enumerate(the_nodes.nodes, 1):
+        failing = ", ".join(sorted(the_nodes.failures(i))) or "healthy"
+        print(
+            f"{n.name} {n.address} (pod {n.pod_address}): {the_nodes.policy_of(i)}, {failing}; "
+            f"healthz {the_nodes.healthz_url(i)}"
+        )
+    print(f"failures: {', '.join(nodes.MODES)}")
+    return 0
+
+
+def _node_number(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"node {text[:20]!r} is not a node number (1 for node1)")
+    return int(text)
+
+
+NODE_USAGE = "status | fail <i> <failure> | heal <i> [<failure>] | policy Cluster|Local [<i>]"
+
+
 def down() -> int:
     cache = provision.cache_dir()
     labs = _persistent(cache)
@@ -226,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ).add_argument(
         "--power-cut", action="store_true", help="kill qemu instead of `systemctl reboot`"
     )
+    node_args = sub.add_parser("node", help=f"the nodes: {NODE_USAGE}")
+    node_args.add_argument("action", choices=["status", "fail", "heal", "policy"])
+    node_args.add_argument("args", nargs="*")
     sub.add_parser("down", help="tear the lab down")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -234,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return up(args.nodes, args.init)
     if args.command == "reboot":
         return reboot(args.power_cut)
+    if args.command == "node":
+        return node(args.action, args.args)
     return status() if args.command == "status" else down()
 
 

@@ -5,9 +5,11 @@ namespaces this lab created):
 
     lab-<id>        br0 203.0.113.1/24, tap0 (director VM eth0 203.0.113.2), v-cli, v-n1..
     lab-<id>-cli    eth0 203.0.113.10                       (the client)
-    lab-<id>-n<i>   eth0 203.0.113.(10+i), DNAT VIP:port -> :8080, HTTP server saying "node<i>"
+    lab-<id>-n<i>   eth0 203.0.113.(10+i), kube-proxy's rules for the VIP, its healthz :10256
+    lab-<id>-p<i>   node i's pod 198.51.100.(10+i): HTTP server on :8080 saying "node<i>"
 
-The VIP is bound on no node: only the director answers ARP for it, as in the article.
+The VIP is bound on no node: only the director answers ARP for it, as in the article. The nodes,
+their externalTrafficPolicy and the ways they fail are `lab.nodes` (tests/lab/nodes.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import select
 import signal
 import subprocess
 import threading
@@ -28,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.lab import capture, provision, state, vm
+from tests.lab import nodes as nodes_mod
 
-NODE_PORT = 8080
-NODE_SERVER = Path(__file__).with_name("node_server.py")
-HOST_PYTHON = "/usr/bin/python3"  # stdlib only; fast to start, independent of any venv
+NODE_PORT = nodes_mod.POD_PORT  # node:8080 reaches its pod's server (a hostPort)
+HOST_PYTHON = nodes_mod.HOST_PYTHON  # stdlib only; fast to start, independent of any venv
 BOOT_TIMEOUT = 120.0
 SHUTDOWN_TIMEOUT = 60.0  # `systemctl reboot` until qemu exits (-no-reboot); seen: 4-5 s
 
@@ -99,6 +100,7 @@ class Lab:
         self.node_ns = [f"{self.lab_ns}-n{i}" for i in range(1, nodes + 1)]
         self.node_ips = [f"203.0.113.{10 + i}" for i in range(1, nodes + 1)]
         self.node_names = [f"node{i}" for i in range(1, nodes + 1)]
+        self.pod_ns = [f"{self.lab_ns}-p{i}" for i in range(1, nodes + 1)]
         self.private_key_path = self.art.client_key
         self.private_key_pem = self.art.client_key.read_text()
         self.host_key_line = " ".join(self.art.host_key.with_suffix(".pub").read_text().split()[:2])
@@ -112,6 +114,7 @@ class Lab:
         self._state: state.RunState | None = None
         self._creator = os.getpid()
         self._closed = False
+        self.nodes = nodes_mod.Nodes(self)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Lab:
             dir=str(self.run_dir),
             owner=state.Proc.of(os.getpid(), "lab owner"),
             persistent=self.persistent,
-            namespaces=[*self.node_ns, self.client_ns, self.lab_ns],
+            namespaces=[*self.node_ns, *self.pod_ns, self.client_ns, self.lab_ns],
         )
         self._state.save()  # before anything exists, so a crash from here on is cleanable
         if not self.persistent:
@@ -135,7 +138,7 @@ class Lab:
             self._install_signal_handlers()
         try:
             self._build_network()
-            self._start_servers()
+            self.nodes.start()
             self._boot_director(wait_ready)
         except BaseException:
             self.close()
@@ -238,53 +241,13 @@ class Lab:
             ip(self.lab_ns, "link", "set", f"v-{short}", "master", "br0", "up")
             ip(ns, "addr", "add", f"{addr}/24", "dev", "eth0")
             ip(ns, "link", "set", "eth0", "up")
+        self.nodes.build()
         self.expose(self.vip, 80)
 
     def expose(self, vip: str, port: int, protocol: str = "tcp") -> None:
-        """kube-proxy's externalIPs stand-in: DNAT vip:port to the node's server (idempotent)."""
-        for ns, addr in zip(self.node_ns, self.node_ips, strict=True):
-            rule = [
-                "PREROUTING",
-                "-d",
-                f"{vip}/32",
-                "-p",
-                protocol,
-                "--dport",
-                str(port),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                f"{addr}:{NODE_PORT}",
-            ]
-            if self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-C", *rule], check=False).returncode:
-                self.in_ns(ns, ["iptables", "-w", "-t", "nat", "-A", *rule])
-
-    def _start_servers(self) -> None:
-        for ns, name in zip(self.node_ns, self.node_names, strict=True):
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    HOST_PYTHON,
-                    str(NODE_SERVER),
-                    name,
-                    str(NODE_PORT),
-                    self.id,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-            self._state.add_proc(proc.pid, f"http server {name}")
-            ready, _, _ = select.select([proc.stdout], [], [], 15)
-            line = proc.stdout.readline() if ready else ""
-            proc.stdout.close()
-            if line.strip() != "ready":
-                raise RuntimeError(f"http server in {ns} did not start: {line!r}")
+        """kube-proxy's externalIPs stand-in: every node sends vip:port to a pod (idempotent),
+        under the nodes' externalTrafficPolicy and failures (`lab.nodes`)."""
+        self.nodes.expose(vip, port, protocol)
 
     def _boot_director(self, wait_ready: bool) -> None:
         self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
@@ -428,7 +391,12 @@ class Lab:
             "proxyCommand": self.proxy_command,
             "vip": self.vip,
             "nodes": dict(zip(self.node_names, self.node_ips, strict=True)),
-            "namespaces": {"lab": self.lab_ns, "client": self.client_ns, "nodes": self.node_ns},
+            "namespaces": {
+                "lab": self.lab_ns,
+                "client": self.client_ns,
+                "nodes": self.node_ns,
+                "pods": self.pod_ns,
+            },
             "runDir": str(self.run_dir),
             "knownHosts": str(self.known_hosts),
             "init": self.init,

@@ -1,21 +1,37 @@
-"""A Kubernetes node's backend stand-in: answers every GET with the node's name.
+"""A Kubernetes pod's backend stand-in: answers every GET with its node's name.
 
-Run inside a node namespace with the host's stdlib-only python3:
-``node_server.py <name> <port> <lab id>`` (the id only marks the process as the lab's).
-Prints ``ready`` once listening, then keeps quiet.
+Run inside a pod namespace (tests/lab/nodes.py) with the host's stdlib-only python3:
+``node_server.py <name> <port> <lab id> [<peers file>]`` (the id only marks the process as the
+lab's). With a peers file, the peer address of every request is appended to it, one a line,
+before the answer goes out: a test that has its answer can read who the pod saw. Prints
+``ready`` once listening, then keeps quiet.
 """
 
 import os
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 overflows under a director's probes plus a 20 req/s
+    # client; a full accept queue drops SYNs, which would look like a failing node.
+    request_queue_size = 128
 
 
 def main() -> None:
     name, port = sys.argv[1], int(sys.argv[2])
+    peers_path = sys.argv[4] if len(sys.argv) > 4 else None
     body = (name + "\n").encode()
+    lock = threading.Lock()
+    peers = open(peers_path, "a", buffering=1) if peers_path else None  # noqa: SIM115
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            if peers is not None:
+                with lock:
+                    peers.write(self.client_address[0] + "\n")
+                    peers.flush()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -25,7 +41,7 @@ def main() -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass  # nobody reads the server's output once it is up
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = Server(("0.0.0.0", port), Handler)
     print("ready", flush=True)
     # The harness closes its end of the pipe after `ready`; never write to it again.
     devnull = os.open(os.devnull, os.O_WRONLY)
