@@ -48,5 +48,6 @@ ingress = Ingress("ingress", cfg, service=service, private_key=private_key)
 pulumi.export("vips", [vip.address for vip in cfg.vips])
 pulumi.export("urls", list(cfg.urls))
 pulumi.export("virtualServices", ingress.ipvsadm)
+pulumi.export("realServerHealth", ingress.health)
 if web is not None:  # director side only: no Service, so no `service` output at all
     pulumi.export("service", web.service_name)

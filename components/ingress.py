@@ -25,6 +25,7 @@ class Ingress(pulumi.ComponentResource):
     bootstrap: DirectorBootstrap | None
     virtual_services: list[VirtualService]
     ipvsadm: pulumi.Output[list[str]]
+    health: pulumi.Output[list[str]]
 
     def __init__(
         self,
@@ -68,4 +69,31 @@ class Ingress(pulumi.ComponentResource):
         self.ipvsadm = pulumi.Output.all(*(vs.ipvsadm for vs in self.virtual_services)).apply(
             lambda tables: [line for table in tables for line in table or []]
         )
-        self.register_outputs({"virtualServices": self.ipvsadm})
+        self.health = pulumi.Output.all(
+            *(vs.realServerHealth for vs in self.virtual_services)
+        ).apply(
+            lambda reports: [
+                line
+                for spec, report in zip(cfg.virtual_services, reports, strict=True)
+                for line in health_lines(spec, report)
+            ]
+        )
+        self.register_outputs({"virtualServices": self.ipvsadm, "realServerHealth": self.health})
+
+
+def health_lines(spec: model.VirtualServiceSpec, report: list | None) -> list[str]:
+    """One line per checked real server, as the director's runtime judged it at the last
+    apply or refresh, e.g. `TCP 203.0.113.201:80 -> 203.0.113.12:80 drained since
+    2026-12-02T01:24:11Z: vip probe ...: Connection refused`; services without a check: none."""
+    vip = model._hostport(spec.vip, spec.port)
+    out = []
+    for h in report or []:
+        if h.get("state") in (None, "unchecked"):
+            continue
+        line = f"{spec.protocol.upper()} {vip} -> {model._hostport(h['address'], int(h['port']))} {h['state']}"
+        if h.get("since"):
+            line += f" since {h['since']}"
+        if h.get("reason"):
+            line += f": {h['reason']}"
+        out.append(line)
+    return out

@@ -322,6 +322,12 @@ class HealthKeeper:
             if spec is None or rs not in {health.rs_key(r.address, spec.port) for r in spec.real_servers}:  # fmt: skip
                 return False  # forgotten meanwhile (the service or this real server removed)
             changed = self.tracker.observe(key, rs, ok, reason, now)
+            t = self.tracker.target(key, rs)
+            if (t.up and t.failures) or (not t.up and t.successes):
+                # Between states (HAProxy's fastinter): the next probe after half an interval,
+                # so a failing server is drained about half an interval sooner.
+                half = now + float(self.services[key][1]["intervalSeconds"]) / 2
+                self.due[(key, rs)] = min(self.due.get((key, rs), half), half)
             if changed:
                 self.changed.add((key, rs))
                 self.generation += 1

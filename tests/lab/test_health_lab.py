@@ -228,7 +228,8 @@ def test_a_failing_node_is_drained_then_back_after_it_recovers(healthy, request,
     )
     assert drain <= DRAIN_GOAL + SLACK
     assert back <= BACK_GOAL + SLACK + ARP_AGAIN.get(mode, 0.0)
-    assert failed(results, t_drained + 1.0, t_end) == []  # drained, nothing else fails
+    late = failed(results, t_drained + 1.0, t_end)  # drained: nothing else fails
+    assert late == [], (late, t_drained, watch.weights_between(t_fail, t_end))
     assert all(r["outcome"] in ("refused", "reset", "timeout") for r in lost), lost[:3]
     assert count(results, t_fail - 2, t_end) >= RATE * (t_end - t_fail) * 0.8  # the load ran
     lines = journal(lab)
@@ -264,7 +265,8 @@ def test_a_missing_vip_rule_is_drained_by_the_vip_probe_not_by_kube_proxy_health
         results = run.results()
     assert healthz["status"] == 200  # kube-proxy says the node is fine
     vip_lost = failed(results, t_fail - 1.0, t_drained + 1.0)
-    assert failed(results, t_drained + 1.0, t_end) == []
+    late = failed(results, t_drained + 1.0, t_end)
+    assert late == [], (late, t_drained, watch.weights_between(t_fail, t_end))
     # The same failure with check kubeProxy: healthz answers 200, nothing is drained.
     lab.nodes.heal(2)
     with table_watch(lab) as watch:

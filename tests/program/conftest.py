@@ -166,10 +166,32 @@ class ProgramMocks(pulumi.runtime.Mocks):
         if args.typ == VS_TYPE:
             # What the provider returns after applying: the table read back from the kernel.
             state["ipvsadm"] = director_table(args.inputs)
+            state["realServerHealth"] = HEALTH_REPORTS.get(args.name) or fresh_health(args.inputs)
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         return {}
+
+
+# A test's own health reports by VirtualService name (what a director's runtime would say).
+HEALTH_REPORTS: dict[str, list[dict]] = {}
+
+
+def fresh_health(inputs: dict[str, Any]) -> list[dict]:
+    """What a director reports for a service just created: every real server up (not yet
+    failed), or unchecked when its check is none."""
+    check = (inputs.get("health") or {}).get("check", "none")
+    return [
+        {
+            "address": r["address"],
+            "port": int(inputs["port"]),
+            "state": "unchecked" if check == "none" else "up",
+            "since": None,
+            "reason": "",
+            "weight": int(r["weight"]),
+        }
+        for r in inputs["realServers"]
+    ]
 
 
 def director_table(inputs: dict[str, Any]) -> list[str]:

@@ -59,7 +59,7 @@ def test_director_side_only_keeps_the_virtual_services_exact_and_unattached(no_c
 
 def test_director_side_only_exports_no_service(no_cluster):
     run = run_program(DEV_CONFIG, raw={"kubernetes": "false"}, kubeconfig=None)
-    assert set(run.outputs) == {"vips", "urls", "virtualServices"}
+    assert set(run.outputs) == {"vips", "urls", "virtualServices", "realServerHealth"}
     assert run.outputs["vips"] == ["203.0.113.201", "203.0.113.202", "2001:db8::201"]
     assert run.outputs["virtualServices"][0] == (
         "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1"

@@ -8,6 +8,7 @@ import dill
 import pulumi
 import pytest
 
+from tests.program import conftest
 from tests.program.conftest import (
     DEV_CONFIG,
     PINNED_KEY,
@@ -138,8 +139,49 @@ def test_outputs(dev_run):
             "UDP 203.0.113.202:5353 rr persistent 60 -> 203.0.113.12:5353 Route 3",
             "TCP [2001:db8::201]:80 wlc -> [2001:db8::11]:80 Route 1",
         ],
+        "realServerHealth": [
+            "TCP 203.0.113.201:80 -> 203.0.113.11:80 up",
+            "TCP 203.0.113.201:80 -> 203.0.113.12:80 up",
+            "TCP 203.0.113.202:80 -> 203.0.113.11:80 up",
+            "TCP 203.0.113.202:80 -> 203.0.113.12:80 up",
+            "UDP 203.0.113.202:5353 -> 203.0.113.11:5353 up",
+            "UDP 203.0.113.202:5353 -> 203.0.113.12:5353 up",
+            "TCP [2001:db8::201]:80 -> [2001:db8::11]:80 up",
+        ],
         "service": "web-dev/nginx",
     }
+
+
+def test_the_health_output_says_which_real_server_is_drained_or_held_and_why(monkeypatch):
+    since = "2026-12-02T01:24:11Z"
+    why = "vip probe 203.0.113.201:80 via 203.0.113.12: Connection refused"
+    report = [
+        {
+            "address": "203.0.113.11",
+            "port": 80.0,
+            "state": "held",
+            "since": since,
+            "reason": why.replace(".12", ".11"),
+            "weight": 1.0,
+        },  # fmt: skip
+        {
+            "address": "203.0.113.12",
+            "port": 80.0,
+            "state": "drained",
+            "since": since,
+            "reason": why,
+            "weight": 0.0,
+        },  # fmt: skip
+    ]
+    monkeypatch.setitem(conftest.HEALTH_REPORTS, "vs-tcp-203-0-113-201-80", report)
+    values = dev_config()
+    values["health"] = {"check": "none"}
+    values["vips"][0]["health"] = {"check": "vip"}
+    run = run_program(values)
+    assert run.outputs["realServerHealth"] == [
+        f"TCP 203.0.113.201:80 -> 203.0.113.11:80 held since {since}: {why.replace('.12', '.11')}",
+        f"TCP 203.0.113.201:80 -> 203.0.113.12:80 drained since {since}: {why}",
+    ]  # the services whose check is none say nothing
 
 
 def test_no_bootstrap_commands_by_default(dev_run):

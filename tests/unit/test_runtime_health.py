@@ -123,6 +123,27 @@ def test_each_target_is_probed_at_its_own_interval(paths):  # noqa: F811
     assert prober.calls == [N1, N2] * 3
 
 
+def test_a_target_between_states_is_probed_again_after_half_an_interval(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k, health={**CHECK, "intervalSeconds": 2.0, "fall": 3, "rise": 2})
+    prober = Scripted(**{N1: [False, False, False, True, True], N2: [True] * 4})
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile()
+    times: list[tuple[float, str]] = []
+    for _ in range(14):  # every half second from 1000.5 to 1007
+        rt.now += 0.5
+        before = len(prober.calls)
+        rt.probe(rt.now)
+        times += [(rt.now, a) for a in prober.calls[before:]]
+    n1 = [t for t, a in times if a == N1]
+    n2 = [t for t, a in times if a == N2]
+    # N1: fails at its first probe, then every half interval (1 s) until drained after 3, then
+    # at the interval again (2 s) until the first success, then after 1 s until back up.
+    assert [b - a for a, b in zip(n1, n1[1:], strict=False)] == [1.0, 1.0, 2.0, 1.0]
+    assert [b - a for a, b in zip(n2, n2[1:], strict=False)] == [2.0, 2.0, 2.0]  # steady
+    assert states(rt) == {N1: "up", N2: "up"} and weights(k) == [(N1, 1), (N2, 1)]
+
+
 def test_when_all_fail_none_is_drained_below_the_threshold_and_status_says_why(paths):  # noqa: F811
     k = MemoryKernel()
     apply(k, servers=((N1, 1), (N2, 1), (N3, 1)))  # threshold 0.5 of 3: 2 stay pooled
