@@ -383,3 +383,21 @@ def test_a_restart_and_a_reboot_keep_a_drained_server_drained_until_a_probe_pass
         f"{took.up:.1f}s): weight 0 throughout, restored at 0 after the boot; back "
         f"{t_back - t_heal:.2f}s after it recovered",
     )
+
+
+def test_a_destroy_leaves_no_probe_service_and_puts_accept_local_back(hlab, service):
+    id_, inputs = service
+    recorded = json.loads(hlab.director("cat /var/lib/ipvs-ingress/probes.json").stdout)
+    previous = recorded["sysctls"]["net/ipv4/conf/eth0/accept_local"]["previous"]
+    assert hlab.director("sysctl -n net.ipv4.conf.eth0.accept_local").stdout.strip() == "1"
+    provider = connect(hlab)
+    try:
+        provider.delete(id_, inputs)
+    finally:
+        provider.close()
+    ops.wait_for_pass(hlab)
+    ops.wait_for_pass(hlab)
+    assert "FWM" not in hlab.ipvsadm_ln()
+    assert hlab.director("sysctl -n net.ipv4.conf.eth0.accept_local").stdout.strip() == previous
+    recorded = json.loads(hlab.director("cat /var/lib/ipvs-ingress/probes.json").stdout)
+    assert recorded["marks"] == {} and recorded["sysctls"] == {}
