@@ -3,7 +3,7 @@
 # are present, so CI and tests/lab/provision.py may call it on every run.
 set -eu
 
-PKGS="qemu-system-x86 kmod iptables tcpdump openssh-server ipvsadm busybox-static cpio socat \
+PKGS="qemu-system-x86 kmod iptables tcpdump openssh-server ipvsadm keepalived busybox-static cpio socat \
 iproute2 procps python3 python3-venv systemd e2fsprogs"
 
 missing=""
