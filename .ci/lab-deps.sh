@@ -33,3 +33,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086  # word splitting of the package list is intended
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
+# keepalived's package enables its unit; on the host it must not run (the lab's directors run
+# their own from the shared root with -f), so leave it disabled wherever systemctl can say so.
+case " $missing " in
+*" keepalived "*) systemctl disable keepalived.service >/dev/null 2>&1 || true ;;
+esac
