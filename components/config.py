@@ -29,7 +29,10 @@ from providers.model import _short as _short
 
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
-KEYS = ("app", "vips", "realServers", "director", *GUARD_KEYS, "kubernetes", "repair", "health")
+KEYS = (
+    "app", "vips", "realServers", "director", "directors", *GUARD_KEYS, "kubernetes", "repair",
+    "health",
+)  # fmt: skip
 # Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
 TEXT_KEYS = ("guardExternalIPs", "kubernetes", "repair")
 SECRET_KEY = "sshPrivateKey"
@@ -46,6 +49,11 @@ APP_DEFAULTS: dict[str, Any] = {
 TRAFFIC_POLICIES = ("Cluster", "Local")
 VIP_DEFAULTS: dict[str, Any] = {"scheduler": "wlc", "persistenceSeconds": 0}
 DIRECTOR_KEYS = ("host", "port", "user", "hostKey", "interface", "bootstrap", "proxyCommand")
+# ipvs-ingress:directors (issue 10): each a director plus its VRRP priority and its own address
+# on the director segment (VRRP's unicast source and peer; by default its host, if an address).
+HA_DIRECTOR_KEYS = (*DIRECTOR_KEYS, "priority", "address")
+MIN_HA_DIRECTORS = 2
+PRIORITY_RANGE = (1, 254)  # VRRP: 255 is the address owner, which never yields the VIPs
 
 PORT_KEYS = ("port", "protocol", "targetPort")
 MAX_REPLICAS = 1000
@@ -99,6 +107,17 @@ class Vip:
 
 
 @dataclass(frozen=True)
+class DirectorConfig:
+    """One director of the stack. priority and address are set for ipvs-ingress:directors
+    (VIPs held by VRRP) and None for the single ipvs-ingress:director (the runtime binds them)."""
+
+    director: Director
+    bootstrap: bool
+    priority: int | None = None
+    address: str | None = None  # canonical IP on the director segment
+
+
+@dataclass(frozen=True)
 class StackConfig:
     app: App
     vips: tuple[Vip, ...]
@@ -116,6 +135,14 @@ class StackConfig:
     # Per virtual service key: its resolved health check (model.check_health's normalized form,
     # every key filled), the VirtualService input `health`.
     health: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # Every director: ipvs-ingress:directors in config order, or the single director as a
+    # one-element tuple. `director` and `bootstrap` above are the first one's and "any".
+    directors: tuple[DirectorConfig, ...] = ()
+
+    @property
+    def vrrp(self) -> bool:
+        """Whether the VIPs are held by VRRP between several directors (ipvs-ingress:directors)."""
+        return len(self.directors) >= MIN_HA_DIRECTORS
 
     @property
     def service_ports(self) -> tuple[VipPort, ...]:
@@ -192,8 +219,9 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         for k, item in enumerate(real_servers):
             if isinstance(item, Mapping):
                 report.object(f"{path('realServers')}[{k}]", item, ("address", "weight"), "")
-    director, bootstrap = _director(report, values.get("director"))
-    specs = _virtual_services(report, vips, real_servers, values.get("director"))
+    directors, raw_director = _all_directors(report, values)
+    specs = _virtual_services(report, vips, real_servers, raw_director)
+    _vrrp_family(report, directors, vips)
     targets = _target_ports(report, vips, app.container_port)
     guard = _guard(report, values)
     kubernetes = _kubernetes(report, values.get("kubernetes"), guard)
@@ -213,13 +241,14 @@ def load(values: Mapping[str, Any]) -> StackConfig:
             for group in specs
         ),  # fmt: skip
         real_servers=tuple(dict.fromkeys(r for g in specs for s in g for r in s.real_servers)),
-        director=director,
-        bootstrap=bootstrap,
+        director=directors[0].director,
+        bootstrap=any(d.bootstrap for d in directors),
         virtual_services=tuple(s for group in specs for s in group),
         guard=guard,
         kubernetes=kubernetes,
         repair=repair,
         health=health,
+        directors=directors,
     )
 
 
@@ -370,6 +399,10 @@ def _director(report: _Report, value: Any) -> tuple[Director, bool]:
         return Director(host="", host_key=""), False
     director, found = model.check_director(_ssh_fields(raw), prefix=name)
     report.problems.extend(found)
+    return director or Director(host="", host_key=""), _bootstrap(report, name, raw)
+
+
+def _bootstrap(report: _Report, name: str, raw: Mapping) -> bool:
     bootstrap = raw.get("bootstrap", False)
     if not isinstance(bootstrap, bool):
         report.add(f"{name}.bootstrap", f"{_short(bootstrap)} is not a boolean: use true to prepare the director with pulumi-command, false if it is prepared already")  # fmt: skip
@@ -377,12 +410,126 @@ def _director(report: _Report, value: Any) -> tuple[Director, bool]:
     if bootstrap and raw.get("proxyCommand") is not None:
         # pulumi-command's SSH connection can hop through an SSH bastion, not run a command.
         report.add(f"{name}.bootstrap", "true cannot go through director.proxyCommand (pulumi-command has no ProxyCommand): prepare the director by hand as README.md ('Preparing the director') shows and set bootstrap: false")  # fmt: skip
-    return director or Director(host="", host_key=""), bootstrap
+    return bootstrap
 
 
 def _ssh_fields(director: Mapping) -> dict[str, Any]:
-    """The director as the VirtualService resource takes it: bootstrap is the program's own."""
-    return {k: v for k, v in director.items() if k != "bootstrap"}
+    """The director as the VirtualService resource takes it: bootstrap, priority and address
+    are the program's own."""
+    return {k: v for k, v in director.items() if k not in ("bootstrap", "priority", "address")}
+
+
+# --- several directors, the VIPs held by VRRP (issue 10) ----------------------------------------
+
+
+def _all_directors(report: _Report, values: Mapping) -> tuple[tuple[DirectorConfig, ...], Any]:
+    """Every director, and the raw director the virtual services are checked with."""
+    # The engine passes the declared defaults ({} and [], Pulumi.yaml) for keys a stack leaves
+    # unset: they mean unset here too.
+    single, several = values.get("director"), values.get("directors")
+    single = None if single == {} and several not in (None, []) else single
+    several = None if several == [] else several
+    if several is None:
+        director, bootstrap = _director(report, single)
+        return (DirectorConfig(director, bootstrap),), single
+    if single is not None:
+        report.add(path("directors"), f"is set together with {path('director')}: give one director as {path('director')} or two or more as {path('directors')}, not both")  # fmt: skip
+        director, bootstrap = _director(report, single)
+        return (DirectorConfig(director, bootstrap),), single
+    directors = _directors(report, several)
+    first = several[0] if isinstance(several, list) and several else None
+    return directors, first
+
+
+def _directors(report: _Report, value: Any) -> tuple[DirectorConfig, ...]:
+    name = path("directors")
+    shape = "{host, hostKey, priority, address, port, user, interface, bootstrap, proxyCommand}"
+    if not isinstance(value, list) or len(value) < MIN_HA_DIRECTORS:
+        count = f"has {len(value)} director{'s' * (len(value) != 1)}" if isinstance(value, list) else "is not a list of directors"  # fmt: skip
+        report.add(name, f"{_short(value)} {count}: VIP ownership by VRRP needs at least {MIN_HA_DIRECTORS}, each {shape}; for one director use {path('director')}")  # fmt: skip
+        return (DirectorConfig(Director(host="", host_key=""), False),)
+    out: list[DirectorConfig] = []
+    seen: dict[tuple, int] = {}
+    priorities: dict[int, int] = {}
+    addresses: dict[Any, int] = {}
+    for i, item in enumerate(value):
+        where = f"{name}[{i}]"
+        raw = report.object(where, item, HA_DIRECTOR_KEYS, shape)
+        if raw is None:
+            continue
+        director, found = model.check_director(_ssh_fields(raw), prefix=where)
+        report.problems.extend(found)
+        bootstrap = _bootstrap(report, where, raw)
+        priority = _priority(report, where, raw.get("priority"), priorities, i)
+        address = _vrrp_address(report, where, raw, director, addresses, i)
+        if director is not None:
+            key = (director.host, director.port)
+            if key in seen:
+                report.add(f"{where}.host", f"{_short(raw.get('host'))} repeats {name}[{seen[key]}] (same host and port): list each director once")  # fmt: skip
+            seen.setdefault(key, i)
+            out.append(DirectorConfig(director, bootstrap, priority, address))
+    return tuple(out) or (DirectorConfig(Director(host="", host_key=""), False),)
+
+
+def _priority(report: _Report, where: str, value: Any, seen: dict[int, int], i: int) -> int | None:
+    if value is None:
+        report.add(f"{where}.priority", f"not set: give each director a VRRP priority, a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]} (the highest holds the VIPs first), each different")  # fmt: skip
+        return None
+    number = whole_number(value, *PRIORITY_RANGE)
+    if number is None:
+        report.add(f"{where}.priority", f"{_short(value)} is not a VRRP priority: use a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]} (255 is reserved for an address owner)")  # fmt: skip
+        return None
+    if number in seen:
+        report.add(f"{where}.priority", f"{number} repeats {path('directors')}[{seen[number]}].priority: give each director its own, so the first election does not fall to address order")  # fmt: skip
+    seen.setdefault(number, i)
+    return number
+
+
+def _vrrp_address(
+    report: _Report, where: str, raw: Mapping, director: Director | None, seen: dict, i: int
+) -> str | None:
+    """The director's own address on the segment: `address`, or its host if that is one."""
+    field, value = f"{where}.address", raw.get("address")
+    if value is None:
+        if director is None:
+            return None  # the host is reported already
+        addr = model.plain_ip(director.host)
+        if addr is None or addr.is_loopback:
+            what = "a DNS name" if addr is None else "a loopback address (a tunnel)"
+            report.add(field, f"not set, and host {_short(director.host)} is {what}: give the director's own IP address on the director segment (VRRP's unicast peers are addresses)")  # fmt: skip
+            return None
+    else:
+        addr = model.plain_ip(value)
+        reason = model.unservable(addr) if addr is not None else "not an IP address"
+        if reason:
+            report.add(field, f"{_short(value)} cannot be a director's address ({reason}): give its own unicast IP address on the director segment")  # fmt: skip
+            return None
+    if seen:
+        first = next(iter(seen))
+        if addr.version != first.version:
+            report.add(field, f"{addr} is IPv{addr.version} but {path('directors')}[{seen[first]}] is IPv{first.version}: VRRP runs in one family, give every director an address of the same family")  # fmt: skip
+            return None
+    if addr in seen:
+        report.add(field, f"{addr} repeats {path('directors')}[{seen[addr]}]'s address: give each director its own")  # fmt: skip
+        return None
+    seen[addr] = i
+    return str(addr)
+
+
+def _vrrp_family(report: _Report, directors: tuple[DirectorConfig, ...], vips: list) -> None:
+    """VRRPv3 announces at least one VIP of its own family (the directors' addresses'), and a
+    VIP is never a director's own address (it moves between them)."""
+    addresses = {d.address: i for i, d in enumerate(directors) if d.address is not None}
+    if len(directors) < MIN_HA_DIRECTORS or not addresses:
+        return
+    family = ipaddress.ip_address(next(iter(addresses))).version
+    canonical = [_canonical(raw.get("address")) for raw, _ports in vips]
+    for i, address in enumerate(canonical):
+        if address in addresses:
+            report.add(f"{path('vips')}[{i}].address", f"{address} is {path('directors')}[{addresses[address]}]'s own address: a VIP moves between directors, give another")  # fmt: skip
+    known = [a for a in canonical if a is not None]
+    if known and all(_family(a) != family for a in known):
+        report.add(path("vips"), f"has no IPv{family} VIP, but the directors' addresses are IPv{family}: VRRPv3 announces at least one VIP of its own family; add one, or give the directors IPv{6 if family == 4 else 4} addresses")  # fmt: skip
 
 
 def _virtual_services(

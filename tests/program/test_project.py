@@ -57,7 +57,11 @@ def test_private_key_is_a_secret_without_a_default(project):
 def test_only_app_the_guard_kubernetes_repair_and_health_are_optional(project):
     # Every other key has no sensible default: the engine then insists that a stack sets it.
     config = project["config"]
+    # director and directors (issue 10) are alternatives, so the engine cannot insist on either:
+    # their defaults ({} and []) mean unset, and the config layer names what is missing.
     assert {k for k, d in config.items() if "default" in d} == {
+        "director",
+        "directors",
         "app",
         "guardExternalIPs",
         "externalIPPool",
@@ -66,6 +70,7 @@ def test_only_app_the_guard_kubernetes_repair_and_health_are_optional(project):
         "health",
     }
     assert config["app"]["default"] == {}
+    assert (config["director"]["default"], config["directors"]["default"]) == ({}, [])
     assert config["health"] == {**config["health"], "type": "object", "default": {}}
     assert config["kubernetes"] == {**config["kubernetes"], "type": "boolean", "default": True}
     assert config["repair"] == {**config["repair"], "type": "boolean", "default": True}
@@ -76,6 +81,8 @@ def test_only_app_the_guard_kubernetes_repair_and_health_are_optional(project):
     assert load_stack_file(stack).guard == Guard(enabled=True, pool=())
     with_default = {**stack, "ipvs-ingress:kubernetes": config["kubernetes"]["default"]}
     assert load_stack_file(with_default).kubernetes is load_stack_file(stack).kubernetes is True
+    # directors' default [] means unset: the stack's own director is kept as it is.
+    assert load_stack_file({**stack, "ipvs-ingress:directors": []}) == load_stack_file(stack)
     # ipvs-ingress:health's default {} means what unset means: every check at its defaults.
     with_default = {**stack, "ipvs-ingress:health": config["health"]["default"]}
     assert load_stack_file(with_default).health == load_stack_file(stack).health
