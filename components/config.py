@@ -461,12 +461,13 @@ def _directors(report: _Report, value: Any) -> tuple[DirectorConfig, ...]:
         report.problems.extend(found)
         bootstrap = _bootstrap(report, where, raw)
         priority = _priority(report, where, raw.get("priority"), priorities, i)
+        key = (director.host, director.port) if director is not None else None
+        if key in seen:  # one problem for a repeated entry, not one per field it repeats
+            report.add(f"{where}.host", f"{_short(raw.get('host'))} repeats {name}[{seen[key]}] (same host and port): list each director once")  # fmt: skip
+            continue
         address = _vrrp_address(report, where, raw, director, addresses, i)
         if director is not None:
-            key = (director.host, director.port)
-            if key in seen:
-                report.add(f"{where}.host", f"{_short(raw.get('host'))} repeats {name}[{seen[key]}] (same host and port): list each director once")  # fmt: skip
-            seen.setdefault(key, i)
+            seen[key] = i
             out.append(DirectorConfig(director, bootstrap, priority, address))
     return tuple(out) or (DirectorConfig(Director(host="", host_key=""), False),)
 

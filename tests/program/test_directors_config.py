@@ -1,0 +1,206 @@
+"""ipvs-ingress:directors (issue 10): two or more directors, each a director plus its VRRP
+priority and its own address on the director segment; checked at preview, one line per problem,
+exposed as cfg.directors. The single ipvs-ingress:director works as before."""
+
+from __future__ import annotations
+
+import copy
+
+import pulumi
+import pytest
+
+from components.config import ConfigError, DirectorConfig, load
+from providers.model import Director
+from tests.program.conftest import HOST_KEY, run_program
+
+PINNED = " ".join(HOST_KEY.split()[:2])
+BASE = {
+    "vips": [{"address": "203.0.113.201", "ports": [{"port": 80}]}],
+    "realServers": [{"address": "203.0.113.11"}],
+}
+SINGLE = {**BASE, "director": {"host": "203.0.113.2", "hostKey": HOST_KEY}}
+PAIR = {
+    **BASE,
+    "directors": [
+        {"host": "203.0.113.2", "hostKey": HOST_KEY, "priority": 150},
+        {"host": "203.0.113.3", "hostKey": HOST_KEY, "priority": 100, "interface": "ens3"},
+    ],
+}
+
+
+def changed(base, change) -> dict:
+    values = copy.deepcopy(base)
+    change(values)
+    return values
+
+
+def refused(values) -> str:
+    with pytest.raises(ConfigError) as err:
+        load(values)
+    text = str(err.value)
+    assert "\n" not in text and len(text) <= 300, text
+    return text
+
+
+def test_a_single_director_is_a_one_element_list_without_vrrp():
+    cfg = load(SINGLE)
+    assert cfg.directors == (DirectorConfig(Director("203.0.113.2", PINNED), False),)
+    assert cfg.director == Director("203.0.113.2", PINNED) and not cfg.vrrp
+
+
+def test_a_pair_is_parsed_in_order_with_priorities_and_addresses():
+    cfg = load(PAIR)
+    assert cfg.vrrp
+    assert cfg.directors == (
+        DirectorConfig(Director("203.0.113.2", PINNED), False, 150, "203.0.113.2"),
+        DirectorConfig(
+            Director("203.0.113.3", PINNED, interface="ens3"), False, 100, "203.0.113.3"
+        ),
+    )
+    assert cfg.director == cfg.directors[0].director  # what today's resources still use
+    assert [s.key for s in cfg.virtual_services] == ["tcp/203.0.113.201:80"]
+
+
+def test_an_address_is_given_where_the_host_is_a_name_or_a_tunnel_and_bootstrap_is_per_director():
+    values = changed(PAIR, lambda v: v["directors"][0].update(host="lb-a.example.net", address="203.0.113.2"))  # fmt: skip
+    values["directors"][1].update(host="127.0.0.1", port=2201, address="2001:DB8::3")
+    values["directors"][0]["address"] = "2001:db8::2"
+    values["vips"].append({"address": "2001:db8::201", "ports": [{"port": 80}]})
+    values["realServers"].append({"address": "2001:db8::11"})
+    values["directors"][1]["bootstrap"] = True
+    cfg = load(values)
+    assert [(d.director.host, d.address, d.bootstrap) for d in cfg.directors] == [
+        ("lb-a.example.net", "2001:db8::2", False),
+        ("127.0.0.1", "2001:db8::3", True),
+    ]
+    assert cfg.bootstrap is True  # some director is prepared by Pulumi: the key is needed
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            lambda v: v.update(director=SINGLE["director"]),
+            "ipvs-ingress:directors: is set together with ipvs-ingress:director: give one director as ipvs-ingress:director or two or more as ipvs-ingress:directors, not both",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"].pop(),
+            "ipvs-ingress:directors: [{'host': '203.0.113.2', 'hostKey': '... has 1 director: VIP ownership by VRRP needs at least 2",  # fmt: skip
+        ),
+        (
+            lambda v: v.update(directors={"host": "203.0.113.2"}),
+            "ipvs-ingress:directors: {'host': '203.0.113.2'} is not a list of directors",
+        ),
+        (
+            lambda v: v["directors"][1].pop("priority"),
+            "ipvs-ingress:directors[1].priority: not set: give each director a VRRP priority",
+        ),
+        (
+            lambda v: v["directors"][1].update(priority=255),
+            "ipvs-ingress:directors[1].priority: 255 is not a VRRP priority: use a whole number from 1 to 254",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(priority=0),
+            "ipvs-ingress:directors[1].priority: 0 is not a VRRP priority",
+        ),
+        (
+            lambda v: v["directors"][1].update(priority=150.0),
+            "ipvs-ingress:directors[1].priority: 150 repeats ipvs-ingress:directors[0].priority: give each director its own",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(priority=True),
+            "ipvs-ingress:directors[1].priority: True is not a VRRP priority",
+        ),
+        (
+            lambda v: v["directors"][1].update(host="203.0.113.2"),
+            "ipvs-ingress:directors[1].host: '203.0.113.2' repeats ipvs-ingress:directors[0] (same host and port): list each director once",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(host="lb-b.example.net"),
+            "ipvs-ingress:directors[1].address: not set, and host 'lb-b.example.net' is a DNS name: give the director's own IP address",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(host="127.0.0.1"),
+            "ipvs-ingress:directors[1].address: not set, and host '127.0.0.1' is a loopback address (a tunnel)",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(address="203.0.113.2"),
+            "ipvs-ingress:directors[1].address: 203.0.113.2 repeats ipvs-ingress:directors[0]'s address",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(address="2001:db8::3"),
+            "ipvs-ingress:directors[1].address: 2001:db8::3 is IPv6 but ipvs-ingress:directors[0] is IPv4",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(address="lb-b"),
+            "ipvs-ingress:directors[1].address: 'lb-b' cannot be a director's address (not an IP address)",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(address="224.0.0.18"),
+            "ipvs-ingress:directors[1].address: '224.0.0.18' cannot be a director's address (a multicast address)",  # fmt: skip
+        ),
+        (
+            lambda v: v["directors"][1].update(prority=100),
+            "ipvs-ingress:directors[1].prority: unknown key 'prority': did you mean 'priority'?",
+        ),
+        (
+            lambda v: v["directors"][1].update(interface="eth0\n"),
+            "ipvs-ingress:directors[1].interface: 'eth0\\n' is not a network interface name",
+        ),
+        (
+            lambda v: v["directors"][0].update(hostKey="ssh-ed25519 AAAA"),
+            "ipvs-ingress:directors[0].hostKey: 'ssh-ed25519 AAAA' is not a pinned host key",
+        ),
+        (
+            lambda v: v["directors"][0].update(bootstrap=True, proxyCommand="ssh -W %h:%p b"),
+            "ipvs-ingress:directors[0].bootstrap: true cannot go through director.proxyCommand",
+        ),
+        (
+            lambda v: v["vips"][0].update(address="203.0.113.3"),
+            "ipvs-ingress:vips[0].address: 203.0.113.3 is ipvs-ingress:directors[1]'s own address: a VIP moves between directors",  # fmt: skip
+        ),
+        (
+            lambda v: (
+                v["vips"][0].update(address="2001:db8::201"),
+                v["realServers"][0].update(address="2001:db8::11"),
+            ),
+            "ipvs-ingress:vips: has no IPv4 VIP, but the directors' addresses are IPv4: VRRPv3 announces at least one VIP of its own family",  # fmt: skip
+        ),
+    ],
+)
+def test_each_problem_is_one_line_naming_field_value_and_fix(change, expected):
+    assert refused(changed(PAIR, change)).startswith(expected)
+
+
+def test_the_engines_defaults_for_unset_keys_mean_unset():
+    # Pulumi.yaml declares director: {} and directors: [] (neither can be required by the engine).
+    assert load({**SINGLE, "directors": []}) == load(SINGLE)
+    assert load({**PAIR, "director": {}}) == load(PAIR)
+    text = refused({**BASE, "director": {}, "directors": []})
+    assert text.startswith("ipvs-ingress:director.host: None is not a host name")
+
+
+def test_a_stack_with_directors_is_refused_by_the_program_until_vrrp_is_wired():
+    # Parsed and checked, but the resources are still one director's: nothing half-applied.
+    with pytest.raises(pulumi.RunError) as err:
+        run_program(PAIR)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("ipvs-ingress:directors: this version")
+
+
+def test_the_dev_stacks_commented_example_parses_as_a_pair():
+    import yaml
+
+    from tests.program.conftest import ROOT
+
+    text = (ROOT / "stacks" / "Pulumi.dev.yaml").read_text()
+    lines = text[text.index("  # ipvs-ingress:directors:") :].splitlines()
+    block = [line[4:] for line in lines[: next(i for i, x in enumerate(lines) if not x.startswith("  #   ") and i)]]  # fmt: skip
+    example = {"directors": yaml.safe_load("\n".join(block))["ipvs-ingress:directors"]}
+    config = yaml.safe_load(text)["config"]
+    values = {k.split(":", 1)[1]: v for k, v in config.items() if k != "ipvs-ingress:director"}
+    cfg = load({**values, **example})
+    assert [(d.address, d.priority) for d in cfg.directors] == [
+        ("203.0.113.2", 150),
+        ("203.0.113.3", 100),
+    ]
