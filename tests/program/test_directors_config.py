@@ -204,3 +204,76 @@ def test_the_dev_stacks_commented_example_parses_as_a_pair():
         ("203.0.113.2", 150),
         ("203.0.113.3", 100),
     ]
+
+
+# --- fuzz: random director lists, valid and broken ----------------------------------------------
+
+FUZZ_CASES = 1000
+_HOSTS = ["203.0.113.2", "203.0.113.3", "198.51.100.7", "2001:db8::2", "lb.example.net", "127.0.0.1"]  # fmt: skip
+_ADDRESSES = [None, "203.0.113.2", "203.0.113.4", "2001:db8::9", "fe80::1", "0.0.0.0", "x", 7]
+_PRIORITIES = [None, 1, 100, 100.0, 150, 254, 255, 0, -1, 99.5, True, "100", float("nan")]
+
+
+def _oracle(entries: list) -> list[tuple[str, int]] | None:
+    """(address, priority) per director if the list is acceptable, judged from first principles."""
+    import ipaddress
+
+    if not isinstance(entries, list) or len(entries) < 2:
+        return None
+    out, hosts = [], set()
+    for e in entries:
+        p = e.get("priority")
+        if type(p) not in (int, float) or p != p or p != int(p) or not 1 <= p <= 254:
+            return None
+        address = e.get("address", e["host"])
+        try:
+            ip = ipaddress.ip_address(address) if isinstance(address, str) else None
+        except ValueError:
+            ip = None
+        if ip is None or ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+            return None
+        if (e["host"], e.get("port", 22)) in hosts:
+            return None
+        hosts.add((e["host"], e.get("port", 22)))
+        out.append((str(ip), int(p)))
+    if len({a for a, _ in out}) < len(out) or len({p for _, p in out}) < len(out):
+        return None
+    if len({ipaddress.ip_address(a).version for a, _ in out}) > 1:
+        return None
+    if ipaddress.ip_address(out[0][0]).version != 4:  # the VIP below is IPv4 only
+        return None
+    return out
+
+
+def test_fuzz_directors_end_in_a_config_or_one_line_and_accepted_ones_match_the_oracle():
+    import random
+
+    from tests.hostile import record
+
+    rng = random.Random(20261202)
+    accepted = 0
+    for _ in range(FUZZ_CASES):
+        entries = []
+        for _ in range(rng.choice((1, 2, 2, 3))):
+            good = rng.random() < 0.85
+            host = f"203.0.113.{rng.randint(2, 9)}" if good else rng.choice(_HOSTS)
+            entry = {"host": host, "hostKey": HOST_KEY}
+            if rng.random() < 0.95:
+                entry["priority"] = rng.randint(1, 254) if good else rng.choice(_PRIORITIES)
+            if rng.random() < 0.2:
+                entry["address"] = rng.choice(_ADDRESSES)
+            entries.append({k: v for k, v in entry.items() if v is not None})
+        values = {**BASE, "directors": entries}
+        expected = _oracle(entries)
+        try:
+            cfg = load(values)
+        except ConfigError as err:
+            text = str(err)
+            assert "\n" not in text and len(text) <= 300, text
+            assert expected is None, (entries, text)
+            continue
+        assert expected is not None, entries
+        assert [(d.address, d.priority) for d in cfg.directors] == expected
+        accepted += 1
+    assert 50 < accepted < FUZZ_CASES - 50  # both outcomes were exercised
+    record(fuzz_cases=FUZZ_CASES)
