@@ -555,3 +555,22 @@ def test_config_test_gives_up_on_a_keepalived_that_hangs(tmp_path):
 def test_config_test_says_so_when_keepalived_is_missing(tmp_path):
     said = ka.config_test(EXPECTED_ONE_VIP, str(tmp_path / "absent"))
     assert said is not None and "could not run" in said
+
+
+def test_the_module_is_director_side_stdlib_and_model_only():
+    """Shipped to the director with the runtime: no Pulumi, no paramiko; and render's path does
+    no I/O (only config_test runs a program)."""
+    import ast
+
+    tree = ast.parse(open(ka.__file__).read())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported <= {"__future__", "ipaddress", "os", "re", "subprocess", "tempfile", "collections", "dataclasses", "providers"}, imported  # fmt: skip
+    render_side = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name != "config_test"]  # fmt: skip
+    for function in render_side:
+        names = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
+        assert not names & {"open", "os", "subprocess", "tempfile"}, function.name
