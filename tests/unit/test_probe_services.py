@@ -77,11 +77,12 @@ def steps(*rows):
         # Created, killed before the record said so: confirmed, not created again.
         ({N1}, {N1: (M1, False)}, {M1: live(M1, N1)}, [("confirm", N1, M1)]),
         # Killed between adding the service and its destination: completed.
-        ({N1}, {N1: (M1, False)}, {M1: live(M1)}, [("create", N1, M1)]),
+        ({N1}, {N1: (M1, False)}, {M1: live(M1)}, [("complete", N1, M1)]),
         # Recorded, killed before creating: created.
         ({N1}, {N1: (M1, False)}, {}, [("create", N1, M1)]),
-        # Ours, deleted or edited by hand: put back.
-        ({N1}, {N1: (M1, True)}, {}, [("create", N1, M1)]),
+        # Ours, gone (a flush, a reboot): unconfirmed first, so whatever appears at the mark
+        # before it is created again is never taken for ours; edited while it existed: put back.
+        ({N1}, {N1: (M1, True)}, {}, [("unconfirm", N1, M1), ("create", N1, M1)]),
         ({N1}, {N1: (M1, True)}, {M1: live(M1, N1, N2)}, [("replace", N1, M1)]),
         ({N1}, {N1: (M1, True)}, {M1: live(M1, N1, scheduler="wlc")}, [("replace", N1, M1)]),
         # Someone took the mark between our record and our create: given up, another chosen.
@@ -91,14 +92,16 @@ def steps(*rows):
             {M1: live(M1, "198.51.100.9")},
             [("forget", N1, M1), ("record", N1, M2), ("create", N1, M2)],
         ),  # fmt: skip
-        # No longer probed: ours deleted, then forgotten; someone else's only forgotten.
+        # No longer probed: ours deleted, then forgotten; anything else only forgotten.
         (set(), {N1: (M1, True)}, {M1: live(M1, N1)}, [("delete", N1, M1), ("forget", N1, M1)]),
+        (set(), {N1: (M1, False)}, {M1: live(M1)}, [("delete", N1, M1), ("forget", N1, M1)]),
+        (set(), {N1: (M1, True)}, {M1: live(M1, N1, N2)}, [("forget", N1, M1)]),
         (set(), {N1: (M1, False)}, {M1: live(M1, "198.51.100.9")}, [("forget", N1, M1)]),
         (set(), {N1: (M1, False)}, {}, [("forget", N1, M1)]),
         # A recorded mark is taken even when its service is gone: the new node gets the next.
         (
             {N1, N2},
-            {N1: (M1, True)},
+            {N1: (M1, False)},
             {},
             [("create", N1, M1), ("record", N2, M2), ("create", N2, M2)],
         ),  # fmt: skip
@@ -166,7 +169,7 @@ def test_a_kill_at_every_step_converges_with_nothing_leaked_and_nothing_foreign_
             kernel.fwmarks[M1] = ("wrr", {("198.51.100.20", 0): ("Masq", 2)})  # someone else's
             probes.sync({N1, N2, N3}, {})  # the starting point: three nodes probed
             kernel.crash_after, kernel.steps = k_step, 0
-            probes._save = _counting(probes._save, kernel)
+            probes._commit = _counting(probes._commit, kernel)
             try:
                 probes.sync(goal, {})
             except Crash:
@@ -185,10 +188,10 @@ def test_a_kill_at_every_step_converges_with_nothing_leaked_and_nothing_foreign_
     record(crash_points=points)
 
 
-def _counting(save, kernel):
-    def step():
+def _counting(commit, kernel):
+    def step(change):
         kernel.step("probes.json")
-        save()
+        commit(change)
 
     return step
 

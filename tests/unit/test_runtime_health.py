@@ -399,7 +399,7 @@ def test_kube_proxy_prober_200_is_up_anything_else_is_down(healthz):
     Healthz.status = 200
     assert prober.probe(target(port)) == (True, "")
     Healthz.status = 503
-    assert prober.probe(target(port)) == (False, f"kubeProxy healthz 127.0.0.1:{port}: HTTP 503")
+    assert prober.probe(target(port)) == (False, f"kubeProxy healthz 127.0.0.1:{port}: HTTP 503, expected 200")
     Healthz.status = 200
 
 
@@ -483,7 +483,7 @@ def test_vip_prober_connects_with_its_mark_from_the_source_and_checks_the_status
     assert routes == [N1] * 3
     unrouted = probing.VipProber(lambda _address: None)
     got = unrouted.probe(vip_target(port))  # not probed: never a guess through another node
-    assert got == (None, f"{where}: no probe service (fwmark) in place for this node")
+    assert got == (None, f"{where}: not sent: no probe service (fwmark) in place")
 
 
 def test_vip_prober_refused_and_timed_out():
