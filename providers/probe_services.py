@@ -12,9 +12,10 @@ VIP's own service only, never these. probing.VipProber sets SO_MARK=MARK on its 
   a record.
 - A fwmark service the record does not hold is someone else's: never changed, never chosen. A
   mark is "confirmed" only while its service is seen in place: one found missing (a flush, a
-  reboot) is unconfirmed before it is created again, so a service someone else made at that mark
-  meanwhile is given up, never replaced. Only a service of our exact shape is ever deleted; a
-  confirmed one that was edited while it existed is put back.
+  reboot) is unconfirmed before it is created again, and a service at a mark that does not lead
+  to our node is someone else's: given up, never replaced. Only a service of our exact shape is
+  ever deleted; a confirmed one still leading to its node but edited (weight, scheduler, another
+  destination) is put back.
 - `route` answers a mark only while its service is in place in the table as read within the
   last tick: a mark without its service falls through to the VIP's own service, which would
   answer for whichever node it picks (a false success).
@@ -155,7 +156,7 @@ def plan(
                 steps.append(Step("confirm", node, mark))
         elif not confirmed and _half_made(svc):
             steps.append(Step("complete", node, mark))  # killed between its two kernel calls
-        elif confirmed:
+        elif confirmed and node in {d[0] for d in svc.dests}:
             steps.append(Step("replace", node, mark))  # ours, edited while it existed
         else:  # someone else's service under a mark we only meant to use
             steps.append(Step("forget", node, mark))

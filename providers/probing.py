@@ -212,6 +212,7 @@ class HealthKeeper:
         self.shown: dict[tuple[str, str], str] = {}  # last logged state: up/drained/held
         self.generation = 0  # moves with every change of what the kernel should hold
         self.sent = 0  # probes started since this process began (status: probes per second)
+        self.passive: set[str] = set()  # keys whose drains are not applied (repair off)
         # Targets drained or undrained since the runtime last applied weights: their kernel
         # changes are health's, logged as such, not repairs of drift.
         self.changed: set[tuple[str, str]] = set()
@@ -261,10 +262,20 @@ class HealthKeeper:
 
     # --- configuration, from the record, every pass ---
 
-    def configure(self, services: Iterable[tuple[str, model.VirtualServiceSpec, dict | None]]):
+    def configure(
+        self,
+        services: Iterable[tuple[str, model.VirtualServiceSpec, dict | None]],
+        passive: Iterable[str] = (),
+    ):
         """The kept services with their recorded spec and health; targets of services or real
-        servers no longer kept are forgotten (and health.json rewritten)."""
+        servers no longer kept are forgotten (and health.json rewritten). `passive`: keys of
+        services whose stack has repair off: probed and reported, never drained (the runtime
+        changes nothing of theirs; status and outputs say "failing", not "drained")."""
         with self.lock:
+            passive = set(passive)
+            if passive != self.passive:
+                self.generation += 1
+            self.passive = passive
             wanted = {key: (spec, h) for key, spec, h in services if _checked(h)}
             before = self.tracker.to_json()
             for key in set(self.tracker.services) | set(self.services):
@@ -384,14 +395,14 @@ class HealthKeeper:
     def effective(self, spec: model.VirtualServiceSpec, h: Mapping | None):
         """`spec` with the weights health gives it (drained: 0), for `h` its health settings."""
         with self.lock:
-            if not _checked(h):
+            if not _checked(h) or spec.key in self.passive:
                 return spec
             weights, _ = health.effective_weights(spec, h, self.tracker.states(spec.key))
             return _effective_spec(spec, weights)
 
     def held(self, key: str) -> list[str]:
         with self.lock:
-            if key not in self.services:
+            if key not in self.services or key in self.passive:
                 return []
             spec, h = self.services[key]
             return health.effective_weights(spec, h, self.tracker.states(key))[1]
@@ -402,10 +413,12 @@ class HealthKeeper:
         should hold) and configured weight."""
         with self.lock:
             states = self.tracker.states(spec.key) if _checked(h) else {}
+            configured = {health.rs_key(r.address, spec.port): r.weight for r in spec.real_servers}  # fmt: skip
+            passive = spec.key in self.passive
             weights = (
                 health.effective_weights(spec, h, states)[0]
-                if _checked(h)
-                else {health.rs_key(r.address, spec.port): r.weight for r in spec.real_servers}
+                if _checked(h) and not passive
+                else configured
             )
             probed = _checked(h) and h["check"] in self.probers
             out = []
@@ -413,6 +426,8 @@ class HealthKeeper:
                 rs = health.rs_key(r.address, spec.port)
                 t = states.get(rs)
                 state = _state(t, weights[rs], r.weight) if probed or t else "unprobed"
+                if passive and state == "held":
+                    state = "failing"  # not drained: its stack's repair is off
                 if not _checked(h):
                     state = "unchecked"
                 out.append(
@@ -439,7 +454,9 @@ class HealthKeeper:
                 continue
             if state == "drained":
                 self.log(f"drained {key} {rs} (weight 0): {item['reason'] or 'probe failed'}")
-            elif state == "up" and was in ("drained", "held"):
+            elif state == "failing":
+                self.log(f"failing {key} {rs}, not drained (its stack's repair is off): {item['reason'] or 'probe failed'}")  # fmt: skip
+            elif state == "up" and was in ("drained", "held", "failing"):
                 rise = self.tracker._counts.get(key, (2, 2))[0]
                 self.log(f"undrained {key} {rs}: weight {item['configuredWeight']} back after {rise} successful probes")  # fmt: skip
 

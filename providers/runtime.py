@@ -247,6 +247,7 @@ class Service:
     health: dict | None = None  # the recorded health check (None: none)
     target: model.VirtualServiceSpec | None = None  # the spec with health's weights: planned
     real_servers: list[dict] = dataclasses.field(default_factory=list)  # health per real server
+    repair_off: bool = False  # left because its stack's repair is off (health does not drain it)
 
     @property
     def in_sync(self) -> bool | None:
@@ -379,17 +380,20 @@ def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
     if left is None and state != "applied":
         left = f"recorded as {state!r} (an apply was interrupted): the stack's next pulumi up completes it"  # fmt: skip
     recorded = entry.get("repair", True) is not False  # records from before it: on
+    repair_off = False
     if left is None and not restoring:
         if not recorded:
             left = f"repair is off for stack {owner} (its config ipvs-ingress:repair is false)"
         elif not config.repairs(owner):  # the operator's override in runtime.json
             left = f"repair is off for stack {owner}"
+        repair_off = left is not None
     checked = None
     if spec is not None and isinstance(entry.get("health"), dict):
         normal, problems = model.check_health(entry["health"], spec.protocol)
         checked = None if problems else normal  # unreadable: not probed (the next up records it)
     service = Service(key, owner, state, entry.get("interface"), spec, left is None, left, recorded)
     service.health = checked
+    service.repair_off = repair_off
     return service
 
 
@@ -545,7 +549,10 @@ class Runtime:
         not: a service recorded `pending` for the moment of a provider's apply, or a stack with
         repair off, must not lose its drains (a provider's apply plans against them too)."""
         services = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
-        self.health.configure((s.key, s.spec, s.health) for s in services if s.spec)
+        self.health.configure(
+            ((s.key, s.spec, s.health) for s in services if s.spec),
+            passive=[s.key for s in services if s.repair_off],
+        )
         return services
 
     def _sync_probes(self, services: list[Service], notes: dict) -> None:
@@ -834,7 +841,7 @@ class RuntimeKernel(Kernel):
         if chosen and chosen not in exclude:
             return chosen
         family = socket.AF_INET6 if ":" in node else socket.AF_INET
-        unsettled = 0x20 | 0x40 | 0x80  # IFA_F_DEPRECATED, IFA_F_TENTATIVE, IFA_F_DADFAILED
+        unsettled = 0x08 | 0x20 | 0x40  # IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE
         for a in self.ipr.addr("dump", index=msg.get("RTA_OIF"), family=family):
             address = a.get("IFA_ADDRESS")
             flags = a.get("IFA_FLAGS") or a.get("flags", 0)
