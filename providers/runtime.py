@@ -40,7 +40,8 @@ whether it is repaired and what turned it off.
 
 Health (issue 9; providers/probing.py): every recorded service with a health check has its real
 servers probed at their own interval by a probe thread (kubeProxy: GET node:port/healthz; vip:
-not implemented yet, said once in log and status, such services keep their configured weights).
+a connect to VIP:port through the node's probe service, providers/probe_services.py, which each
+pass keeps in place with accept_local; a stack with repair off is probed and reported, not drained).
 A real server failing `fall` probes in a row is drained (weight 0; established connections
 finish), one back after `rise` successes gets its configured weight again; depoolThreshold
 keeps a share of each service pooled however many fail (each one held says so, in the log
