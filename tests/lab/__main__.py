@@ -53,7 +53,9 @@ def _print_info(info: dict) -> None:
         f"{info['user']}@{info['host']}",
         "ipvsadm -Ln",
     ]
-    nodes = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
+    # Not `nodes`: that is the module, for its HEALTHZ_PORT below.
+    node_list = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
+    first = "director    " if count == 1 else "director 1  "
     directors = "".join(
         f"\n  director {n}   {info['user']}@{harness.director_info(info, n)['host']}:{info['port']}"
         f" (interface {info['interface']}, VRRP priority {harness.PRIORITIES[n - 1]})"
@@ -63,11 +65,11 @@ def _print_info(info: dict) -> None:
     if count > 1:
         key, value = "directors", harness.directors_config(info)
     print(f"""director lab {info["id"]} is up
-  director     {info["user"]}@{info["host"]}:{info["port"]} (interface {info["interface"]}){directors}
+  {first} {info["user"]}@{info["host"]}:{info["port"]} (interface {info["interface"]}){directors}
   private key  {info["keyPath"]}
   host key     {info["hostKey"]}
   ProxyCommand {info["proxyCommand"]}
-  nodes        {nodes} (kube-proxy stand-ins: {info["vip"]}:80 to each node's pod; healthz :{nodes.HEALTHZ_PORT})
+  nodes        {node_list} (kube-proxy stand-ins: {info["vip"]}:80 to each node's pod; healthz :{nodes.HEALTHZ_PORT})
   namespaces   lab {ns["lab"]}, client {ns["client"]}
   init         {info.get("init", "busybox")}
 

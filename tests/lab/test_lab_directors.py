@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -277,6 +278,7 @@ def test_a_lab_described_before_it_had_directors_is_director_one():
 
 
 def _info(tmp_path: Path, directors: int) -> dict:
+    tmp_path.mkdir(exist_ok=True)
     return harness.Lab(artifacts=_artifacts(tmp_path), directors=directors).describe()
 
 
@@ -350,6 +352,35 @@ def test_the_two_director_stack_is_what_the_program_reads_as_directors(tmp_path,
         ("203.0.113.3", 100, "203.0.113.3"),
     ]
     assert cfg.vrrp
+
+
+def _printed(info: dict, capsys) -> tuple[list[str], list]:
+    """What `up`/`status` print about a lab: its lines, and the value the by-hand
+    `pulumi config set` line gives."""
+    lab_cli._print_info(info)
+    lines = capsys.readouterr().out.splitlines()
+    (by_hand,) = [line for line in lines if line.startswith("  pulumi config set ipvs-ingress:d")]
+    return lines, [shlex.split(by_hand)[3], json.loads(shlex.split(by_hand)[4])]
+
+
+def test_up_prints_each_director_and_the_config_for_a_stack_by_hand(tmp_path, capsys):
+    lines, (key, value) = _printed(_info(tmp_path / "one", 1), capsys)
+    assert "  director     root@203.0.113.2:22 (interface eth0)" in lines
+    assert not any(line.startswith("  director 2") for line in lines)
+    assert any(
+        line.startswith("  nodes        node1=203.0.113.11 node2=203.0.113.12 (") for line in lines
+    )
+    assert key == "ipvs-ingress:director"
+    assert value["host"] == "203.0.113.2"
+
+    lines, (key, value) = _printed(_info(tmp_path / "two", 2), capsys)
+    assert "  director 1   root@203.0.113.2:22 (interface eth0)" in lines
+    assert "  director 2   root@203.0.113.3:22 (interface eth0, VRRP priority 100)" in lines
+    assert key == "ipvs-ingress:directors"
+    assert [(d["host"], d["priority"], d["address"]) for d in value] == [
+        ("203.0.113.2", 150, "203.0.113.2"),
+        ("203.0.113.3", 100, "203.0.113.3"),
+    ]
 
 
 def test_the_cli_takes_one_or_two_directors():
