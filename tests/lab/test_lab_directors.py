@@ -10,6 +10,7 @@ nothing: qemu is replaced by a stand-in process carrying qemu's command line.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import subprocess
@@ -381,6 +382,39 @@ def test_up_prints_each_director_and_the_config_for_a_stack_by_hand(tmp_path, ca
         ("203.0.113.2", 150, "203.0.113.2"),
         ("203.0.113.3", 100, "203.0.113.3"),
     ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the lab CLI refuses to run without root")
+def test_the_cli_crashes_and_starts_a_director_of_a_lab_left_up(
+    tmp_path, stand_ins, monkeypatch, capsys
+):
+    monkeypatch.setenv("IPVS_INGRESS_LAB_CACHE", str(tmp_path))
+    lab = harness.Lab(artifacts=_artifacts(tmp_path), directors=2, persistent=True)
+    lab.start(wait_ready=False)
+    lab.adopt_by_vm()  # as `up` leaves it
+    footprint = lab.footprint()
+    first, second = (proc for *_, proc in stand_ins.started)
+    monkeypatch.setattr(harness, "_wait_for_ssh", lambda run, info, proc, n: None)
+    try:
+        assert lab_cli.main(["crash", "2"]) == 0
+        assert "director 2's VM killed (SIGKILL)" in capsys.readouterr().out
+        assert not Path(f"/proc/{second.pid}").exists()
+        assert not stand_ins.stopped_politely(1)
+        assert first.poll() is None
+
+        assert lab_cli.main(["crash", "2"]) == 1
+        assert "director 2's VM is not running" in capsys.readouterr().err
+        assert lab_cli.main(["crash", "3"]) == 1
+        assert "director 3 is not in this lab: its directors are 1..2" in capsys.readouterr().err
+
+        assert lab_cli.main(["start", "2"]) == 0
+        assert "director 2 is back" in capsys.readouterr().out
+        assert stand_ins.started[-1][1] == stand_ins.started[1][1]  # its own command line
+        assert stand_ins.started[-1][3].poll() is None
+    finally:
+        assert lab_cli.main(["down"]) == 0
+    assert harness.leftovers(footprint) == []
+    assert all(proc.poll() is not None for *_, proc in stand_ins.started)
 
 
 def test_the_cli_takes_one_or_two_directors():
