@@ -180,27 +180,30 @@ def status() -> int:
     if not labs:
         print("no lab is up (start one with `python -m tests.lab up`)")
         return 1
+    return max(show(run) for run in labs)
+
+
+def show(run: state.RunState) -> int:
+    """Print a lab's info, each director's IPVS table and runtime status, and which director
+    holds each VIP; 1 when a director did not answer (or none runs)."""
+    count = harness.director_count(run.info)
+    live = harness.live_directors(run, count)
+    if not live:
+        print(f"lab {run.id}: its VMs are gone; `start 1` boots one again, `down` removes it")
+        return 1
+    _print_info(run.info)
     code = 0
-    for run in labs:
-        count = harness.director_count(run.info)
-        live = harness.live_directors(run, count)
-        if not live:
-            print(f"lab {run.id}: its VMs are gone; `start 1` boots one again, `down` removes it")
-            code = 1
-            continue
-        _print_info(run.info)
-        bound: dict[int, set[str]] = {}
-        for n in range(1, count + 1):
-            code |= _director_status(run, n, n in live, count, bound)
-        vips = _exposed(run)
-        print("VIPs (bound on a director now):")
-        for vip, holders in harness.holders_of(vips, bound).items():
-            names = ", ".join(f"director {n}" for n in holders) or "no director"
-            split = " (more than one: each answers ARP for it)" if len(holders) > 1 else ""
-            print(f"  {vip}: {names}{split}")
-        unknown = [n for n in live if n not in bound]
-        if unknown:
-            print(f"  (not known for director {', '.join(map(str, unknown))}: no answer)")
+    bound: dict[int, set[str]] = {}
+    for n in range(1, count + 1):
+        code |= _director_status(run, n, n in live, count, bound)
+    print("VIPs (bound on a director now):")
+    for vip, holders in harness.holders_of(_exposed(run), bound).items():
+        names = ", ".join(f"director {n}" for n in holders) or "no director"
+        split = " (more than one: each answers ARP for it)" if len(holders) > 1 else ""
+        print(f"  {vip}: {names}{split}")
+    unknown = [n for n in live if n not in bound]
+    if unknown:
+        print(f"  (not known for director {', '.join(map(str, unknown))}: no answer)")
     return code
 
 
@@ -214,14 +217,14 @@ def _director_status(
         print(f"{which}: its VM is down (`start {n}` boots it again)\n")
         return 0
     # ipvsadm would load ip_vs itself; leave that to the product's runtime.
-    show = (
+    script = (
         "if [ -e /proc/net/ip_vs ]; then ipvsadm -Ln; else echo 'ip_vs not loaded'; fi; "
         f"if [ -x {ops.COMMAND} ]; then echo; {ops.COMMAND} status; "
         "else echo; echo 'no ipvs-ingress runtime yet (the first pulumi up installs it)'; fi"
     )
     try:
         probe = subprocess.run(
-            harness.ssh_argv(info, show), capture_output=True, text=True, timeout=30
+            harness.ssh_argv(info, script), capture_output=True, text=True, timeout=30
         )
     except subprocess.TimeoutExpired:
         print(f"ssh to {which} timed out (still booting?)\n")

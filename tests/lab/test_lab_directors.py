@@ -496,7 +496,17 @@ def test_the_client_and_the_nodes_reach_both_directors(two):
 
 
 @slow_lab
-def test_crash_kills_only_that_director_and_start_brings_it_back_on_its_disk(two, request):
+def _status(lab: harness.Lab, capsys) -> list[str]:
+    """What `./dev lab status` prints for this lab."""
+    capsys.readouterr()
+    code = lab_cli.show(lab._state)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out.splitlines()
+
+
+@slow_lab
+def test_crash_kills_only_that_director_and_start_brings_it_back_on_its_disk(two, request, capsys):
     vip = two.vip
     token = secrets.token_hex(16)
     two.director(f"printf %s {token} > {TOKEN_PATH} && sync {TOKEN_PATH} /var/lib", n=2)
@@ -510,6 +520,10 @@ def test_crash_kills_only_that_director_and_start_brings_it_back_on_its_disk(two
     assert two.vip_holders() == {vip: [1, 2]}
     two.director(f"ip addr del {vip}/32 dev eth0", n=1)
     assert two.vip_holders() == {vip: [2]}
+    status = _status(two, capsys)
+    assert "IPVS on director 1 (203.0.113.2):" in status
+    assert "IPVS on director 2 (203.0.113.3):" in status
+    assert f"  {vip}: director 2" in status
 
     _remember_qemus(two)
     qemus = {p["what"]: p for p in two.footprint()["procs"] if p["what"].startswith("qemu")}
@@ -520,6 +534,9 @@ def test_crash_kills_only_that_director_and_start_brings_it_back_on_its_disk(two
     assert two.live_directors() == [1]
     assert _eth0_addresses(two, 1) == ["203.0.113.2"]  # director 1 still answers
     assert two.vip_holders() == {vip: []}  # the VIP went with director 2
+    status = _status(two, capsys)
+    assert "director 2 (203.0.113.3): its VM is down (`start 2` boots it again)" in status
+    assert f"  {vip}: no director" in status
     unreachable = two.director("true", n=2, check=False, timeout=60)
     assert unreachable.returncode == 255
 
