@@ -495,7 +495,6 @@ def test_the_client_and_the_nodes_reach_both_directors(two):
             assert [e["lladdr"] for e in json.loads(neigh)] == [vm.mac(n)], (ns, addr)
 
 
-@slow_lab
 def _status(lab: harness.Lab, capsys) -> list[str]:
     """What `./dev lab status` prints for this lab."""
     capsys.readouterr()
