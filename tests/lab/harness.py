@@ -646,7 +646,11 @@ def stop_director(run: state.RunState, info: dict, n: int, clean: bool) -> float
             raise RuntimeError(f"qemu (pid {qemu.pid}) did not exit\n{vm.serial_tail(run_dir)}")
         state.reap(qemu.pid)
         time.sleep(0.1)
-    state.reap(qemu.pid)
+    # A multithreaded qemu is a zombie until its last thread ended: reap it for good (our
+    # child), or let init do it (a lab left up by the CLI), so its pid is gone, not a zombie.
+    while Path(f"/proc/{qemu.pid}").exists() and time.monotonic() < deadline:
+        state.reap(qemu.pid)
+        time.sleep(0.02)
     down = time.monotonic() - started
     _forget(run, master_what(n))  # its connection died with the VM; a power cut leaves it hanging
     (run_dir / "ssh.sock").unlink(missing_ok=True)
