@@ -40,19 +40,10 @@ def _print_info(info: dict) -> None:
     director = harness.director_config(info)
     count = harness.director_count(info)
     ns = info["namespaces"]
-    ssh = [
-        "ssh",
-        "-i",
-        info["keyPath"],
-        "-o",
-        f"UserKnownHostsFile={info['knownHosts']}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"ProxyCommand={info['proxyCommand']}",
-        f"{info['user']}@{info['host']}",
-        "ipvsadm -Ln",
-    ]
+    # One line per director: each has its own known_hosts, pinning the key to its address.
+    ssh = "\n  ".join(
+        shlex.join(_ssh_example(harness.director_info(info, n))) for n in range(1, count + 1)
+    )
     # Not `nodes`: that is the module, for its HEALTHZ_PORT below.
     node_list = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
     first = "director    " if count == 1 else "director 1  "
@@ -74,7 +65,7 @@ def _print_info(info: dict) -> None:
   init         {info.get("init", "busybox")}
 
 Try it (as root; the director is only reachable through the lab's namespace):
-  {shlex.join(ssh)}
+  {ssh}
   ip netns exec {ns["client"]} curl -s http://{info["vip"]}/
 
 Point a stack at it: {STACK_FILE.relative_to(REPO)} is written for this lab (stack "lab", the
@@ -85,6 +76,22 @@ director side only: no cluster needed); then
 Or any other stack by hand:
   pulumi config set ipvs-ingress:{key} {shlex.quote(json.dumps(value))}
 """)
+
+
+def _ssh_example(info: dict) -> list[str]:
+    return [
+        "ssh",
+        "-i",
+        info["keyPath"],
+        "-o",
+        f"UserKnownHostsFile={info['knownHosts']}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"ProxyCommand={info['proxyCommand']}",
+        f"{info['user']}@{info['host']}",
+        "ipvsadm -Ln",
+    ]
 
 
 def lab_stack(info: dict) -> dict:

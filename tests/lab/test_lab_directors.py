@@ -374,9 +374,16 @@ def test_up_prints_each_director_and_the_config_for_a_stack_by_hand(tmp_path, ca
     assert key == "ipvs-ingress:director"
     assert value["host"] == "203.0.113.2"
 
-    lines, (key, value) = _printed(_info(tmp_path / "two", 2), capsys)
+    info = _info(tmp_path / "two", 2)
+    lines, (key, value) = _printed(info, capsys)
     assert "  director 1   root@203.0.113.2:22 (interface eth0)" in lines
     assert "  director 2   root@203.0.113.3:22 (interface eth0, VRRP priority 100)" in lines
+    examples = [shlex.split(line) for line in lines if line.startswith("  ssh -i ")]
+    run_dir = Path(info["runDir"])
+    assert [(e[-2], e[4]) for e in examples] == [
+        ("root@203.0.113.2", f"UserKnownHostsFile={run_dir / 'known_hosts'}"),
+        ("root@203.0.113.3", f"UserKnownHostsFile={run_dir / 'director2' / 'known_hosts'}"),
+    ]
     assert key == "ipvs-ingress:directors"
     assert [(d["host"], d["priority"], d["address"]) for d in value] == [
         ("203.0.113.2", 150, "203.0.113.2"),
