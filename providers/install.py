@@ -162,18 +162,23 @@ def _switch(d: Director, version: str) -> None:
 
 
 def _write_unit(d: Director) -> bool:
-    text = runtime.unit_text(os.path.join(d.install_dir, "current"), d.python).encode()
+    text = runtime.unit_text(os.path.join(d.install_dir, "current"), d.python)
+    return _replace(d.unit_path, text.encode(), 0o644)
+
+
+def _replace(path: str, text: bytes, mode: int) -> bool:
+    """Write `path` atomically (a whole old or a whole new file), only if it differs."""
     try:
-        with open(d.unit_path, "rb") as f:
+        with open(path, "rb") as f:
             if f.read() == text:
                 return False
     except FileNotFoundError:
         pass
-    os.makedirs(os.path.dirname(d.unit_path), exist_ok=True)
-    tmp = f"{d.unit_path}.tmp-{os.getpid()}"
-    _write(tmp, text, 0o644)
-    os.replace(tmp, d.unit_path)
-    _fsync_dir(os.path.dirname(d.unit_path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    _write(tmp, text, mode)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
     return True
 
 
@@ -189,17 +194,7 @@ def command_text(install_dir: str, python: str) -> str:
 
 
 def _write_command(d: Director) -> None:
-    text = command_text(d.install_dir, d.python).encode()
-    try:
-        with open(d.command_path, "rb") as f:
-            if f.read() == text:
-                return
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(d.command_path), exist_ok=True)
-    tmp = f"{d.command_path}.tmp-{os.getpid()}"
-    _write(tmp, text, 0o755)
-    os.replace(tmp, d.command_path)
+    _replace(d.command_path, command_text(d.install_dir, d.python).encode(), 0o755)
 
 
 def _roll_back(d: Director, previous: str | None, version: str) -> None:

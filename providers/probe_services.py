@@ -6,16 +6,24 @@ a `vip` check probes, the runtime keeps `-f MARK -s rr` with the one destination
 0: each probe keeps its own destination port), forwarding route, weight 1; drains change the
 VIP's own service only, never these. probing.VipProber sets SO_MARK=MARK on its socket.
 
-- The record (/var/lib/ipvs-ingress/probes.json) is written before a service is created: a kill
-  between the two leaves a record whose service the next pass creates, or finds.
+- The record (/var/lib/ipvs-ingress/probes.json) is written before a service is created, and a
+  record that cannot be written stops that node's kernel change: a kill or a full disk between
+  the two leaves a record whose service the next pass creates, or finds, never a service without
+  a record.
 - A fwmark service the record does not hold is someone else's: never changed, never chosen. A
-  recorded mark never confirmed whose live service is not ours (taken between our record and our
-  create) is given up and another mark chosen; a confirmed one that was edited is put back.
+  mark is "confirmed" only while its service is seen in place: one found missing (a flush, a
+  reboot) is unconfirmed before it is created again, and a service at a mark that does not lead
+  to our node is someone else's: given up, never replaced. Only a service of our exact shape is
+  ever deleted; a confirmed one still leading to its node but edited (weight, scheduler, another
+  destination) is put back.
 - `route` answers a mark only while its service is in place in the table as read within the
   last tick: a mark without its service falls through to the VIP's own service, which would
   answer for whichever node it picks (a false success).
-- The replies come from the VIP, a local address, to the director's own: Linux drops them as
-  martians unless net.ipv4.conf.<interface>.accept_local=1 on the VIP's interface. That, and
+- The probe's source is the director's own address toward the node, never a VIP (an IPv6 VIP
+  bound as /128 would win the kernel's source selection): resolved each pass while missing or no
+  longer local. The replies come from the VIP, a local address, to that address: Linux drops them
+  as martians unless net.ipv4.conf.<interface>.accept_local=1 on the VIP's interface; `route`
+  answers only while it reads 1. That, and
   net.ipv4.vs.expire_quiescent_template=1 while a persistent service is checked (so persistent
   clients leave a drained server), are set only while needed; the record keeps each one's
   previous value, written back when it is no longer needed.
@@ -36,9 +44,10 @@ from collections.abc import Callable, Iterable, Mapping
 
 PROBES_PATH = "/var/lib/ipvs-ingress/probes.json"
 FORMAT = 1
-# Marks 0x49490001.. ("II"): far from kube-proxy's 0x4000/0x8000 bits and Calico's high bits.
+# Marks 0x49490001..0x49493fff ("II"), on the director only (it runs no kube-proxy or CNI):
+# the low half stays clear of kube-proxy's 0x4000 and 0x8000 bits should one ever run there.
 MARK_FIRST = 0x49490001
-MARK_LAST = 0x4949FFFF
+MARK_LAST = 0x49493FFF
 SCHEDULER = "rr"
 SYSCTL_ROOT = "/proc/sys"
 ROUTE_FRESH_SECONDS = 0.2  # how old the table behind a probe's route may be
@@ -110,14 +119,14 @@ def ours(live: Live, node: str) -> bool:
     )
 
 
-def _half_made(live: Live, node: str) -> bool:
+def _half_made(live: Live) -> bool:
     """Our service as a kill between adding it and adding its destination leaves it."""
     return live.scheduler == SCHEDULER and not live.persistent and not live.dests
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    action: str  # record, create, confirm, replace, delete, forget
+    action: str  # record, create, complete, confirm, unconfirm, replace, delete, forget
     node: str
     mark: int
 
@@ -135,18 +144,20 @@ def plan(
         mark, confirmed = int(record[node]["mark"]), bool(record[node].get("confirmed"))
         svc = live.get(mark)
         if node not in wanted:
-            if svc is not None and (confirmed or ours(svc, node)):
+            if svc is not None and (ours(svc, node) or _half_made(svc)):
                 steps.append(Step("delete", node, mark))
-            steps.append(Step("forget", node, mark))
+            steps.append(Step("forget", node, mark))  # anything else there is not ours to delete
         elif svc is None:
+            if confirmed:  # gone (a flush, a reboot): no longer ours until seen in place again
+                steps.append(Step("unconfirm", node, mark))
             steps.append(Step("create", node, mark))
         elif ours(svc, node):
             if not confirmed:
                 steps.append(Step("confirm", node, mark))
-        elif not confirmed and _half_made(svc, node):
-            steps.append(Step("create", node, mark))  # killed between its two kernel calls
-        elif confirmed:
-            steps.append(Step("replace", node, mark))
+        elif not confirmed and _half_made(svc):
+            steps.append(Step("complete", node, mark))  # killed between its two kernel calls
+        elif confirmed and node in {d[0] for d in svc.dests}:
+            steps.append(Step("replace", node, mark))  # ours, edited while it existed
         else:  # someone else's service under a mark we only meant to use
             steps.append(Step("forget", node, mark))
             need.append(node)
@@ -186,8 +197,8 @@ def sysctl_steps(
 
 class ProbeServices:
     """The record, the kernel's probe services and `route` for VipProber. `sync` runs in the
-    runtime's pass thread (the only one using the kernel's netlink sockets); `route` runs in
-    probe threads and reads only /proc/net/ip_vs."""
+    runtime's pass thread (the only one using the kernel's netlink sockets); `route` and `source`
+    run in probe threads and read only /proc."""
 
     def __init__(
         self,
@@ -206,6 +217,7 @@ class ProbeServices:
             self.log(problem)
         self.sources: dict[str, str] = {}  # node -> the director's own address toward it
         self.live: dict[int, Live] = {}
+        self.accepting = True  # every wanted accept_local reads 1 (as of `read_at`)
         self.read_at = 0.0
         self.problems: dict[str, str] = {}
         self.wanted: dict[str, str] = {}
@@ -225,12 +237,15 @@ class ProbeServices:
             return empty, f"{self.path}: not a probes record: probe services start afresh"
         return data, ""
 
-    def _save(self) -> None:
-        """Atomically and durably, before the kernel change it announces."""
+    def _commit(self, change: Callable[[dict], None]) -> None:
+        """Apply `change` to a copy of the record, write it atomically and durably, and only then
+        hold it in memory: a write that fails changes nothing, here or on disk."""
+        record = json.loads(json.dumps(self.record))
+        change(record)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(json.dumps(self.record, sort_keys=True))
+            f.write(json.dumps(record, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -239,63 +254,92 @@ class ProbeServices:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.record = record
 
     # --- the pass ---
 
-    def sync(self, nodes: Iterable[str], sysctls: Mapping[str, str]) -> list[str]:
-        """Probe services for exactly `nodes`, `sysctls` in place; one log line per change."""
+    def sync(
+        self,
+        nodes: Iterable[str],
+        sysctls: Mapping[str, str],
+        probed: Iterable[str] = (),
+        vips: Iterable[str] = (),
+    ) -> list[str]:
+        """Probe services for exactly `nodes` (those a vip check probes), `sysctls` in place, and
+        the director's source address toward each of `nodes` and `probed` (every node any check
+        probes), never one of `vips`; one log line per change."""
         lines: list[str] = []
         problems: dict[str, str] = {}
         nodes = set(nodes)
-        live = parse_table(self.kernel.table_text())
-        for step in plan(nodes, self.record["marks"], live):
+        self.wanted = dict(sysctls)
+        failed: set[str] = set()
+        for step in plan(nodes, self.record["marks"], parse_table(self.kernel.table_text())):
+            if step.node in failed:
+                continue  # its record was not written: no kernel change without it
             try:
                 line = self._do(step)
-            except Exception as err:  # a refusal: said, and the next pass tries again
+            except Exception as err:  # a refusal or a full disk: said, and the next pass retries
+                failed.add(step.node)
                 problems[step.node] = f"probe service {step.node} (mark {step.mark:#x}): {step.action} failed: {str(err)[:120]}"  # fmt: skip
                 continue
             if line:
                 lines.append(line)
-        for node in nodes - set(self.record["marks"]):
+        for node in nodes - set(self.record["marks"]) - failed:
             problems[node] = f"probe service {node}: no free fwmark in {MARK_FIRST:#x}..{MARK_LAST:#x}: its vip probes are not sent"  # fmt: skip
-        self.wanted = dict(sysctls)
+        skip: set[str] = set()
         for action, name, value in sysctl_steps(sysctls, self.record["sysctls"], self._read):
+            if name in skip:
+                continue
             try:
                 lines += self._sysctl(action, name, value)
             except OSError as err:
-                problems[name] = f"{name}: cannot {action} ({err.strerror or err})"
-        for node in nodes:
-            if node not in self.sources:
-                self.sources[node] = self.kernel.source_for(node) or ""
-        self.sources = {n: s for n, s in self.sources.items() if n in nodes}
-        with self.lock:
-            self.live = parse_table(self.kernel.table_text())
-            self.read_at = time.monotonic()
+                skip.add(name)  # not remembered: not set either
+                problems[name] = (
+                    f"{name.replace('/', '.')}: cannot {action} ({err.strerror or err})"
+                )
+        self._resolve_sources(nodes | set(probed), set(vips))
+        self._refresh()
         self.problems = problems
         for line in lines:
             self.log(line)
         return lines
 
+    def _resolve_sources(self, nodes: set[str], vips: set[str]) -> None:
+        """Looked up for a node without one, or whose address is no longer the director's (a
+        renumbering): a failed lookup is retried next pass, never kept."""
+        local = self.kernel.local_addresses() if nodes else set()
+        sources = {}
+        for node in sorted(nodes):
+            source = self.sources.get(node)
+            if not source or source not in local or source in vips:
+                source = self.kernel.source_for(node, vips)
+            if source:
+                sources[node] = source
+        self.sources = sources
+
     def _do(self, step: Step) -> str:
-        marks = self.record["marks"]
+        node, mark = step.node, step.mark
+        entry = {"mark": mark, "confirmed": False}
         if step.action == "record":
-            marks[step.node] = {"mark": step.mark, "confirmed": False}
-            self._save()
-            return ""
-        if step.action in ("replace", "delete"):
-            self.kernel.del_probe_service(step.mark, step.node)
-        if step.action in ("create", "replace"):
-            self.kernel.add_probe_service(step.mark, step.node, SCHEDULER)
-        if step.action in ("create", "replace", "confirm"):
-            if not marks[step.node].get("confirmed"):
-                marks[step.node] = {"mark": step.mark, "confirmed": True}
-                self._save()
-        if step.action == "forget":
-            del marks[step.node]
-            self._save()
-            return ""
-        verb = {"create": "created", "replace": "repaired", "delete": "deleted"}.get(step.action)
-        return f"{verb} probe service fwmark {step.mark:#x} -> {step.node} (route)" if verb else ""
+            self._commit(lambda r: r["marks"].__setitem__(node, entry))
+        elif step.action == "unconfirm":
+            self._commit(lambda r: r["marks"].__setitem__(node, entry))
+        elif step.action == "forget":
+            self._commit(lambda r: r["marks"].pop(node, None))
+        elif step.action == "delete":
+            self.kernel.del_probe_service(mark, node)
+        elif step.action == "replace":
+            self.kernel.del_probe_service(mark, node)
+            self.kernel.add_probe_service(mark, node, SCHEDULER)
+        elif step.action == "create":
+            self.kernel.add_probe_service(mark, node, SCHEDULER)
+        elif step.action == "complete":
+            self.kernel.add_probe_dest(mark, node)
+        if step.action in ("create", "complete", "confirm", "replace"):
+            if not self.record["marks"][node].get("confirmed"):
+                self._commit(lambda r: r["marks"].__setitem__(node, {"mark": mark, "confirmed": True}))  # fmt: skip
+        verb = {"create": "created", "complete": "created", "replace": "repaired", "delete": "deleted"}  # fmt: skip
+        return f"{verb[step.action]} probe service fwmark {mark:#x} -> {node} (route)" if step.action in verb else ""  # fmt: skip
 
     def _read(self, name: str) -> str | None:
         try:
@@ -307,14 +351,13 @@ class ProbeServices:
     def _sysctl(self, action: str, name: str, value: str | None) -> list[str]:
         dotted = name.replace("/", ".")
         if action == "remember":
-            self.record["sysctls"][name] = {"previous": value, "value": self.wanted[name]}
-            self._save()
+            entry = {"previous": value, "value": self.wanted[name]}
+            self._commit(lambda r: r["sysctls"].__setitem__(name, entry))
             return []
         if action in ("restore", "forget"):
             if action == "restore":
                 self._write(name, value)
-            del self.record["sysctls"][name]
-            self._save()
+            self._commit(lambda r: r["sysctls"].pop(name, None))
             return [f"{dotted}: back to {value} (no checked service needs it)"] if action == "restore" else []  # fmt: skip
         before = self._read(name)
         self._write(name, value)
@@ -326,21 +369,44 @@ class ProbeServices:
 
     # --- for probes ---
 
+    def _refresh(self) -> None:
+        """The table and the accept_local settings the probes rely on, read now."""
+        live = parse_table(self.kernel.table_text())
+        accepting = all(
+            self._read(n) == v for n, v in self.wanted.items() if n.endswith("/accept_local")
+        )
+        with self.lock:
+            self.live, self.accepting, self.read_at = live, accepting, time.monotonic()
+
     def route(self, node: str) -> tuple[int, str] | None:
         """(mark, the director's own address toward `node`) while the node's probe service is
-        in place in a table read at most ROUTE_FRESH_SECONDS ago; None otherwise."""
+        in place and accept_local is on, as read at most ROUTE_FRESH_SECONDS ago; else None."""
         entry = self.record["marks"].get(node)
         source = self.sources.get(node)
         if entry is None or not source:
             return None
+        if time.monotonic() - self.read_at > ROUTE_FRESH_SECONDS:
+            self._refresh()
         with self.lock:
-            if time.monotonic() - self.read_at > ROUTE_FRESH_SECONDS:
-                self.live = parse_table(self.kernel.table_text())
-                self.read_at = time.monotonic()
-            svc = self.live.get(int(entry["mark"]))
-        if svc is None or not ours(svc, node):
+            svc, accepting = self.live.get(int(entry["mark"])), self.accepting
+        if svc is None or not ours(svc, node) or not accepting:
             return None
         return int(entry["mark"]), source
+
+    def source(self, node: str) -> str | None:
+        """The director's own address toward `node` (for kube-proxy's healthz too)."""
+        return self.sources.get(node) or None
+
+    def why_not(self, node: str) -> str:
+        """Why `route` answers None for `node`, in a few words (for status)."""
+        entry = self.record["marks"].get(node)
+        if entry is None:
+            return "no probe service recorded yet"
+        if not self.sources.get(node):
+            return "no address of the director's own toward it (no route?)"
+        if not self.accepting:
+            return "accept_local is not 1 on the VIP's interface"
+        return f"probe service fwmark {int(entry['mark']):#x} not in place"
 
     def status(self) -> dict:
         with self.lock:

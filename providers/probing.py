@@ -18,7 +18,7 @@ Probes are spread over each interval (a fixed phase per target), not sent in bur
 from __future__ import annotations
 
 import dataclasses
-import http.client
+import errno
 import os
 import socket
 import struct
@@ -33,7 +33,6 @@ from providers import health, model
 
 HEALTH_PATH = "/var/lib/ipvs-ingress/health.json"
 MAX_WORKERS = 32  # probes in flight at once: a round of failing probes costs one timeout, not n
-UNPROBED = "vip"  # checks this runtime cannot probe yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,31 +59,35 @@ class Prober(Protocol):
 
 class KubeProxyProber:
     """kube-proxy's own health: GET http://<node>:<kubeProxyPort>/healthz, 200 = up. It says
-    whether the node's proxy rules are fresh, not whether the VIP works there."""
+    whether the node's proxy rules are fresh, not whether the VIP works there. Sent from the
+    director's own address toward the node (`source(address)`, never a VIP) when known."""
 
-    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
+    def __init__(self, source: Callable[[str], str | None] = lambda _address: None):
+        self.source = source
+
+    def probe(self, target: ProbeTarget) -> tuple[bool | None, str]:
         where = f"kubeProxy healthz {model._hostport(target.address, target.kube_proxy_port)}"
-        conn = http.client.HTTPConnection(
-            target.address, target.kube_proxy_port, timeout=target.timeout
+        http = {"path": "/healthz", "expectStatus": 200}
+        return _exchange(
+            where,
+            target,
+            (target.address, target.kube_proxy_port),
+            self.source(target.address),
+            0,
+            http,  # fmt: skip
         )
-        try:
-            conn.request("GET", "/healthz", headers={"User-Agent": "ipvs-ingress"})
-            reply = conn.getresponse()
-            reply.read(4096)
-        except TimeoutError:
-            return False, f"{where}: timed out after {target.timeout:g} s"
-        except (OSError, http.client.HTTPException) as err:
-            why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
-            return False, f"{where}: {why}"
-        finally:
-            conn.close()
-        if reply.status != 200:
-            return False, f"{where}: HTTP {reply.status}"
-        return True, ""
 
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+# Errors that are the director's, not the node's: such a probe is "not probed", never a failure
+# that could drain a healthy node (a renumbered director, exhausted ports or memory).
+LOCAL_ERRORS = frozenset(
+    {
+        errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+        errno.ENOMEM, errno.EPERM, errno.EACCES, errno.ENETUNREACH, errno.EINVAL,
+    }
+)  # fmt: skip
 
 
 class VipProber:
@@ -96,51 +99,80 @@ class VipProber:
     would fall through to the VIP's own service and answer for another node), is "not probed",
     never a guess: the runtime's next pass creates the service, and says why if it cannot."""
 
-    def __init__(self, route: Callable[[str], tuple[int, str] | None]):
-        self.route = route
+    def __init__(
+        self,
+        route: Callable[[str], tuple[int, str] | None],
+        why_not: Callable[[str], str] = lambda _address: "no probe service (fwmark) in place",
+    ):
+        self.route, self.why_not = route, why_not
 
-    def probe(self, target: ProbeTarget) -> tuple[bool, str]:
+    def probe(self, target: ProbeTarget) -> tuple[bool | None, str]:
         where = f"vip probe {model._hostport(target.vip, target.port)} via {target.address}"
         routed = self.route(target.address)
         if routed is None:
-            return None, f"{where}: no probe service (fwmark) in place for this node"
+            return None, f"{where}: not sent: {self.why_not(target.address)}"
         mark, source = routed
-        family = socket.AF_INET6 if ":" in target.vip else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.settimeout(target.timeout)
+        return _exchange(where, target, (target.vip, target.port), source, mark, target.http)
+
+
+def _exchange(
+    where: str,
+    target: ProbeTarget,
+    to: tuple[str, int],
+    source: str | None,
+    mark: int,
+    http: Mapping | None,
+) -> tuple[bool | None, str]:
+    """Connect (and GET), all within `target.timeout` of wall-clock time however the peer
+    trickles its bytes; always closed with RST (SO_LINGER 0): no TIME_WAIT or FIN_WAIT entry,
+    here or in IPVS's table, that a later probe from the same port could follow elsewhere."""
+    deadline = time.monotonic() + target.timeout
+    family = socket.AF_INET6 if ":" in to[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if mark:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if source:
                 if family == socket.AF_INET:
                     sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((source, 0))
-                sock.connect((target.vip, target.port))
-                if target.http:
-                    return _http_check(sock, target, where)
-                # No lingering connection on the node: close with RST (SO_LINGER 0).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except TimeoutError:
-            return False, f"{where}: timed out after {target.timeout:g} s"
-        except OSError as err:
-            return False, f"{where}: {err.strerror or type(err).__name__}"
-        return True, ""
+            sock.settimeout(target.timeout)
+            sock.connect(to)
+            if http:
+                return _http_check(sock, http, model._hostport(*to), where, deadline)
+    except TimeoutError:
+        return False, f"{where}: timed out after {target.timeout:g} s"
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        if err.errno in LOCAL_ERRORS:
+            return None, f"{where}: not sent: the director's own error: {why}"
+        return False, f"{where}: {why}"
+    return True, ""
 
 
-def _http_check(sock: socket.socket, target: ProbeTarget, where: str) -> tuple[bool, str]:
-    path, expect = target.http.get("path", "/"), int(target.http.get("expectStatus", 200))
-    host = model._hostport(target.vip, target.port)
+def _http_check(
+    sock: socket.socket, http: Mapping, host: str, where: str, deadline: float
+) -> tuple[bool, str]:
+    path, expect = http.get("path", "/"), int(http.get("expectStatus", 200))
     sock.sendall(
         f"GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: ipvs-ingress\r\n\r\n".encode()
     )
     head = b""
     while b"\r\n" not in head and len(head) < 1024:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
         chunk = sock.recv(1024)
         if not chunk:
             break
         head += chunk
-    parts = head.split(b"\r\n", 1)[0].split()
-    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-    if status is None:
+    line = head.split(b"\r\n", 1)[0].split() if b"\r\n" in head else []
+    ok_line = len(line) >= 2 and line[0].startswith(b"HTTP/") and line[1].isdigit()
+    if not ok_line:
         return False, f"{where}: no HTTP status line in the reply"
+    status = int(line[1])
     if status != expect:
         return False, f"{where}: HTTP {status}, expected {expect}"
     return True, ""
@@ -180,9 +212,12 @@ class HealthKeeper:
         self.shown: dict[tuple[str, str], str] = {}  # last logged state: up/drained/held
         self.generation = 0  # moves with every change of what the kernel should hold
         self.sent = 0  # probes started since this process began (status: probes per second)
+        self.passive: set[str] = set()  # keys whose drains are not applied (repair off)
         # Targets drained or undrained since the runtime last applied weights: their kernel
         # changes are health's, logged as such, not repairs of drift.
         self.changed: set[tuple[str, str]] = set()
+        # Targets whose last probe was not sent, and why (the director's fault, not the node's).
+        self.not_sent: dict[tuple[str, str], str] = {}
         self.save_problem: str | None = None
         self.tracker = self._load()
         self._executor: ThreadPoolExecutor | None = None
@@ -227,10 +262,20 @@ class HealthKeeper:
 
     # --- configuration, from the record, every pass ---
 
-    def configure(self, services: Iterable[tuple[str, model.VirtualServiceSpec, dict | None]]):
+    def configure(
+        self,
+        services: Iterable[tuple[str, model.VirtualServiceSpec, dict | None]],
+        passive: Iterable[str] = (),
+    ):
         """The kept services with their recorded spec and health; targets of services or real
-        servers no longer kept are forgotten (and health.json rewritten)."""
+        servers no longer kept are forgotten (and health.json rewritten). `passive`: keys of
+        services whose stack has repair off: probed and reported, never drained (the runtime
+        changes nothing of theirs; status and outputs say "failing", not "drained")."""
         with self.lock:
+            passive = set(passive)
+            if passive != self.passive:
+                self.generation += 1
+            self.passive = passive
             wanted = {key: (spec, h) for key, spec, h in services if _checked(h)}
             before = self.tracker.to_json()
             for key in set(self.tracker.services) | set(self.services):
@@ -244,6 +289,7 @@ class HealthKeeper:
             self.services = wanted
             targets = {(t.key, t.rs): t for t in self.targets()}
             self.due = {k: v for k, v in self.due.items() if k in targets}
+            self.not_sent = {k: v for k, v in self.not_sent.items() if k in targets}
             # A new target's first probe comes at its own phase of the interval: 500 targets
             # are a steady trickle, not a burst every interval.
             now = self.clock()
@@ -304,6 +350,11 @@ class HealthKeeper:
             results = list(self._executor.map(self._probe, due))
         before = self.generation
         for t, (ok, reason) in zip(due, results, strict=True):
+            with self.lock:
+                if ok is None:
+                    self.not_sent[(t.key, t.rs)] = reason
+                else:
+                    self.not_sent.pop((t.key, t.rs), None)
             if ok is not None:
                 self.record(t.key, t.rs, ok, reason, self.clock())
         return self.generation != before
@@ -344,14 +395,14 @@ class HealthKeeper:
     def effective(self, spec: model.VirtualServiceSpec, h: Mapping | None):
         """`spec` with the weights health gives it (drained: 0), for `h` its health settings."""
         with self.lock:
-            if not _checked(h):
+            if not _checked(h) or spec.key in self.passive:
                 return spec
             weights, _ = health.effective_weights(spec, h, self.tracker.states(spec.key))
             return _effective_spec(spec, weights)
 
     def held(self, key: str) -> list[str]:
         with self.lock:
-            if key not in self.services:
+            if key not in self.services or key in self.passive:
                 return []
             spec, h = self.services[key]
             return health.effective_weights(spec, h, self.tracker.states(key))[1]
@@ -362,10 +413,12 @@ class HealthKeeper:
         should hold) and configured weight."""
         with self.lock:
             states = self.tracker.states(spec.key) if _checked(h) else {}
+            configured = {health.rs_key(r.address, spec.port): r.weight for r in spec.real_servers}  # fmt: skip
+            passive = spec.key in self.passive
             weights = (
                 health.effective_weights(spec, h, states)[0]
-                if _checked(h)
-                else {health.rs_key(r.address, spec.port): r.weight for r in spec.real_servers}
+                if _checked(h) and not passive
+                else configured
             )
             probed = _checked(h) and h["check"] in self.probers
             out = []
@@ -373,6 +426,8 @@ class HealthKeeper:
                 rs = health.rs_key(r.address, spec.port)
                 t = states.get(rs)
                 state = _state(t, weights[rs], r.weight) if probed or t else "unprobed"
+                if passive and state == "held":
+                    state = "failing"  # not drained: its stack's repair is off
                 if not _checked(h):
                     state = "unchecked"
                 out.append(
@@ -399,7 +454,9 @@ class HealthKeeper:
                 continue
             if state == "drained":
                 self.log(f"drained {key} {rs} (weight 0): {item['reason'] or 'probe failed'}")
-            elif state == "up" and was in ("drained", "held"):
+            elif state == "failing":
+                self.log(f"failing {key} {rs}, not drained (its stack's repair is off): {item['reason'] or 'probe failed'}")  # fmt: skip
+            elif state == "up" and was in ("drained", "held", "failing"):
                 rise = self.tracker._counts.get(key, (2, 2))[0]
                 self.log(f"undrained {key} {rs}: weight {item['configuredWeight']} back after {rise} successful probes")  # fmt: skip
 

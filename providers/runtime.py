@@ -40,7 +40,8 @@ whether it is repaired and what turned it off.
 
 Health (issue 9; providers/probing.py): every recorded service with a health check has its real
 servers probed at their own interval by a probe thread (kubeProxy: GET node:port/healthz; vip:
-not implemented yet, said once in log and status, such services keep their configured weights).
+a connect to VIP:port through the node's probe service, providers/probe_services.py, which each
+pass keeps in place with accept_local; a stack with repair off is probed and reported, not drained).
 A real server failing `fall` probes in a row is drained (weight 0; established connections
 finish), one back after `rise` successes gets its configured weight again; depoolThreshold
 keeps a share of each service pooled however many fail (each one held says so, in the log
@@ -247,6 +248,7 @@ class Service:
     health: dict | None = None  # the recorded health check (None: none)
     target: model.VirtualServiceSpec | None = None  # the spec with health's weights: planned
     real_servers: list[dict] = dataclasses.field(default_factory=list)  # health per real server
+    repair_off: bool = False  # left because its stack's repair is off (health does not drain it)
 
     @property
     def in_sync(self) -> bool | None:
@@ -379,17 +381,20 @@ def _service(key: str, entry: dict, config: Config, restoring: bool) -> Service:
     if left is None and state != "applied":
         left = f"recorded as {state!r} (an apply was interrupted): the stack's next pulumi up completes it"  # fmt: skip
     recorded = entry.get("repair", True) is not False  # records from before it: on
+    repair_off = False
     if left is None and not restoring:
         if not recorded:
             left = f"repair is off for stack {owner} (its config ipvs-ingress:repair is false)"
         elif not config.repairs(owner):  # the operator's override in runtime.json
             left = f"repair is off for stack {owner}"
+        repair_off = left is not None
     checked = None
     if spec is not None and isinstance(entry.get("health"), dict):
         normal, problems = model.check_health(entry["health"], spec.protocol)
         checked = None if problems else normal  # unreadable: not probed (the next up records it)
     service = Service(key, owner, state, entry.get("interface"), spec, left is None, left, recorded)
     service.health = checked
+    service.repair_off = repair_off
     return service
 
 
@@ -441,8 +446,8 @@ class Runtime:
         )
         if probers is None:
             probers = {
-                "kubeProxy": probing.KubeProxyProber(),
-                "vip": probing.VipProber(self.probes.route),
+                "kubeProxy": probing.KubeProxyProber(self.probes.source),
+                "vip": probing.VipProber(self.probes.route, self.probes.why_not),
             }
         self.health = probing.HealthKeeper(
             health_path or probing.HEALTH_PATH, probers, self.log, clock
@@ -524,6 +529,10 @@ class Runtime:
                     notes[f"left {s.key}"] = f"left {s.key} ({s.owner}): {s.left}"
             for key, line in self.health.unprobed().items():
                 notes[f"unprobed {key}"] = line
+            with self.health.lock:
+                not_sent = dict(self.health.not_sent)
+            for (key, rs), why in sorted(not_sent.items()):
+                notes[f"not sent {key} {rs}"] = f"{key} {rs}: {why}"
             for s in view.services:
                 for line in self.health.held(s.key):
                     notes[f"held {line.split(' kept in service')[0]}"] = line
@@ -541,7 +550,10 @@ class Runtime:
         not: a service recorded `pending` for the moment of a provider's apply, or a stack with
         repair off, must not lose its drains (a provider's apply plans against them too)."""
         services = [_service(key, entry, config, self.restoring) for key, entry in owners.services.items()]  # fmt: skip
-        self.health.configure((s.key, s.spec, s.health) for s in services if s.spec)
+        self.health.configure(
+            ((s.key, s.spec, s.health) for s in services if s.spec),
+            passive=[s.key for s in services if s.repair_off],
+        )
         return services
 
     def _sync_probes(self, services: list[Service], notes: dict) -> None:
@@ -559,7 +571,12 @@ class Runtime:
                 sysctls[name] = "1"
         if any(s.spec.persistence_seconds for s in checked):
             sysctls["net/ipv4/vs/expire_quiescent_template"] = "1"
-        self.probes.sync({r.address for s in vip for r in s.spec.real_servers}, sysctls)
+        self.probes.sync(
+            {r.address for s in vip for r in s.spec.real_servers},
+            sysctls,
+            probed={r.address for s in checked for r in s.spec.real_servers},
+            vips={s.spec.vip for s in services if s.spec},
+        )
         for name, line in self.probes.problems.items():
             notes[f"probe {name}"] = line
 
@@ -771,8 +788,8 @@ class RuntimeKernel(Kernel):
         return self.IPVSService(af=socket.AF_INET6 if ":" in node else socket.AF_INET, fwmark=mark)
 
     def add_probe_service(self, mark: int, node: str, scheduler: str) -> None:
-        """`-A -f MARK -s rr` with `-a -r node:0 -g -w 1`; what exists already is kept (the
-        second call of a create a kill interrupted)."""
+        """`-A -f MARK -s rr`, then `-a -r node:0 -g -w 1`. A service already at the mark is
+        someone else's (the plan found none there): refused, never joined."""
         self.open_ipvs()
         six = ":" in node
         service = self.IPVSService(
@@ -783,16 +800,18 @@ class RuntimeKernel(Kernel):
             flags={"flags": 0, "mask": 0xFFFFFFFF},
             netmask="128.0.0.0" if six else "255.255.255.255",  # see Kernel._service_full
         )
+        self._ipvs.service("add", service=service)
+        self.add_probe_dest(mark, node)
+
+    def add_probe_dest(self, mark: int, node: str) -> None:
+        """The destination of a probe service a kill left without it (what exists is kept)."""
+        self.open_ipvs()
         dest = self.IPVSDest(addr=node, port=0, weight=1, fwd_method=model.ROUTE)
-        for call in (
-            lambda: self._ipvs.service("add", service=service),
-            lambda: self._ipvs.dest("add", service=self._fwmark_key(mark, node), dest=dest),
-        ):
-            try:
-                call()
-            except self.NetlinkError as err:
-                if err.code != errno.EEXIST:
-                    raise
+        try:
+            self._ipvs.dest("add", service=self._fwmark_key(mark, node), dest=dest)
+        except self.NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
 
     def del_probe_service(self, mark: int, node: str) -> None:
         self.open_ipvs()
@@ -802,13 +821,34 @@ class RuntimeKernel(Kernel):
             if err.code not in (errno.ESRCH, errno.ENOENT):
                 raise
 
-    def source_for(self, node: str) -> str | None:
-        """The director's own address the kernel would send from toward `node`."""
+    def local_addresses(self) -> set[str]:
+        """Every address on the director, in one dump."""
+        return {
+            a
+            for msg in self.ipr.addr("dump")
+            for a in (msg.get("IFA_ADDRESS"), msg.get("IFA_LOCAL"))
+            if a
+        }
+
+    def source_for(self, node: str, exclude: set[str] | frozenset = frozenset()) -> str | None:
+        """The director's own address toward `node`: the kernel's choice unless it is one of
+        `exclude` (the VIPs: an IPv6 VIP bound as /128 wins the kernel's source selection for a
+        node in its prefix), else a global, settled address of the route's interface."""
         try:
             msg = self.ipr.route("get", dst=node)[0]
         except self.NetlinkError:
             return None
-        return msg.get("RTA_PREFSRC")
+        chosen = msg.get("RTA_PREFSRC")
+        if chosen and chosen not in exclude:
+            return chosen
+        family = socket.AF_INET6 if ":" in node else socket.AF_INET
+        unsettled = 0x08 | 0x20 | 0x40  # IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE
+        for a in self.ipr.addr("dump", index=msg.get("RTA_OIF"), family=family):
+            address = a.get("IFA_ADDRESS")
+            flags = a.get("IFA_FLAGS") or a.get("flags", 0)
+            if address and address not in exclude and a.get("scope", 0) == 0 and not flags & unsettled:  # fmt: skip
+                return address
+        return None
 
     def reset(self) -> None:
         if self._ipvs is not None:
@@ -847,6 +887,7 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
     prober = threading.Thread(target=_probe_loop, args=(runtime, stop), name="probe", daemon=True)
     prober.start()
     while not stop.is_set():
+        runtime.wake.clear()
         try:
             runtime.reconcile()
         except Exception as err:  # one bad pass must not end the runtime: log, try again
@@ -859,9 +900,9 @@ def run(runtime: Runtime, stop: threading.Event) -> int:
         in_sync = runtime.view is not None and not runtime.view.drift and not runtime.notes
         sd_notify(f"STATUS={'in sync' if in_sync else 'see: ipvs-ingress status'}")
         due = max(due + runtime.config.interval, time.monotonic())
-        # A drain or undrain wakes the next pass at once: it is applied within a tick.
+        # A drain or undrain wakes the next pass at once: it is applied within a tick. Cleared
+        # before the pass starts, so a drain signalled during a pass wakes the next one.
         runtime.wake.wait(max(0.0, due - time.monotonic()))
-        runtime.wake.clear()
     runtime.health.close()
     runtime.log("stopping: the IPVS table and VIPs stay as they are")
     return 0

@@ -3,5 +3,5 @@ stand-ins in network namespaces, and the article's experiment as tests.
 
 provision.py  cached artifacts (kernel, vmlinux, initramfs, pyroute2, keys)
 harness.py    `Lab`: topology, VM, ssh, captures, teardown; the `lab` fixture is in tests/conftest.py
-__main__.py   `python -m tests.lab up [--init busybox]|status|reboot|down` for people
+__main__.py   `python -m tests.lab up [--init busybox] [--directors 2]|status|reboot|crash|start|node|down`
 """

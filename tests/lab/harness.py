@@ -4,17 +4,25 @@ Topology (names unique to the run, so concurrent runs never collide; every packe
 namespaces this lab created):
 
     lab-<id>        br0 203.0.113.1/24, tap0 (director VM eth0 203.0.113.2), v-cli, v-n1..
+                    with `directors=2` also tap1 (director 2's eth0 203.0.113.3)
     lab-<id>-cli    eth0 203.0.113.10                       (the client)
     lab-<id>-n<i>   eth0 203.0.113.(10+i), kube-proxy's rules for the VIP, its healthz :10256
     lab-<id>-p<i>   node i's pod 198.51.100.(10+i): HTTP server on :8080 saying "node<i>"
 
 The VIP is bound on no node: only the director answers ARP for it, as in the article. The nodes,
 their externalTrafficPolicy and the ways they fail are `lab.nodes` (tests/lab/nodes.py).
+
+Director n (1 or 2) is its own VM: its tap and MAC (vm.py), its files (vm.json, logs, disk,
+known_hosts, ssh master socket) in `director_dir(run_dir, n)`, its qemu tracked as
+`qemu_what(n)`. Both VMs share the lab's pinned host key: the key is a lab artifact either way
+(any process of this host can read both), and each known_hosts pins it to one address; which
+VM answered is checked by what it says (its own address), not by the key.
 """
 
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
 import re
@@ -24,6 +32,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,31 @@ NODE_PORT = nodes_mod.POD_PORT  # node:8080 reaches its pod's server (a hostPort
 HOST_PYTHON = nodes_mod.HOST_PYTHON  # stdlib only; fast to start, independent of any venv
 BOOT_TIMEOUT = 120.0
 SHUTDOWN_TIMEOUT = 60.0  # `systemctl reboot` until qemu exits (-no-reboot); seen: 4-5 s
+# Two VMs under TCG already share the machine's 2 cores (~400 MB RSS each); more is unmeasured.
+MAX_DIRECTORS = 2
+# VRRP priorities of the lab stack's directors (ipvs-ingress:directors): director 1 first.
+PRIORITIES = (150, 100)
+
+
+def director_address(n: int) -> str:
+    """Director n's address on the segment: .2, .3 (the client is .10, the nodes .11 on)."""
+    return f"203.0.113.{1 + n}"
+
+
+def director_dir(run_dir: Path, n: int) -> Path:
+    """Director n's files: the run directory itself for director 1 (as in a one-director lab),
+    a folder of it for the others."""
+    return Path(run_dir) if n == 1 else Path(run_dir) / f"director{n}"
+
+
+def qemu_what(n: int) -> str:
+    """How a run's state names director n's qemu ("qemu" for director 1, as ever)."""
+    return "qemu" if n == 1 else f"qemu director{n}"
+
+
+def master_what(n: int) -> str:
+    return "ssh master" if n == 1 else f"ssh master director{n}"
+
 
 _CLIENT = """
 import json, sys, urllib.request
@@ -82,18 +116,24 @@ class Lab:
         artifacts: provision.Artifacts | None = None,
         persistent: bool = False,
         init: str = "systemd",
+        directors: int = 1,
     ) -> None:
         """`init="systemd"` (default): the director runs systemd as PID 1 on a disk of its own
         that survives `reboot()` and `power_cut()`, as the provider's runtime needs (unit,
         install and state directories). `init="busybox"` boots faster (~10 s against ~24 s)
-        and has no systemd: for the raw kernel, and for the provider's no-systemd error."""
+        and has no systemd: for the raw kernel, and for the provider's no-systemd error.
+        `directors=2`: two director VMs (203.0.113.2 and .3) booted side by side, for VRRP."""
         if not 2 <= nodes <= 50:
             raise ValueError("a lab has 2..50 nodes")
+        if not 1 <= directors <= MAX_DIRECTORS:
+            raise ValueError(f"a lab has 1..{MAX_DIRECTORS} directors, not {directors}")
         if init not in vm.INITS:
             raise ValueError(f"init {init!r} is not one of {', '.join(vm.INITS)}")
         self.art = artifacts or provision.provision()
         self.persistent = persistent
         self.init = init
+        self.director_count = directors
+        self.director_ips = [director_address(n) for n in range(1, directors + 1)]
         self.id = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.lab_ns = f"lab-{self.id}"
         self.client_ns = f"{self.lab_ns}-cli"
@@ -109,7 +149,8 @@ class Lab:
         self.known_hosts = self.run_dir / "known_hosts"
         self.control_path = self.run_dir / "ssh.sock"  # see _ssh_master_opts
         self.boot_seconds: float | None = None
-        self.director_boot_seconds: float | None = None  # qemu start -> ssh answers
+        self.director_boot_seconds: float | None = None  # first qemu start -> all ssh answer
+        self.director_boot_times: dict[int, float] = {}  # n: its qemu start -> its ssh answers
         self.stale_cleaned: list[str] = []  # ids of dead runs' labs removed by start()
         self._state: state.RunState | None = None
         self._creator = os.getpid()
@@ -139,7 +180,7 @@ class Lab:
         try:
             self._build_network()
             self.nodes.start()
-            self._boot_director(wait_ready)
+            self._boot_directors(wait_ready)
         except BaseException:
             self.close()
             raise
@@ -153,13 +194,29 @@ class Lab:
         self._state.owner = [p for p in self._state.procs if p.what == "qemu"][-1]
         self._state.save()
 
-    def reboot(self) -> Restart:
-        """`systemctl reboot` on the director (systemd lab only); back when ssh works."""
-        return restart_director(self._state, self.describe(), clean=True)
+    def reboot(self, n: int = 1) -> Restart:
+        """`systemctl reboot` on director n (systemd lab only); back when ssh works."""
+        return restart_director(self._state, self.describe(), clean=True, n=n)
 
-    def power_cut(self) -> Restart:
-        """Kill the director's qemu with SIGKILL and start it again on the same disk."""
-        return restart_director(self._state, self.describe(), clean=False)
+    def power_cut(self, n: int = 1) -> Restart:
+        """Kill director n's qemu with SIGKILL and start it again on the same disk."""
+        return restart_director(self._state, self.describe(), clean=False, n=n)
+
+    def crash(self, n: int) -> float:
+        """Kill director n's qemu with SIGKILL and leave it dead (`start_director` boots it
+        again); seconds until qemu was gone."""
+        return stop_director(self._state, self.describe(), n, clean=False)
+
+    def start_director(self, n: int) -> float:
+        """Boot director n again on its own disk (after `crash`); seconds from qemu's start
+        until ssh works."""
+        took = start_director(self._state, self.describe(), n)
+        self.director_boot_times[n] = took
+        return took
+
+    def live_directors(self) -> list[int]:
+        """The directors whose VM runs (booted, or booting)."""
+        return live_directors(self._state, self.director_count)
 
     def close(self) -> None:
         if self._closed or os.getpid() != self._creator or self._state is None:
@@ -217,9 +274,10 @@ class Lab:
         )
         ip(self.lab_ns, "addr", "add", f"{self.bridge_ip}/24", "dev", "br0")
         ip(self.lab_ns, "link", "set", "br0", "up")
-        # The tap exists before qemu, inside lab_ns, already on the bridge.
-        ip(self.lab_ns, "tuntap", "add", "dev", vm.TAP, "mode", "tap")
-        ip(self.lab_ns, "link", "set", vm.TAP, "master", "br0", "up")
+        # Each tap exists before its qemu, inside lab_ns, already on the bridge.
+        for n in range(1, self.director_count + 1):
+            ip(self.lab_ns, "tuntap", "add", "dev", vm.tap(n), "mode", "tap")
+            ip(self.lab_ns, "link", "set", vm.tap(n), "master", "br0", "up")
         nodes = zip(self.node_ns, self.node_ips, strict=True)
         hosts = [("cli", self.client_ns, self.client_ip)]
         hosts += [(f"n{i}", ns, addr) for i, (ns, addr) in enumerate(nodes, 1)]
@@ -249,25 +307,28 @@ class Lab:
         under the nodes' externalTrafficPolicy and failures (`lab.nodes`)."""
         self.nodes.expose(vip, port, protocol)
 
-    def _boot_director(self, wait_ready: bool) -> None:
-        self.known_hosts.write_text(f"{self.director_ip} {self.host_key_line}\n")
-        disk = vm.make_disk(self.run_dir) if self.init == "systemd" else None
-        argv = vm.qemu_argv(
-            self.art,
-            self.run_dir,
-            f"{self.director_ip}/24",
-            f"ipvs-ingress-lab-{self.id}",
-            init=self.init,
-            disk=disk,
-        )
-        vm.save_config(self.run_dir, self.init, argv)
-        started = time.monotonic()
-        proc = vm.start(self.lab_ns, argv, self.run_dir)
-        self._state.add_proc(proc.pid, "qemu")
+    def _boot_directors(self, wait_ready: bool) -> None:
+        """Every director's VM at once (they boot side by side), then wait for all."""
+        booting = {n: self._launch(n) for n in range(1, self.director_count + 1)}
         if not wait_ready:
             return
-        _wait_for_ssh(self._state, self.describe(), proc)
-        self.director_boot_seconds = time.monotonic() - started
+        self.director_boot_times = _wait_for_directors(self._state, self.describe(), booting)
+        first = min(started for _proc, started in booting.values())
+        self.director_boot_seconds = time.monotonic() - first
+
+    def _launch(self, n: int) -> tuple[subprocess.Popen, float]:
+        folder = director_dir(self.run_dir, n)
+        folder.mkdir(exist_ok=True)
+        host = director_address(n)
+        (folder / "known_hosts").write_text(f"{host} {self.host_key_line}\n")
+        disk = vm.make_disk(folder) if self.init == "systemd" else None
+        name = f"ipvs-ingress-lab-{self.id}" + ("" if n == 1 else f"-director{n}")
+        argv = vm.qemu_argv(self.art, folder, f"{host}/24", name, init=self.init, disk=disk, n=n)
+        vm.save_config(folder, self.init, argv)
+        started = time.monotonic()
+        proc = vm.start(self.lab_ns, argv, folder)
+        self._state.add_proc(proc.pid, qemu_what(n))
+        return proc, started
 
     # -- running things -----------------------------------------------------------------------
 
@@ -277,24 +338,30 @@ class Lab:
         cmd = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
         return _run(["ip", "netns", "exec", ns, *cmd], check, timeout)
 
-    def ssh_argv(self, cmd: str) -> list[str]:
-        return ssh_argv(self.describe(), cmd)
+    def ssh_argv(self, cmd: str, n: int = 1) -> list[str]:
+        return ssh_argv(director_info(self.describe(), n), cmd)
 
     def _ssh_master_opts(self) -> list[str]:
         return _ssh_master_opts(Path(self.describe()["runDir"]))
 
     def director(
-        self, cmd: str, check: bool = True, timeout: float = 60
+        self, cmd: str, check: bool = True, timeout: float = 60, n: int = 1
     ) -> subprocess.CompletedProcess:
-        """Run a shell command on the director over real ssh with the pinned host key."""
-        return _run(self.ssh_argv(cmd), check, timeout)
+        """Run a shell command on director n over real ssh with the pinned host key."""
+        return _run(self.ssh_argv(cmd, n), check, timeout)
 
-    def ipvsadm_ln(self) -> str:
+    def ipvsadm_ln(self, n: int = 1) -> str:
         """The independent oracle. Note ipvsadm loads ip_vs itself when it is missing."""
-        return self.director("ipvsadm -Ln").stdout
+        return self.director("ipvsadm -Ln", n=n).stdout
 
-    def ipvsadm_sn(self) -> str:
-        return self.director("ipvsadm -Sn").stdout
+    def ipvsadm_sn(self, n: int = 1) -> str:
+        return self.director("ipvsadm -Sn", n=n).stdout
+
+    def vip_holders(self) -> dict[str, list[int]]:
+        """{vip: [n, ...]}: the directors that have each exposed VIP bound (`ip addr` on each
+        live director, read now); a VIP no director holds maps to []."""
+        vips = [vip for vip, _port, _proto in self.nodes.exposed]
+        return vip_holders(self._state, self.describe(), vips)
 
     def service_counters(
         self, vip: str, port: int, min_conns: int = 1
@@ -347,10 +414,10 @@ class Lab:
             self._state.save()
 
     def capture_on_director_tap(
-        self, bpf: str = "", max_packets: int = 10000
+        self, bpf: str = "", max_packets: int = 10000, n: int = 1
     ) -> AbstractContextManager[capture.Capture]:
-        """Everything on the wire between the director VM and the bridge."""
-        return self.capture(self.lab_ns, vm.TAP, bpf, max_packets)
+        """Everything on the wire between director n's VM and the bridge."""
+        return self.capture(self.lab_ns, vm.tap(n), bpf, max_packets)
 
     def capture_on_client(
         self, bpf: str = "", max_packets: int = 10000
@@ -375,9 +442,13 @@ class Lab:
 
     # -- for people ---------------------------------------------------------------------------
 
-    def director_config(self) -> dict:
-        """This director as the product's `ipvs-ingress:director` config (reached via ProxyCommand)."""
-        return director_config(self.describe())
+    def director_config(self, n: int = 1) -> dict:
+        """Director n as the product's `ipvs-ingress:director` config (reached via ProxyCommand)."""
+        return director_config(director_info(self.describe(), n))
+
+    def directors_config(self) -> list[dict]:
+        """Every director as the product's `ipvs-ingress:directors` config (issue 10)."""
+        return directors_config(self.describe())
 
     def describe(self) -> dict:
         return {
@@ -400,6 +471,15 @@ class Lab:
             "runDir": str(self.run_dir),
             "knownHosts": str(self.known_hosts),
             "init": self.init,
+            # What differs per director (director_info); the keys above are director 1's.
+            "directors": [
+                {
+                    "host": director_address(n),
+                    "runDir": str(director_dir(self.run_dir, n)),
+                    "knownHosts": str(director_dir(self.run_dir, n) / "known_hosts"),
+                }
+                for n in range(1, self.director_count + 1)
+            ],
         }
 
 
@@ -419,21 +499,81 @@ class Restart:
         return self.down + self.up
 
 
-def _wait_for_ssh(run: state.RunState, info: dict, proc: subprocess.Popen) -> None:
-    run_dir = Path(run.dir)
+def director_info(info: dict, n: int = 1) -> dict:
+    """The lab `info` (Lab.describe) as director n's: its host, run directory and known_hosts in
+    place of director 1's. A lab described before labs had several directors has director 1."""
+    count = director_count(info)
+    if not 1 <= n <= count:
+        raise ValueError(f"director {n} is not in this lab: its directors are 1..{count}")
+    return {**info, **(info.get("directors") or [{}])[n - 1]}
+
+
+def director_count(info: dict) -> int:
+    return len(info.get("directors") or [{}])
+
+
+def directors_config(info: dict) -> list[dict]:
+    """The `ipvs-ingress:directors` config for the lab `info` describes: each director's
+    `ipvs-ingress:director` config, its VRRP priority (director 1 highest, PRIORITIES) and its
+    own address on the segment (VRRP's unicast source and peer)."""
+    out = []
+    for n in range(1, director_count(info) + 1):
+        mine = director_info(info, n)
+        out.append(
+            {**director_config(mine), "priority": PRIORITIES[n - 1], "address": mine["host"]}
+        )
+    return out
+
+
+def live_directors(run: state.RunState, count: int) -> list[int]:
+    """The directors of `run` whose qemu runs (booted, or still booting)."""
+    return [n for n in range(1, count + 1) if _live_qemu(run, n) is not None]
+
+
+def _live_qemu(run: state.RunState, n: int) -> state.Proc | None:
+    running = [p for p in run.procs if p.what == qemu_what(n) and p.alive()]
+    return running[-1] if running else None
+
+
+def _wait_ready(info: dict, proc: subprocess.Popen) -> float:
+    """Until the director `info` describes answers ssh; when it did (time.monotonic)."""
+    run_dir = Path(info["runDir"])
     deadline = time.monotonic() + BOOT_TIMEOUT
     vm.wait_console_ready(proc, run_dir, BOOT_TIMEOUT)
     while True:  # sshd was started; wait until it accepts us
         probe = _run(ssh_argv(info, "true"), False, 15)
         if probe.returncode == 0:
-            _start_ssh_master(run, info)
-            return
+            return time.monotonic()
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise RuntimeError(f"no ssh to the director: {probe.stderr}\n{vm.serial_tail(run_dir)}")
+            raise RuntimeError(
+                f"no ssh to the director at {info['host']}: {probe.stderr}\n"
+                f"{vm.serial_tail(run_dir)}"
+            )
         time.sleep(0.3)
 
 
-def _start_ssh_master(run: state.RunState, info: dict) -> None:
+def _wait_for_ssh(run: state.RunState, info: dict, proc: subprocess.Popen, n: int = 1) -> None:
+    _wait_ready(info, proc)
+    _start_ssh_master(run, info, n)
+
+
+def _wait_for_directors(
+    run: state.RunState, info: dict, booting: dict[int, tuple[subprocess.Popen, float]]
+) -> dict[int, float]:
+    """Wait for directors booting side by side; {n: seconds from its qemu start to ssh}. Threads
+    only poll (each its own files); the run's state is written here, by one thread."""
+    with ThreadPoolExecutor(max_workers=len(booting)) as pool:
+        ready = {
+            n: pool.submit(_wait_ready, director_info(info, n), proc)
+            for n, (proc, _started) in booting.items()
+        }
+        took = {n: ready[n].result() - started for n, (_proc, started) in booting.items()}
+    for n in booting:
+        _start_ssh_master(run, director_info(info, n), n)
+    return took
+
+
+def _start_ssh_master(run: state.RunState, info: dict, n: int = 1) -> None:
     run_dir = Path(info["runDir"])
     if not _ssh_master_opts(run_dir):
         return
@@ -446,7 +586,7 @@ def _start_ssh_master(run: state.RunState, info: dict) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    run.add_proc(proc.pid, "ssh master")
+    run.add_proc(proc.pid, master_what(n))
     control_path = run_dir / "ssh.sock"
     deadline = time.monotonic() + 15
     while not control_path.exists() and proc.poll() is None:
@@ -463,28 +603,41 @@ def _forget(run: state.RunState, what: str) -> None:
     run.save()
 
 
-def restart_director(run: state.RunState, info: dict, clean: bool) -> Restart:
-    """Reboot the director VM of a systemd lab and wait until ssh works again: `clean` asks
+def restart_director(run: state.RunState, info: dict, clean: bool, n: int = 1) -> Restart:
+    """Reboot director n's VM of a systemd lab and wait until ssh works again: `clean` asks
     systemd (qemu exits on the guest's reboot: -no-reboot), otherwise qemu is killed with
     SIGKILL, a power cut. qemu then starts again on the same disk, with the same command line."""
-    run_dir = Path(run.dir)
-    config = vm.load_config(run_dir)
+    config = vm.load_config(director_dir(Path(run.dir), n))
     if config["init"] != "systemd":
         raise ValueError(
             "its director runs the busybox init, which has no disk to reboot to: "
             "start the lab without --init busybox (`./dev lab down && ./dev lab up`)"
         )
-    running = [p for p in run.procs if p.what == "qemu" and p.alive()]
-    if not running:
-        raise RuntimeError("its director VM is not running (`./dev lab down` cleans up)")
-    qemu = running[-1]
-    if run.owner == qemu:  # a lab left up by the CLI: keep it from looking stale meanwhile
-        run.owner = state.Proc.of(os.getpid(), "lab reboot")
+    down = stop_director(run, info, n, clean)
+    return Restart(down=down, up=start_director(run, info, n))
+
+
+def stop_director(run: state.RunState, info: dict, n: int, clean: bool) -> float:
+    """Stop director n's VM: `clean` asks systemd to reboot (qemu then exits), otherwise its
+    qemu gets SIGKILL (a crash, a power cut). Its ssh master goes too and the run stops
+    tracking its qemu: it is dead until `start_director`. Seconds until qemu was gone."""
+    mine = director_info(info, n)
+    run_dir = director_dir(Path(run.dir), n)
+    qemu = _live_qemu(run, n)
+    if qemu is None:
+        raise RuntimeError(
+            f"director {n}'s VM is not running (`./dev lab start {n}` boots it again, "
+            "`./dev lab down` cleans up)"
+        )
+    if run.owner == qemu:  # a lab left up by the CLI lives as long as any VM of it
+        others = [_live_qemu(run, m) for m in range(1, director_count(info) + 1) if m != n]
+        others = [q for q in others if q is not None]
+        run.owner = others[0] if others else state.Proc.of(os.getpid(), "lab restart")
         run.save()
     started = time.monotonic()
     if clean:
         # The ssh session may end with the connection (255); qemu's exit is the evidence.
-        _run(ssh_argv(info, "systemctl reboot"), False, 30)
+        _run(ssh_argv(mine, "systemctl reboot"), False, 30)
     else:
         os.kill(qemu.pid, signal.SIGKILL)
     deadline = time.monotonic() + (SHUTDOWN_TIMEOUT if clean else 10)
@@ -493,20 +646,69 @@ def restart_director(run: state.RunState, info: dict, clean: bool) -> Restart:
             raise RuntimeError(f"qemu (pid {qemu.pid}) did not exit\n{vm.serial_tail(run_dir)}")
         state.reap(qemu.pid)
         time.sleep(0.1)
-    state.reap(qemu.pid)
+    # A multithreaded qemu is a zombie until its last thread ended: reap it for good (our
+    # child), or let init do it (a lab left up by the CLI), so its pid is gone, not a zombie.
+    while Path(f"/proc/{qemu.pid}").exists() and time.monotonic() < deadline:
+        state.reap(qemu.pid)
+        time.sleep(0.02)
     down = time.monotonic() - started
-    _forget(run, "ssh master")  # its connection died with the VM; a power cut leaves it hanging
+    _forget(run, master_what(n))  # its connection died with the VM; a power cut leaves it hanging
     (run_dir / "ssh.sock").unlink(missing_ok=True)
     run.procs.remove(qemu)
+    run.save()
+    return down
+
+
+def start_director(run: state.RunState, info: dict, n: int) -> float:
+    """Boot director n's VM again with its recorded command line (on its own disk: what was
+    synced before it went is there) and wait until ssh works; seconds from qemu's start."""
+    mine = director_info(info, n)
+    run_dir = director_dir(Path(run.dir), n)
+    if _live_qemu(run, n) is not None:
+        raise RuntimeError(f"director {n}'s VM runs already (`./dev lab crash {n}` stops it)")
+    config = vm.load_config(run_dir)
+    if not config["argv"]:
+        raise RuntimeError(f"director {n} has no recorded VM to start ({run_dir}/vm.json)")
+    # What a VM that died by itself left: its dead qemu's record, its hanging ssh master.
+    _forget(run, qemu_what(n))
+    _forget(run, master_what(n))
+    (run_dir / "ssh.sock").unlink(missing_ok=True)
     vm.rotate_logs(run_dir)
     started = time.monotonic()
     proc = vm.start(info["namespaces"]["lab"], config["argv"], run_dir)
-    new = run.add_proc(proc.pid, "qemu")
-    if run.persistent:
-        run.owner = new
+    new = run.add_proc(proc.pid, qemu_what(n))
+    if run.persistent and not (run.owner.alive() and run.owner.what.startswith("qemu")):
+        run.owner = new  # the lab (up by the CLI) lives as long as a VM of it again
         run.save()
-    _wait_for_ssh(run, info, proc)
-    return Restart(down=down, up=time.monotonic() - started)
+    _wait_for_ssh(run, mine, proc, n)
+    return time.monotonic() - started
+
+
+def bound_addresses(info: dict, n: int) -> set[str]:
+    """Every address bound on director n, on any interface, read now (`ip -j addr`)."""
+    out = _run(ssh_argv(director_info(info, n), "ip -j addr show"), True, 30).stdout
+    return {
+        str(ipaddress.ip_address(addr["local"]))
+        for link in json.loads(out)
+        for addr in link.get("addr_info", [])
+        if "local" in addr
+    }
+
+
+def vip_holders(run: state.RunState, info: dict, vips: list[str]) -> dict[str, list[int]]:
+    """{vip: [n, ...]}: which live directors have each of `vips` bound (two: a split brain)."""
+    live = live_directors(run, director_count(info))
+    return holders_of(vips, {n: bound_addresses(info, n) for n in live})
+
+
+def holders_of(vips: list[str], bound: dict[int, set[str]]) -> dict[str, list[int]]:
+    """{vip: the directors (ascending) among `bound` ({n: its addresses}) that hold it}."""
+    return {
+        vip: sorted(
+            n for n, addresses in bound.items() if str(ipaddress.ip_address(vip)) in addresses
+        )
+        for vip in dict.fromkeys(vips)
+    }
 
 
 def _ssh_master_opts(run_dir: Path) -> list[str]:
@@ -519,7 +721,8 @@ def _ssh_master_opts(run_dir: Path) -> list[str]:
 
 
 def director_config(info: dict) -> dict:
-    """The `ipvs-ingress:director` config for the lab `info` (from `Lab.describe`) describes."""
+    """The `ipvs-ingress:director` config for the director `info` (from `Lab.describe`, or
+    `director_info` for director n) describes."""
     return {k: info[k] for k in ("host", "port", "user", "hostKey", "interface", "proxyCommand")}
 
 

@@ -353,12 +353,25 @@ def test_local_policy_the_pod_sees_the_client_and_a_node_without_a_pod_is_draine
 
 
 def test_a_restart_and_a_reboot_keep_a_drained_server_drained_until_a_probe_passes(
-    healthy, request
+    healthy, service, request
 ):
     lab = healthy
     lab.nodes.fail(2, "server-stop")
     with table_watch(lab) as watch:
         watch.wait(lambda w: w.get(N2) == 0, time.time(), 20)
+    # A drain is not drift: a refresh shows no diff, and an `up` with nothing changed keeps it.
+    id_, inputs = service
+    provider = connect(lab)
+    try:
+        _, live = provider.read(id_, inputs)
+        diff = provider.diff(id_, live, inputs)
+        provider.update(id_, inputs, inputs)
+    finally:
+        provider.close()
+    assert live["inSync"] is True and diff.changes == diff.DIFF_NONE
+    assert {h["address"]: h["state"] for h in live["realServerHealth"]} == {N1: "up", N2: "drained"}
+    assert f"-a -t {VIP}:80 -r {N2}:80 -g -w 0" in lab.ipvsadm_sn()
+    with table_watch(lab) as watch:
         lab.director("systemctl restart ipvs-ingress.service")
         t0 = time.time()
         ops.wait_for_pass(lab)

@@ -57,9 +57,11 @@ def test_dry_run_shows_drift_and_changes_nothing(lab, tmp_path, capsys):
     with ops.repair_off(lab, "ipvs-ingress/lab"):
         try:
             srv.configure({"ipvs-ingress:sshPrivateKey": lab.private_key_pem})
-            # Owned by the stack the file is named after: the dry run plans as that stack.
+            # Owned by the stack the file is named after: the dry run plans as that stack; its
+            # repair and health settings as the Ingress component passes them.
+            spec = cfg.virtual_services[0]
             props = {
-                **model.to_props(cfg.director, cfg.virtual_services[0]),
+                **model.to_props(cfg.director, spec, cfg.repair, dict(cfg.health[spec.key])),
                 "owner": "ipvs-ingress/lab",
             }
             id_, outs = srv.create(srv.check(props)[0])
@@ -75,6 +77,10 @@ def test_dry_run_shows_drift_and_changes_nothing(lab, tmp_path, capsys):
             srv.delete(id_, outs)
         finally:
             srv.close()
+    # The health check's probe services go with the service, within a pass.
+    ops.wait_for_pass(lab)
+    ops.wait_for_pass(lab)
+    assert "FWM" not in lab.ipvsadm_ln()
 
 
 def test_dry_run_errors_are_one_line(lab, tmp_path, capsys):

@@ -11,8 +11,20 @@ from tests.lab.initramfs import MASKED_UNITS, READY_MARKER
 from tests.lab.provision import Artifacts
 
 QEMU = "qemu-system-x86_64"
-MAC = "52:54:00:a0:00:02"
-TAP = "tap0"
+
+
+def mac(n: int) -> str:
+    """Director n's MAC (a locally administered one of qemu's prefix): ...:02, ...:03."""
+    return f"52:54:00:a0:00:{1 + n:02x}"
+
+
+def tap(n: int) -> str:
+    """Director n's tap in the lab namespace, on the bridge: tap0, tap1."""
+    return f"tap{n - 1}"
+
+
+MAC = mac(1)
+TAP = tap(1)
 # Seen on the serial console when the VM will never get ready.
 _FATAL = ("Kernel panic", "stage1:", "stage2:", "internal-error")
 INITS = ("busybox", "systemd")
@@ -20,6 +32,10 @@ DISK_MIB = 64
 # systemd as PID 1: no udev renames eth0, no gettys waiting for devices, errors only on the console.
 _CMDLINE_MAX = 2047  # x86 COMMAND_LINE_SIZE, with its NUL
 _SYSTEMD_CMDLINE = ("net.ifnames=0", "systemd.getty_auto=0", "systemd.show_status=error")
+# Also masked in the lab's VMs: keepalived, which the HA directors need installed on the host
+# whose root they share. Its package enables the unit; the director's VRRP must start only when
+# ipvs-ingress's runtime says so (a VM booting with it would take VIPs nobody asked for).
+LAB_MASKED_UNITS = (*MASKED_UNITS, "keepalived.service")
 
 
 def qemu_argv(
@@ -29,9 +45,11 @@ def qemu_argv(
     name: str,
     init: str,
     disk: Path | None = None,
+    n: int = 1,
 ) -> list[str]:
-    """qemu's command line; with `init="systemd"`, stage 2 ends in systemd and `disk` (see
-    make_disk) is the VM's /dev/vda; with "busybox", stage 2 is PID 1 and there is no disk."""
+    """qemu's command line for director `n` (its tap and MAC; its files under `run_dir`); with
+    `init="systemd"`, stage 2 ends in systemd and `disk` (see make_disk) is the VM's /dev/vda;
+    with "busybox", stage 2 is PID 1 and there is no disk."""
     # Values for stage 1 and 2 (see initramfs.py); the kernel ignores unknown parameters.
     cmdline = " ".join(
         [
@@ -48,7 +66,7 @@ def qemu_argv(
     )
     extra: list[str] = []
     if init == "systemd":
-        masks = (f"systemd.mask={unit}" for unit in MASKED_UNITS)
+        masks = (f"systemd.mask={unit}" for unit in LAB_MASKED_UNITS)
         cmdline += " " + " ".join((f"lab_stage2={art.stage2_systemd}", *_SYSTEMD_CMDLINE, *masks))
         # Writeback: a guest fsync still reaches the image file (qemu flushes on request).
         extra = [
@@ -98,9 +116,9 @@ def qemu_argv(
         "-device",
         "virtio-9p-pci,fsdev=hr,mount_tag=hostroot",
         "-netdev",
-        f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+        f"tap,id=n0,ifname={tap(n)},script=no,downscript=no",
         "-device",
-        f"virtio-net-pci,netdev=n0,mac={MAC}",
+        f"virtio-net-pci,netdev=n0,mac={mac(n)}",
         *extra,
     ]
 

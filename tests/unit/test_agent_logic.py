@@ -107,19 +107,28 @@ class MemoryKernel:
     # The runtime's probe services (RuntimeKernel's contract: what exists already is kept).
     def add_probe_service(self, mark, node, scheduler):
         self.step("add-probe")
-        scheduler_now, dests = self.fwmarks.setdefault(mark, (scheduler, {}))
+        if mark in self.fwmarks:
+            raise agent.AgentError("kernel-refused", f"fwmark {mark:#x}: File exists")
+        self.fwmarks[mark] = (scheduler, {})
         self.changes.append(f"add-probe {mark:#x}")
+        self.add_probe_dest(mark, node)
+
+    def add_probe_dest(self, mark, node):
         self.step("add-probe-dest")
-        dests.setdefault((node, 0), ("Route", 1))
+        self.fwmarks[mark][1].setdefault((node, 0), ("Route", 1))
         self.changes.append(f"add-probe-dest {mark:#x} {node}")
+
+    def local_addresses(self):
+        return {"203.0.113.2", "198.51.100.2"} | {vip for _i, vip in self.addresses}
 
     def del_probe_service(self, mark, node):
         self.step("del-probe")
         self.fwmarks.pop(mark, None)
         self.changes.append(f"del-probe {mark:#x}")
 
-    def source_for(self, node):
-        return "203.0.113.2" if node.startswith("203.0.113.") else None
+    def source_for(self, node, exclude=frozenset()):
+        own = {"203.0.113.": "203.0.113.2", "198.51.100.": "198.51.100.2"}
+        return next((a for p, a in own.items() if node.startswith(p) and a not in exclude), None)
 
     def add_address(self, index, vip):
         self.step("bind")

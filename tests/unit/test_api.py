@@ -43,6 +43,26 @@ def test_peer_uid_of_a_real_loopback_connection_is_this_process_uid():
             assert api.peer_uid(conn) == os.getuid()
 
 
+def as_nobody(child) -> bytes:
+    """Run `child()` in a forked process as uid/gid 65534; the bytes it returns, via a pipe."""
+    "127.0.0.1".encode("idna")  # the codec, imported while root can still read the library
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, child())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    try:
+        return os.read(read, 4096)
+    finally:
+        os.close(read)
+
+
 def handler(calls: list):
     def handle(request: dict) -> dict:
         calls.append(request)
@@ -114,22 +134,12 @@ def test_the_default_check_serves_this_uid_only_when_it_is_root(listening):
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another uid")
 def test_a_connection_from_another_uid_is_closed_without_a_word(listening):
     a, _ = listening()
-    "127.0.0.1".encode("idna")  # the codec, imported while root can still read the library
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: nobody, connects and reports what it heard
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            with socket.create_connection(("127.0.0.1", a.port), timeout=5) as conn:
-                heard = conn.makefile("rb").readline()
-            os.write(write, b"heard:" + heard)
-        finally:
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    assert os.read(read, 4096) == b"heard:"
-    os.close(read)
+
+    def connect() -> bytes:
+        with socket.create_connection(("127.0.0.1", a.port), timeout=5) as conn:
+            return b"heard:" + conn.makefile("rb").readline()
+
+    assert as_nobody(connect) == b"heard:"
 
 
 def test_close_lets_a_request_in_flight_finish_and_answer(listening):
@@ -195,33 +205,24 @@ def test_another_uid_that_sends_and_closes_at_once_gets_nothing_handled(listenin
     """The reviewer's attack: connect, send a request, close before the lookup (the closed
     socket shows as uid 0 in /proc/net/tcp). Bounded: 3 s of tries."""
     a, calls = listening()
-    "127.0.0.1".encode("idna")  # the codec, imported while root can still read the library
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def attack() -> bytes:
         sent = 0
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            line = json.dumps({"id": 1, "op": "apply", "version": "v1"}).encode() + b"\n"
-            until = time.monotonic() + 3
-            while time.monotonic() < until:
-                sock = socket.socket()
-                try:
-                    sock.connect(("127.0.0.1", a.port))
-                    sock.sendall(line)
-                    sent += 1
-                except OSError:
-                    pass
-                finally:
-                    sock.close()
-        finally:
-            os.write(write, str(sent).encode())
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    sent = int(os.read(read, 64) or b"0")
-    os.close(read)
+        line = json.dumps({"id": 1, "op": "apply", "version": "v1"}).encode() + b"\n"
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            sock = socket.socket()
+            try:
+                sock.connect(("127.0.0.1", a.port))
+                sock.sendall(line)
+                sent += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return str(sent).encode()
+
+    sent = int(as_nobody(attack) or b"0")
     time.sleep(0.5)
     assert sent >= 20  # the attack ran
     assert calls == []
@@ -253,20 +254,12 @@ def test_the_director_lock_is_root_only(tmp_path):
     with ownership.director_lock(str(path), wait=1):
         pass
     assert path.stat().st_mode & 0o777 == 0o600
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def open_it() -> bytes:
         try:
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                os.open(str(path), os.O_RDONLY)
-                os.write(write, b"opened")
-            except PermissionError:
-                os.write(write, b"refused")
-        finally:
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    assert os.read(read, 64) == b"refused"
-    os.close(read)
+            os.open(str(path), os.O_RDONLY)
+            return b"opened"
+        except PermissionError:
+            return b"refused"
+
+    assert as_nobody(open_it) == b"refused"

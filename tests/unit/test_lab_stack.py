@@ -91,4 +91,8 @@ def test_pulumi_up_on_the_lab_stack_needs_no_cluster(tmp_path, monkeypatch):
             "TCP 203.0.113.201:80 wlc -> 203.0.113.11:80 Route 1",
             "TCP 203.0.113.201:80 wlc -> 203.0.113.12:80 Route 1",
         ],
+        "realServerHealth": [  # the program's default check (vip), as a fresh director reports
+            "TCP 203.0.113.201:80 -> 203.0.113.11:80 up",
+            "TCP 203.0.113.201:80 -> 203.0.113.12:80 up",
+        ],
     }

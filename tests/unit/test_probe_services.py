@@ -77,13 +77,22 @@ def steps(*rows):
         # Created, killed before the record said so: confirmed, not created again.
         ({N1}, {N1: (M1, False)}, {M1: live(M1, N1)}, [("confirm", N1, M1)]),
         # Killed between adding the service and its destination: completed.
-        ({N1}, {N1: (M1, False)}, {M1: live(M1)}, [("create", N1, M1)]),
+        ({N1}, {N1: (M1, False)}, {M1: live(M1)}, [("complete", N1, M1)]),
         # Recorded, killed before creating: created.
         ({N1}, {N1: (M1, False)}, {}, [("create", N1, M1)]),
-        # Ours, deleted or edited by hand: put back.
-        ({N1}, {N1: (M1, True)}, {}, [("create", N1, M1)]),
+        # Ours, gone (a flush, a reboot): unconfirmed first, so whatever appears at the mark
+        # before it is created again is never taken for ours; edited while it existed: put back.
+        ({N1}, {N1: (M1, True)}, {}, [("unconfirm", N1, M1), ("create", N1, M1)]),
         ({N1}, {N1: (M1, True)}, {M1: live(M1, N1, N2)}, [("replace", N1, M1)]),
         ({N1}, {N1: (M1, True)}, {M1: live(M1, N1, scheduler="wlc")}, [("replace", N1, M1)]),
+        # A confirmed mark leading elsewhere (someone's, made after a reboot or a flush before
+        # our pass saw the mark empty): given up, never replaced.
+        (
+            {N1},
+            {N1: (M1, True)},
+            {M1: live(M1, "198.51.100.9")},
+            [("forget", N1, M1), ("record", N1, M2), ("create", N1, M2)],
+        ),  # fmt: skip
         # Someone took the mark between our record and our create: given up, another chosen.
         (
             {N1},
@@ -91,14 +100,16 @@ def steps(*rows):
             {M1: live(M1, "198.51.100.9")},
             [("forget", N1, M1), ("record", N1, M2), ("create", N1, M2)],
         ),  # fmt: skip
-        # No longer probed: ours deleted, then forgotten; someone else's only forgotten.
+        # No longer probed: ours deleted, then forgotten; anything else only forgotten.
         (set(), {N1: (M1, True)}, {M1: live(M1, N1)}, [("delete", N1, M1), ("forget", N1, M1)]),
+        (set(), {N1: (M1, False)}, {M1: live(M1)}, [("delete", N1, M1), ("forget", N1, M1)]),
+        (set(), {N1: (M1, True)}, {M1: live(M1, N1, N2)}, [("forget", N1, M1)]),
         (set(), {N1: (M1, False)}, {M1: live(M1, "198.51.100.9")}, [("forget", N1, M1)]),
         (set(), {N1: (M1, False)}, {}, [("forget", N1, M1)]),
         # A recorded mark is taken even when its service is gone: the new node gets the next.
         (
             {N1, N2},
-            {N1: (M1, True)},
+            {N1: (M1, False)},
             {},
             [("create", N1, M1), ("record", N2, M2), ("create", N2, M2)],
         ),  # fmt: skip
@@ -166,7 +177,7 @@ def test_a_kill_at_every_step_converges_with_nothing_leaked_and_nothing_foreign_
             kernel.fwmarks[M1] = ("wrr", {("198.51.100.20", 0): ("Masq", 2)})  # someone else's
             probes.sync({N1, N2, N3}, {})  # the starting point: three nodes probed
             kernel.crash_after, kernel.steps = k_step, 0
-            probes._save = _counting(probes._save, kernel)
+            probes._commit = _counting(probes._commit, kernel)
             try:
                 probes.sync(goal, {})
             except Crash:
@@ -185,10 +196,10 @@ def test_a_kill_at_every_step_converges_with_nothing_leaked_and_nothing_foreign_
     record(crash_points=points)
 
 
-def _counting(save, kernel):
-    def step():
+def _counting(commit, kernel):
+    def step(change):
         kernel.step("probes.json")
-        save()
+        commit(change)
 
     return step
 
@@ -260,3 +271,95 @@ def test_a_malformed_record_is_one_line_and_foreign_marks_stay_untouched(tmp_pat
     assert len(probes.logged) == 1 and str(tmp_path / "probes.json") in probes.logged[0]
     probes.sync({N1}, {})
     assert marks_in(k) == {7: [("198.51.100.20", 0)], M1: [(N1, 0)]}
+
+
+def test_a_record_that_cannot_be_written_changes_nothing_in_the_kernel(tmp_path):
+    """A full or read-only /var/lib: no probe service and no setting without its record, so
+    nothing is left behind that the next run would take for someone else's."""
+    root = tmp_path / "sys"
+    local = "net/ipv4/conf/eth0/accept_local"
+    sysctl(root, local, 0)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the record's folder should be")
+    k = MemoryKernel()
+    probes = ps.ProbeServices(k, str(blocked / "probes.json"), lambda _line: None, str(root))
+    probes.sync({N1}, {local: "1"})
+    assert k.fwmarks == {} and (root / local).read_text() == "0\n"
+    assert probes.record["marks"] == {} and probes.record["sysctls"] == {}
+    assert set(probes.problems) == {N1, local}
+    assert probes.problems[N1].startswith(f"probe service {N1} (mark {M1:#x}): record failed")
+    blocked.unlink()  # the disk has room again: the next pass converges
+    probes.sync({N1}, {local: "1"})
+    assert marks_in(k) == {M1: [(N1, 0)]} and (root / local).read_text() == "1\n"
+    assert probes.problems == {}
+
+
+def test_the_source_is_looked_up_again_while_missing_or_no_longer_the_directors(tmp_path):
+    k, probes = services(tmp_path)
+    k.source_for = lambda node, exclude=frozenset(): None  # no route yet (network not up)
+    probes.sync({N1}, {})
+    assert probes.route(N1) is None and "no address" in probes.why_not(N1)
+    k.source_for = lambda node, exclude=frozenset(): "203.0.113.2"
+    probes.sync({N1}, {})
+    assert probes.route(N1) == (M1, "203.0.113.2")
+    # Renumbered: 203.0.113.2 is gone from the director, 203.0.113.3 is its address now.
+    k.local_addresses = lambda: {"203.0.113.3"}
+    k.source_for = lambda node, exclude=frozenset(): "203.0.113.3"
+    probes.sync({N1}, {})
+    assert probes.route(N1) == (M1, "203.0.113.3")
+    # Never a VIP, even when the kernel would choose it.
+    k.local_addresses = lambda: {"203.0.113.3", "203.0.113.201"}
+    probes.sources[N1] = "203.0.113.201"
+    probes.sync({N1}, {}, vips={"203.0.113.201"})
+    assert probes.source(N1) == "203.0.113.3"
+
+
+def test_no_probe_is_sent_while_accept_local_is_off(tmp_path):
+    root = tmp_path / "sys"
+    local = "net/ipv4/conf/eth0/accept_local"
+    sysctl(root, local, 0)
+    k, probes = services(tmp_path, root=root)
+    probes.sync({N1}, {local: "1"})
+    assert probes.route(N1) == (M1, "203.0.113.2")
+    sysctl(root, local, 0)  # an interface re-created, config management: replies would be dropped
+    probes.read_at = 0.0
+    assert probes.route(N1) is None
+    assert probes.why_not(N1) == "accept_local is not 1 on the VIP's interface"
+
+
+class FakeIPRoute:
+    """What netlink answers for `ip route get` and `ip addr show dev`, literally."""
+
+    def __init__(self, prefsrc, addresses):
+        self.prefsrc, self.addresses = prefsrc, addresses
+
+    def route(self, command, dst):
+        assert command == "get"
+        return [{"RTA_PREFSRC": self.prefsrc, "RTA_OIF": 2}]
+
+    def addr(self, command, index=None, family=None):
+        assert (command, index) == ("dump", 2)
+        return [
+            {"IFA_ADDRESS": a, "scope": scope, "IFA_FLAGS": flags}
+            for a, scope, flags in self.addresses
+        ]
+
+
+def test_runtime_kernel_source_for_never_answers_a_vip():
+    from providers.runtime import RuntimeKernel
+
+    kernel = object.__new__(RuntimeKernel)  # no netlink socket: the fake answers
+    kernel.NetlinkError = OSError
+    vip = "2001:db8::201"
+    # The kernel's own choice for a node in the VIP's /64: the /128 VIP (longest match).
+    kernel.ipr = FakeIPRoute(vip, [
+        (vip, 0, 0),
+        ("fe80::1", 253, 0),  # link scope
+        ("2001:db8::3", 0, 0x40),  # tentative (DAD running)
+        ("2001:db8::2", 0, 0x80),  # permanent flag only
+    ])  # fmt: skip
+    assert kernel.source_for("2001:db8::11", {vip}) == "2001:db8::2"
+    kernel.ipr = FakeIPRoute("203.0.113.2", [])
+    assert kernel.source_for("203.0.113.11", {"203.0.113.201"}) == "203.0.113.2"
+    kernel.ipr = FakeIPRoute(vip, [(vip, 0, 0)])
+    assert kernel.source_for("2001:db8::11", {vip}) is None

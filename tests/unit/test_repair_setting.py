@@ -19,6 +19,7 @@ import pytest
 from providers import agent, ownership, runtime
 from tests.unit.test_agent_logic import OWNER, MemoryKernel, spec
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
+from tests.unit.test_runtime import make_runtime
 
 VIP = "203.0.113.201"
 KEY = f"tcp/{VIP}:80"
@@ -169,20 +170,6 @@ def paths(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
     monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "run" / "lock"))
     return tmp_path
-
-
-def make_runtime(kernel, paths, config=None, restoring=False):
-    if config is not None:
-        (paths / "runtime.json").write_text(json.dumps(config))
-    logged: list[str] = []
-    rt = runtime.Runtime(
-        kernel,
-        config_path=str(paths / "runtime.json"),
-        status_path=str(paths / "run" / "status.json"),
-        log=logged.append,
-    )
-    rt.restoring, rt.logged = restoring, logged
-    return rt
 
 
 def stacks_line(kernel, rt) -> str:

@@ -590,13 +590,19 @@ def test_after_steady_passes_each_drift_is_still_repaired_in_one_pass(paths, dri
     assert rt.reconcile() == [] and rt.full_passes == 3  # steady again
 
 
-def test_a_change_of_the_record_or_the_settings_is_judged_in_full(paths):
+def steady(paths) -> tuple[CountingKernel, runtime.Runtime]:
+    """A runtime that judged the table once in full and then found nothing changed."""
     kernel = CountingKernel()
     apply(kernel)
     rt = make_runtime(kernel, paths)
     rt.reconcile()
     rt.reconcile()
     assert rt.full_passes == 1
+    return kernel, rt
+
+
+def test_a_change_of_the_record_or_the_settings_is_judged_in_full(paths):
+    kernel, rt = steady(paths)
     apply(kernel, port=443)  # a provider's apply: the record changed
     rt.reconcile()
     assert rt.full_passes == 2
@@ -606,12 +612,7 @@ def test_a_change_of_the_record_or_the_settings_is_judged_in_full(paths):
 
 
 def test_a_full_pass_comes_at_least_every_minute_anyway(paths, monkeypatch):
-    kernel = CountingKernel()
-    apply(kernel)
-    rt = make_runtime(kernel, paths)
-    rt.reconcile()
-    rt.reconcile()
-    assert rt.full_passes == 1
+    _, rt = steady(paths)
     monkeypatch.setattr(runtime.time, "monotonic", lambda: rt.full_due + 0.1)
     rt.reconcile()
     assert rt.full_passes == 2

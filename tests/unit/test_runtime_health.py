@@ -399,7 +399,10 @@ def test_kube_proxy_prober_200_is_up_anything_else_is_down(healthz):
     Healthz.status = 200
     assert prober.probe(target(port)) == (True, "")
     Healthz.status = 503
-    assert prober.probe(target(port)) == (False, f"kubeProxy healthz 127.0.0.1:{port}: HTTP 503")
+    assert prober.probe(target(port)) == (
+        False,
+        f"kubeProxy healthz 127.0.0.1:{port}: HTTP 503, expected 200",
+    )
     Healthz.status = 200
 
 
@@ -483,7 +486,7 @@ def test_vip_prober_connects_with_its_mark_from_the_source_and_checks_the_status
     assert routes == [N1] * 3
     unrouted = probing.VipProber(lambda _address: None)
     got = unrouted.probe(vip_target(port))  # not probed: never a guess through another node
-    assert got == (None, f"{where}: no probe service (fwmark) in place for this node")
+    assert got == (None, f"{where}: not sent: no probe service (fwmark) in place")
 
 
 def test_vip_prober_refused_and_timed_out():
@@ -499,3 +502,137 @@ def test_vip_prober_refused_and_timed_out():
         port = silent.getsockname()[1]
         got = prober.probe(vip_target(port, {"path": "/", "expectStatus": 200}, 0.2))
         assert got == (False, f"vip probe 127.0.0.1:{port} via {N1}: timed out after 0.2 s")
+
+
+class Trickle:
+    """A peer that accepts and answers one byte every `gap` seconds, forever (bounded by the
+    test): a probe must give up at its timeout however the bytes trickle."""
+
+    def __init__(self, gap: float = 0.1, reply: bytes = b"HTTP/1.0 200 OK\r\n"):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.gap, self.reply, self.stop = gap, reply, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            for byte in self.reply * 50:
+                if self.stop.wait(self.gap):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("check", ["vip", "kubeProxy"])
+def test_a_trickling_peer_cannot_hold_a_probe_past_its_timeout(check):
+    import time
+
+    peer = Trickle()
+    try:
+        http = {"path": "/", "expectStatus": 200}
+        if check == "vip":
+            t = vip_target(peer.port, http, timeout=0.4)
+            prober = probing.VipProber(lambda _a: (1001, "127.0.0.1"))
+            where = f"vip probe 127.0.0.1:{peer.port} via {N1}"
+        else:
+            t = target(peer.port, timeout=0.4)
+            prober = probing.KubeProxyProber()
+            where = f"kubeProxy healthz 127.0.0.1:{peer.port}"
+        began = time.monotonic()
+        got = prober.probe(t)
+        took = time.monotonic() - began
+    finally:
+        peer.close()
+    assert got == (False, f"{where}: timed out after 0.4 s")
+    assert took < 0.6, took  # one deadline for the whole exchange, not one per byte
+
+
+def test_a_reply_without_a_full_status_line_is_a_failure():
+    peer = Trickle(gap=0.0, reply=b"HTTP/1.1 200")  # cut before its line end, then silence
+    try:
+        peer.reply = b"HTTP/1.1 200"
+        got = probing.KubeProxyProber().probe(target(peer.port, timeout=0.3))
+    finally:
+        peer.close()
+    assert got[0] is False
+
+
+def test_every_probe_closes_with_a_reset_so_no_entry_lingers(healthz):
+    """IPVS keeps a FIN_WAIT entry (DR sees the director's packets only) that a later probe from
+    the same source port would follow to the old node; an RST leaves none."""
+    seen: list[str] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+            try:
+                conn.settimeout(2)
+                seen.append("fin" if conn.recv(1024) == b"" else "data")
+            except ConnectionResetError:
+                seen.append("rst")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    got = probing.VipProber(lambda _a: (1001, "127.0.0.1")).probe(
+        vip_target(port, {"path": "/", "expectStatus": 200})
+    )
+    thread.join(5)
+    server.close()
+    assert got == (True, "") and seen == ["rst"]
+
+
+def test_the_directors_own_errors_are_not_sent_never_a_node_failure():
+    # 203.0.113.250 is not an address of this host: bind() fails with EADDRNOTAVAIL, as after a
+    # renumbering; the node is not to blame.
+    got = probing.VipProber(lambda _a: (1001, "203.0.113.250")).probe(vip_target(9))
+    assert got[0] is None and "the director's own error" in got[1]
+
+
+def test_a_probe_not_sent_is_said_in_status_and_changes_nothing(paths):  # noqa: F811
+    local = paths / "sys" / "net/ipv4/conf/eth0/accept_local"
+    local.parent.mkdir(parents=True)
+    local.write_text("0\n")
+    k = MemoryKernel()
+    apply(k, health={**CHECK, "check": "vip"})
+    rt = make_runtime(k, paths)
+    rt.reconcile()
+    assert rt.probes.route(N1) is not None
+    k.fwmarks.clear()  # flushed: until the next pass puts them back, no probe may be sent
+    rt.probes.read_at = 0.0
+    rt.now = rt.clock()
+    for _ in range(4):
+        rt.probe(rt.clock() + 10)
+    rt.reconcile()
+    assert states(rt) == {N1: "up", N2: "up"} and weights(k) == [(N1, 1), (N2, 1)]
+    notes = [n for n in rt.status()["notes"] if "not sent" in n]
+    assert notes and all("probe service fwmark" in n and "not in place" in n for n in notes)
+
+
+def test_with_repair_off_a_failing_server_is_reported_not_drained(paths):  # noqa: F811
+    k = MemoryKernel()
+    apply(k)
+    (paths / "runtime.json").write_text(json.dumps({"repair": {OWNER: False}}))
+    prober = Scripted(**{N1: [False] * 3, N2: [True] * 3})
+    rt = health_runtime(k, paths, prober)
+    rt.reconcile(), step(rt), step(rt), step(rt)
+    assert weights(k) == [(N1, 1), (N2, 1)]  # the runtime changes nothing of this stack
+    assert states(rt) == {N1: "failing", N2: "up"}
+    assert any(line.startswith(f"failing {KEY} {N1}:80, not drained (its stack's repair is off)") for line in rt.logged)  # fmt: skip
+    # And the provider's own apply (`pulumi up`) keeps the configured weights too.
+    apply(k)
+    assert weights(k) == [(N1, 1), (N2, 1)]
