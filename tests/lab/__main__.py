@@ -47,13 +47,14 @@ def _print_info(info: dict) -> None:
         f"{info['user']}@{info['host']}",
         "ipvsadm -Ln",
     ]
-    nodes = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
+    # Not `nodes`: that is the module, for its HEALTHZ_PORT below.
+    node_list = " ".join(f"{name}={ip}" for name, ip in info["nodes"].items())
     print(f"""director lab {info["id"]} is up
   director     {info["user"]}@{info["host"]}:{info["port"]} (interface {info["interface"]})
   private key  {info["keyPath"]}
   host key     {info["hostKey"]}
   ProxyCommand {info["proxyCommand"]}
-  nodes        {nodes} (kube-proxy stand-ins: {info["vip"]}:80 to each node's pod; healthz :{nodes.HEALTHZ_PORT})
+  nodes        {node_list} (kube-proxy stand-ins: {info["vip"]}:80 to each node's pod; healthz :{nodes.HEALTHZ_PORT})
   namespaces   lab {ns["lab"]}, client {ns["client"]}
   init         {info.get("init", "busybox")}
 
