@@ -371,12 +371,15 @@ class ProbeServices:
 
     def _refresh(self) -> None:
         """The table and the accept_local settings the probes rely on, read now."""
-        live = parse_table(self.kernel.table_text())
-        accepting = all(
+        with self.lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        self.live = parse_table(self.kernel.table_text())
+        self.accepting = all(
             self._read(n) == v for n, v in self.wanted.items() if n.endswith("/accept_local")
         )
-        with self.lock:
-            self.live, self.accepting, self.read_at = live, accepting, time.monotonic()
+        self.read_at = time.monotonic()
 
     def route(self, node: str) -> tuple[int, str] | None:
         """(mark, the director's own address toward `node`) while the node's probe service is
@@ -385,9 +388,9 @@ class ProbeServices:
         source = self.sources.get(node)
         if entry is None or not source:
             return None
-        if time.monotonic() - self.read_at > ROUTE_FRESH_SECONDS:
-            self._refresh()
-        with self.lock:
+        with self.lock:  # one reader per tick: 32 probe threads must not each parse the table
+            if time.monotonic() - self.read_at > ROUTE_FRESH_SECONDS:
+                self._refresh_locked()
             svc, accepting = self.live.get(int(entry["mark"])), self.accepting
         if svc is None or not ours(svc, node) or not accepting:
             return None

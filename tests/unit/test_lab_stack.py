@@ -48,6 +48,22 @@ def test_lab_stack_file_is_valid_config_and_cli_gets_the_secret(tmp_path, monkey
     assert recorded[2] == "-----BEGIN OPENSSH PRIVATE KEY-----"
 
 
+def test_lab_up_prints_how_to_reach_the_lab(capsys):
+    """`./dev lab up` and `status` end by printing this; it must not raise."""
+    info = {
+        **INFO,
+        "id": "1-ab",
+        "keyPath": "/k",
+        "knownHosts": "/kh",
+        "namespaces": {"lab": "lab-1", "client": "lab-1-cli", "nodes": ["lab-1-n1", "lab-1-n2"]},
+        "init": "systemd",
+    }
+    lab_cli._print_info(info)
+    out = capsys.readouterr().out
+    assert "nodes        node1=203.0.113.11 node2=203.0.113.12" in out
+    assert "healthz :10256" in out
+
+
 def test_without_the_cli_only_the_file_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(lab_cli, "STACK_FILE", tmp_path / "Pulumi.lab.yaml")
     monkeypatch.setattr(lab_cli.shutil, "which", lambda _name: None)

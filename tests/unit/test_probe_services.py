@@ -363,3 +363,36 @@ def test_runtime_kernel_source_for_never_answers_a_vip():
     assert kernel.source_for("203.0.113.11", {"203.0.113.201"}) == "203.0.113.2"
     kernel.ipr = FakeIPRoute(vip, [(vip, 0, 0)])
     assert kernel.source_for("2001:db8::11", {vip}) is None
+
+
+def test_probe_threads_read_the_table_once_per_tick_not_once_each(tmp_path):
+    """500 probes a second from 32 threads: the kernel's text is read and parsed once per
+    ROUTE_FRESH_SECONDS, not by every thread that finds it stale (the runtime's CPU, measured in
+    the lab at 50 x 10, fell from 355 to 105 probes per second when it was)."""
+    import threading
+
+    k, probes = services(tmp_path)
+    probes.sync({N1, N2}, {})
+    reads = []
+    text = k.table_text
+
+    def counted():
+        reads.append(1)
+        return text()
+
+    k.table_text = counted
+    probes.read_at = 0.0
+    start = threading.Barrier(32)
+    answers = []
+
+    def probe():
+        start.wait()
+        answers.append(probes.route(N1))
+
+    threads = [threading.Thread(target=probe) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert answers == [(M1, "203.0.113.2")] * 32
+    assert len(reads) == 1
