@@ -5,12 +5,22 @@ Run inside a pod namespace (tests/lab/nodes.py) with the host's stdlib-only pyth
 lab's). With a peers file, the peer address of every request is appended to it, one a line,
 before the answer goes out: a test that has its answer can read who the pod saw. Prints
 ``ready`` once listening, then keeps quiet.
+
+``GET /slow/<seconds>`` is a long download: CHUNK bytes every TICK s for that many seconds (at
+most SLOW_MAX), Content-Length given up front, so a client sees a cut or a stall mid-body.
 """
 
 import os
+import re
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CHUNK = 1024
+TICK = 0.1
+SLOW_MAX = 600
+_SLOW = re.compile(r"/slow/(\d{1,3})")
 
 
 class Server(ThreadingHTTPServer):
@@ -32,11 +42,27 @@ def main() -> None:
                 with lock:
                     peers.write(self.client_address[0] + "\n")
                     peers.flush()
+            slow = _SLOW.fullmatch(self.path)
+            if slow:
+                self._slow(min(int(slow.group(1)), SLOW_MAX))
+                return
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _slow(self, seconds: int) -> None:
+            ticks = round(seconds / TICK)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(ticks * CHUNK))
+            self.end_headers()
+            start = time.monotonic()
+            for k in range(ticks):  # paced from the start, so a stall is not carried forward
+                time.sleep(max(0.0, start + k * TICK - time.monotonic()))
+                self.wfile.write(b"x" * CHUNK)
+                self.wfile.flush()
 
         def log_message(self, format: str, *args: object) -> None:
             pass  # nobody reads the server's output once it is up
