@@ -141,7 +141,7 @@ def _await_holder(lab: harness.Lab, n: int, since: float) -> float:
     while time.time() < deadline:
         if lab.vip_holders() == {lab.vip: [n]}:
             return time.time() - since
-        time.sleep(0.05)
+        time.sleep(0.1)
     logs = {m: _log(lab, m) for m in lab.live_directors()}
     raise AssertionError(f"VIP not on director {n} alone: {lab.vip_holders()}; logs {logs}")
 
@@ -161,18 +161,20 @@ def _figures(results: list[dict], event: float) -> tuple[int, int, float]:
     return len(results), failed, gap
 
 
-def _under_load(lab: harness.Lab, event, after: float = 4.0) -> tuple[int, int, float, float]:
-    """Run `event()` under the paced client (2 s of load before it, `after` s after);
-    (requests, failed, gap, event time)."""
-    with nodes.load(lab, lab.vip, 80, rate=RATE, timeout=1.0, max_seconds=60) as load:
+def _under_load(
+    lab: harness.Lab, event, after: float = 3.0
+) -> tuple[int, int, float, float, object]:
+    """Run `event()` under the paced client (2 s of load before it, `after` s after it
+    returned); (requests, failed, gap, event time, what event returned)."""
+    with nodes.load(lab, lab.vip, 80, rate=RATE, timeout=1.0, max_seconds=90) as load:
         time.sleep(2.0)
         at = time.time()
-        event()
+        value = event(at)
         time.sleep(after)
         stop = time.time()
         time.sleep(1.5)  # the last requests (1 s timeout) finish
         results = [r for r in load.results() if r["start"] <= stop]
-    return (*_figures(results, at), at)
+    return (*_figures(results, at), at, value)
 
 
 _DOWNLOAD_CLIENT = """
@@ -252,9 +254,11 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     assert nodes.attempts(lab, lab.vip, 80, count=3)[0]["outcome"] == "ok"
 
     # keepalived stopped on the primary: it leaves with a priority 0 advert.
-    stop = lambda: lab.director(f"systemctl stop {UNIT}", n=1)  # noqa: E731
-    total, failed, gap, at = _under_load(lab, stop)
-    moved = _await_holder(lab, 2, at)
+    def stop(at: float) -> float:
+        lab.director(f"systemctl stop {UNIT}", n=1)
+        return _await_holder(lab, 2, at)
+
+    total, failed, gap, at, moved = _under_load(lab, stop)
     say(
         f"keepalived stopped on director 1: {failed} of {total} failed, client gap"
         f" {gap * 1000:.0f} ms, VIP on director 2 within {moved:.2f}s"
@@ -265,8 +269,11 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     _one_holder(lab, 2)
 
     # The runtime's "out of sync": the ready file says 0 on the master.
-    total, failed, gap, at = _under_load(lab, lambda: lab.director(_ready("0"), n=2))
-    moved = _await_holder(lab, 1, at)
+    def not_ready(at: float) -> float:
+        lab.director(_ready("0"), n=2)
+        return _await_holder(lab, 1, at)
+
+    total, failed, gap, at, moved = _under_load(lab, not_ready)
     say(
         f"ready file 0 on director 2 (master): VIP on director 1 within {moved:.2f}s,"
         f" {failed} of {total} failed, client gap {gap * 1000:.0f} ms"
@@ -277,9 +284,11 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     _one_holder(lab, 1)
 
     # The runtime killed on the master: keepalived's process tracker puts it in FAULT.
-    kill = lambda: lab.director(f"systemctl kill -s KILL {STANDIN_UNIT}", n=1)  # noqa: E731
-    total, failed, gap, at = _under_load(lab, kill)
-    moved = _await_holder(lab, 2, at)
+    def kill(at: float) -> float:
+        lab.director(f"systemctl kill -s KILL {STANDIN_UNIT}", n=1)
+        return _await_holder(lab, 2, at)
+
+    total, failed, gap, at, moved = _under_load(lab, kill)
     say(
         f"runtime stand-in killed on director 1: VIP on director 2 within {moved:.2f}s,"
         f" {failed} of {total} failed, client gap {gap * 1000:.0f} ms"
@@ -295,11 +304,17 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     # Primary crash: kill -9 director 1's qemu, a download running through it.
     download = Download(lab, seconds=20)
     time.sleep(1.0)
-    total, failed, gap, at = _under_load(lab, lambda: lab.crash(1), after=5.0)
+
+    def crash(at: float) -> float:
+        lab.crash(1)
+        return _await_holder(lab, 2, at)
+
+    total, failed, gap, at, moved = _under_load(lab, crash, after=4.0)
     _one_holder(lab, 2)
     got = download.result()
     say(
-        f"primary crash (kill -9 director 1's VM): gap {gap * 1000:.0f} ms"
+        f"primary crash (kill -9 director 1's VM): VIP on director 2 within {moved:.2f}s,"
+        f" client gap {gap * 1000:.0f} ms"
         f" (goal <= 500 ms: {_goal(gap <= 0.5)}), {failed} of {total} failed"
         f" (goal <= 3: {_goal(failed <= 3)}), {_download_line(got, at)}"
         f" (goal survives: {_goal(got['survived'])})"
@@ -315,16 +330,18 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     download = Download(lab, seconds=15)
     time.sleep(2.0)  # the new flow's state reaches director 1's backup sync daemon
 
-    def move_back() -> None:  # the operator's (and the runtime's) lever: not ready, then ready
+    def move_back(at: float) -> float:  # the operator's (and runtime's) lever: not ready, ready
         lab.director(_ready("0"), n=2)
-        _await_holder(lab, 1, time.time())
+        moved = _await_holder(lab, 1, at)
         lab.director(_ready("1"), n=2)
+        return moved
 
-    total, failed, gap, at = _under_load(lab, move_back)
+    total, failed, gap, at, moved = _under_load(lab, move_back)
     got = download.result()
     _one_holder(lab, 1)
     say(
-        f"failback by hand (ready 0 then 1 on director 2): {failed} of {total} failed, client"
+        f"failback by hand (ready 0 then 1 on director 2): VIP on director 1 within"
+        f" {moved:.2f}s, {failed} of {total} failed, client"
         f" gap {gap * 1000:.0f} ms (goal 0-1 failed: {_goal(failed <= 1)}),"
         f" {_download_line(got, at)} (goal survives: {_goal(got['survived'])})"
     )
