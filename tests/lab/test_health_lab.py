@@ -386,8 +386,8 @@ def test_a_restart_and_a_reboot_keep_a_drained_server_drained_until_a_probe_pass
     assert f"restored tcp/{VIP}:80: add-dest {N2}:80 weight 0" in restored, booted
     assert not any(f"{N2}:80 weight 1" in line for line in booted), booted
     assert f"-a -t {VIP}:80 -r {N2}:80 -g -w 0" in lab.ipvsadm_sn()
-    lab.nodes.heal(2)
-    with table_watch(lab) as watch:
+    with table_watch(lab) as watch:  # streaming before the recovery: its time is measured
+        lab.nodes.heal(2)
         t_heal = time.time()
         t_back = watch.wait(lambda w: w.get(N2) == 1, t_heal, 30)
     _say(

@@ -13,17 +13,10 @@ import json
 
 import pytest
 
+from tests.program.conftest import TCP_HEALTH
 from tests.provider.test_repair_grpc import INPUTS, KEY, NONE, SOME, TABLE, MemoryDirectorServer
 
-DEFAULTS = {
-    "check": "vip",
-    "intervalSeconds": 1.0,
-    "timeoutSeconds": 0.5,
-    "rise": 2,
-    "fall": 2,
-    "depoolThreshold": 0.5,
-    "kubeProxyPort": 10256,
-}
+DEFAULTS = TCP_HEALTH  # the contract's defaults, written out once (tests/program/conftest.py)
 HTTP = {**DEFAULTS, "fall": 3, "http": {"path": "/healthz", "expectStatus": 200}}
 
 

@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 
 from providers import agent, ownership
+from tests.program.conftest import TCP_HEALTH
 from tests.unit.test_agent_logic import OWNER, MemoryKernel, spec
 from tests.unit.test_agent_logic import kernel as kernel  # noqa: F401 (the fixture)
 
 VIP = "203.0.113.201"
 KEY = f"tcp/{VIP}:80"
 TABLE = [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
-DEFAULTS = {
-    "check": "vip",
-    "intervalSeconds": 1.0,
-    "timeoutSeconds": 0.5,
-    "rise": 2,
-    "fall": 2,
-    "depoolThreshold": 0.5,
-    "kubeProxyPort": 10256,
-}
+DEFAULTS = TCP_HEALTH  # the contract's defaults, written out once (tests/program/conftest.py)
 HTTP = {**DEFAULTS, "rise": 3, "http": {"path": "/healthz", "expectStatus": 204}}
 
 

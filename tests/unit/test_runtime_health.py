@@ -19,21 +19,14 @@ import pytest
 
 from providers import agent, probing, runtime, virtual_service
 from providers.model import Director
+from tests.program.conftest import TCP_HEALTH
 from tests.unit.test_agent_logic import OWNER, MemoryKernel, spec
 from tests.unit.test_runtime import _set, make_runtime, paths  # noqa: F401 (a fixture)
 
 VIP = "203.0.113.201"
 KEY = f"tcp/{VIP}:80"
 N1, N2, N3 = "203.0.113.11", "203.0.113.12", "203.0.113.13"
-CHECK = {
-    "check": "kubeProxy",
-    "intervalSeconds": 1.0,
-    "timeoutSeconds": 0.5,
-    "rise": 2,
-    "fall": 2,
-    "depoolThreshold": 0.5,
-    "kubeProxyPort": 10256,
-}
+CHECK = {**TCP_HEALTH, "check": "kubeProxy"}
 
 
 class Scripted:
