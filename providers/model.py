@@ -44,6 +44,7 @@ INPUT_KEYS = (
     "owner",
     "repair",
     "health",
+    "vrrp",
 )
 # The stack that declares a virtual service: "<project>/<stack>".
 _OWNER = re.compile(r"^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}\Z")
@@ -451,6 +452,8 @@ def _parse(
         c.fail("repair", f"{_short(repair)} is not true or false: set the stack config ipvs-ingress:repair to true or false (the Ingress component passes it on)")  # fmt: skip
     if props.get("health") is not None:  # absent: no health check (state from before it)
         c.problems += check_health(props["health"], protocol, unknown)[1]
+    if props.get("vrrp") is not None:  # absent: one director, the runtime binds the VIP
+        c.problems += check_vrrp(props["vrrp"], vip_addr, unknown)[1]
     if c.problems or any(unknown(v) for v in props.values()) or director is None:
         return (director, None), c.problems
     spec = VirtualServiceSpec(
@@ -541,14 +544,28 @@ def director_props(d: Director) -> dict:
 
 
 def to_props(
-    director: Director, spec: VirtualServiceSpec, repair: bool = True, health: dict | None = None
+    director: Director,
+    spec: VirtualServiceSpec,
+    repair: bool = True,
+    health: dict | None = None,
+    vrrp: dict | None = None,
 ) -> dict:
     """The normalized input properties (what `check` hands back to the engine); `health` only
-    when there is one (absent: no health check, as in state from before it)."""
+    when there is one (absent: no health check, as in state from before it); `vrrp` only for a
+    director of several (absent: the runtime binds the VIP itself)."""
     props = {"director": director_props(director), **spec_to_dict(spec), "repair": repair}
     if health is not None:
         props["health"] = health
+    if vrrp is not None:
+        props["vrrp"] = vrrp
     return props
+
+
+def vrrp_of(props: Mapping) -> dict | None:
+    """The `vrrp` input in its normalized form, or None (one director: the runtime binds the VIP).
+    Only for props that check_virtual_service passed."""
+    raw = props.get("vrrp")
+    return None if raw is None else check_vrrp(raw, None)[0]
 
 
 def repair_of(props: Mapping) -> bool:
@@ -895,3 +912,99 @@ def spec_from_dict(data: Mapping) -> VirtualServiceSpec:
         real_servers=tuple(RealServer(r["address"], int(r["weight"])) for r in data["realServers"]),
         owner=data.get("owner", ""),
     )
+
+
+# --- VIPs held by VRRP between directors (issue 10) -----------------------------------------------
+
+VRRP_KEYS = (
+    "virtualRouterId", "priority", "address", "peers", "advertSeconds", "preemptDelaySeconds",
+)  # fmt: skip
+VRRP_DEFAULTS = {"virtualRouterId": 51, "advertSeconds": 0.1}  # preemptDelaySeconds unset: none
+VRID_RANGE = (1, 255)
+VRRP_PRIORITY_RANGE = (1, 254)  # 255 is the address owner: never yields, refuses nopreempt
+ADVERT_RANGE = (0.01, 40.95)  # VRRPv3: 12 bits of 10 ms
+PREEMPT_DELAY_RANGE = (0, 1000)  # keepalived's range, seconds
+
+
+def check_vrrp(
+    value: object, vip_addr=None, unknown=_never_unknown, prefix: str = "vrrp"
+) -> tuple[dict | None, list[Problem]]:
+    """This director's part in the VRRP group that holds the VIP, normalized: {virtualRouterId,
+    priority, address (its own on the segment), peers (the others', sorted), advertSeconds,
+    preemptDelaySeconds (absent: no preemption)}. Returns (None, problems) when anything is bad
+    or unknown. keepalived.problems checks the whole group again before rendering."""
+    c = _Checker(unknown)
+    if unknown(value):
+        return None, []
+    if not isinstance(value, Mapping):
+        c.fail(prefix, f"{_short(value)} is not an object: give {{{', '.join(VRRP_KEYS)}}}")
+        return None, c.problems
+    for key in value:
+        if key not in VRRP_KEYS:
+            c.fail(f"{prefix}.{_label(key)}", f"unknown key {_short(key)}: use only {', '.join(VRRP_KEYS)}")  # fmt: skip
+    value = {k: v for k, v in value.items() if v is not None}
+    out: dict = {}
+    vrid = value.get("virtualRouterId", VRRP_DEFAULTS["virtualRouterId"])
+    if not unknown(vrid):
+        out["virtualRouterId"] = c.integer(f"{prefix}.virtualRouterId", vrid, *VRID_RANGE, "VRRP virtual router id (the same on every director of the group)")  # fmt: skip
+    priority = value.get("priority")
+    if priority is None:
+        c.fail(f"{prefix}.priority", f"missing: give this director's VRRP priority, a whole number from {VRRP_PRIORITY_RANGE[0]} to {VRRP_PRIORITY_RANGE[1]}")  # fmt: skip
+    elif not unknown(priority):
+        out["priority"] = c.integer(f"{prefix}.priority", priority, *VRRP_PRIORITY_RANGE, "VRRP priority (255 is reserved for an address owner)")  # fmt: skip
+    own = None
+    if "address" not in value:
+        c.fail(f"{prefix}.address", "missing: give this director's own IP address on the director segment")  # fmt: skip
+    elif not unknown(value["address"]):
+        own = c.address(f"{prefix}.address", value["address"], "director address")
+        out["address"] = str(own) if own is not None else None
+    peers = value.get("peers")
+    if not unknown(peers):
+        out["peers"] = _check_peers(c, f"{prefix}.peers", peers, own, vip_addr)
+    if own is not None and vip_addr is not None and own == vip_addr:
+        c.fail(f"{prefix}.address", f"{_short(value['address'])} is the VIP: a VIP moves between directors, give the director's own address")  # fmt: skip
+    advert = value.get("advertSeconds", VRRP_DEFAULTS["advertSeconds"])
+    if not unknown(advert):
+        centis = whole_number(round(advert * 100), 1, 4095) if _hundredths(advert) else None
+        if centis is None:
+            c.fail(f"{prefix}.advertSeconds", f"{_short(advert)} is not a VRRPv3 advert interval: use seconds from {ADVERT_RANGE[0]} to {ADVERT_RANGE[1]} in steps of 0.01, e.g. 0.1")  # fmt: skip
+        out["advertSeconds"] = centis / 100 if centis is not None else None
+    delay = value.get("preemptDelaySeconds")
+    if delay is not None and not unknown(delay):
+        out["preemptDelaySeconds"] = c.integer(f"{prefix}.preemptDelaySeconds", delay, *PREEMPT_DELAY_RANGE, "preempt delay in seconds (leave it unset for no preemption)")  # fmt: skip
+    if c.problems or any(unknown(v) for v in value.values()):
+        return None, c.problems
+    if isinstance(peers, list) and any(unknown(p) for p in peers):
+        return None, []
+    return out, []
+
+
+def _hundredths(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not math.isfinite(value) or abs(value) > 1e6:
+        return False
+    return abs(value * 100 - round(value * 100)) <= 1e-6
+
+
+def _check_peers(c: _Checker, name: str, value: object, own, vip_addr) -> list[str] | None:
+    if not isinstance(value, list) or not value:
+        c.fail(name, f"{_short(value)} names no peer: give the other directors' addresses on the segment, at least one")  # fmt: skip
+        return None
+    seen: set = set()
+    for j, peer in enumerate(value):
+        if c.unknown(peer):
+            continue
+        addr = c.address(f"{name}[{j}]", peer, "peer address")
+        if addr is None:
+            continue
+        if own is not None and addr.version != own.version:
+            c.fail(f"{name}[{j}]", f"{_short(peer)} is IPv{addr.version} but this director's address is IPv{own.version}: VRRP runs in one family, give every director an address of the same family")  # fmt: skip
+        elif addr == own:
+            c.fail(f"{name}[{j}]", f"{_short(peer)} is this director's own address: list only the other directors")  # fmt: skip
+        elif addr == vip_addr:
+            c.fail(f"{name}[{j}]", f"{_short(peer)} is the VIP: list the other directors' own addresses")  # fmt: skip
+        elif addr in seen:
+            c.fail(f"{name}[{j}]", f"{_short(peer)} is listed twice: list each peer once")
+        seen.add(addr)
+    return [str(a) for a in sorted(seen, key=lambda a: (a.version, int(a)))]
