@@ -347,7 +347,10 @@ def test_local_policy_the_pod_sees_the_client_and_a_node_without_a_pod_is_draine
         f"node1's pod saw the peers {sorted(set(peers))} (the client is {CLIENT}); under Cluster "
         f"the pods saw {sorted(cluster)}",
     )
-    assert lost == [] and len(results) >= RATE * 4
+    # On a failure, the director's connection entries to the drained node say whether the
+    # failed requests followed an old entry (same client port) instead of being scheduled.
+    entries = lab.director(f"ipvsadm -Lcn | grep -F ' {N2}:80' || true", check=False).stdout
+    assert lost == [] and len(results) >= RATE * 4, (lost, entries)
     assert peers and set(peers) == {CLIENT}
     assert lab.nodes.peers(2) == []
 
