@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 
-import pulumi
 import pytest
 
 from components.config import ConfigError, DirectorConfig, load
 from providers.model import Director
-from tests.program.conftest import HOST_KEY, run_program
+from tests.program.conftest import HOST_KEY
 
 PINNED = " ".join(HOST_KEY.split()[:2])
 BASE = {
@@ -178,14 +177,6 @@ def test_the_engines_defaults_for_unset_keys_mean_unset():
     assert load({**PAIR, "director": {}}) == load(PAIR)
     text = refused({**BASE, "director": {}, "directors": []})
     assert text.startswith("ipvs-ingress:director.host: None is not a host name")
-
-
-def test_a_stack_with_directors_is_refused_by_the_program_until_vrrp_is_wired():
-    # Parsed and checked, but the resources are still one director's: nothing half-applied.
-    with pytest.raises(pulumi.RunError) as err:
-        run_program(PAIR)
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("ipvs-ingress:directors: this version")
 
 
 def test_the_dev_stacks_commented_example_parses_as_a_pair():
