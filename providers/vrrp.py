@@ -64,8 +64,10 @@ def unit_text(conf: str = CONF_PATH, binary: str = keepalived.KEEPALIVED) -> str
     )
     return f"""[Unit]
 Description=ipvs-ingress: keepalived holding the VIPs by VRRP (started by ipvs-ingress.service)
-Documentation=file://{os.path.join("/usr/local/lib/ipvs-ingress/current/providers/vrrp.py")}
-After=network.target ipvs-ingress.service
+Documentation=file:///usr/local/lib/ipvs-ingress/current/providers/vrrp.py
+# Not After=ipvs-ingress.service: the runtime (Type=notify) starts this unit from its passes, and
+# a start job ordered after the runtime's own start job would wait for it: a deadlock.
+After=network.target
 ConditionPathExists={conf}
 
 [Service]
