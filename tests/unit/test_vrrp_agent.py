@@ -65,7 +65,7 @@ def test_with_vrrp_the_vip_is_never_bound_and_vrrp_is_recorded(kernel):
             "interface": "eth0",
         }  # fmt: skip
     )
-    assert read["vipBound"] is True
+    assert read["vipBound"] is True and read["vrrp"] == VRRP
 
 
 def test_delete_with_vrrp_leaves_the_vip_to_keepalived(kernel):
