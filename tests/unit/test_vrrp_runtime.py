@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -427,3 +428,25 @@ def test_router_id_and_unit():
     assert "--use-file=/etc/ipvs-ingress/keepalived.conf" in unit
     assert "/etc/keepalived" not in unit and "[Install]" not in unit
     assert "After=network.target\n" in unit  # never after the runtime's own start job
+
+
+def test_the_shipped_sources_load_in_their_order_as_the_director_loads_them():
+    """The transport's own boot loader (each module exec'd in order into a bare package, no
+    files): a module imported before it is loaded fails there, as it did on the lab director
+    ("cannot import name 'vrrp' from 'providers'")."""
+    from providers import transport
+
+    loader = transport._BOOT.replace(
+        "sys.exit(sys.modules['providers.install'].main(S))\n",
+        "print(sorted(n for n in sys.modules if n.startswith('providers')))\n",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", loader],
+        input=json.dumps(transport._SOURCES) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr[-400:]
+    assert "'providers.vrrp'" in done.stdout and "'providers.keepalived'" in done.stdout
