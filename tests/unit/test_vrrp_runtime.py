@@ -132,7 +132,7 @@ class FakeHost(vrrp.Host):
 
 
 @pytest.fixture
-def lab(tmp_path, monkeypatch):
+def director(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
     monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "run" / "lock"))
     kernel = MemoryKernel()
@@ -188,8 +188,8 @@ def settle(rt, seconds=vrrp.SYNC_SETTLE):
 
 
 @needs_keepalived
-def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(lab):
-    rt, host = lab, lab.host
+def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(director):
+    rt, host = director, director.host
     apply(rt)
     assert rt.kernel.addresses == set()  # the agent bound nothing
     rt.reconcile()
@@ -217,8 +217,8 @@ def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(lab
 
 
 @needs_keepalived
-def test_groups_per_virtual_router_and_a_change_is_a_reload(lab):
-    rt, host = lab, lab.host
+def test_groups_per_virtual_router_and_a_change_is_a_reload(director):
+    rt, host = director, director.host
     apply(rt)
     rt.reconcile()
     settle(rt)
@@ -233,8 +233,8 @@ def test_groups_per_virtual_router_and_a_change_is_a_reload(lab):
     assert len(host.calls) == before
 
 
-def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(lab):
-    rt, host = lab, lab.host
+def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(director):
+    rt, host = director, director.host
     host.config_test = lambda text: "exit 1: (ipvs_ingress_51) interface eth0 does not exist"
     apply(rt)
     rt.reconcile()
@@ -246,8 +246,8 @@ def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(lab):
 
 
 @needs_keepalived
-def test_a_table_out_of_sync_is_not_ready(lab):
-    rt = lab
+def test_a_table_out_of_sync_is_not_ready(director):
+    rt = director
     (rt.paths / "runtime.json").write_text(json.dumps({"repair": {OWNER: False}}))
     apply(rt)
     rt.reconcile()
@@ -259,8 +259,8 @@ def test_a_table_out_of_sync_is_not_ready(lab):
 
 
 @needs_keepalived
-def test_the_last_vrrp_service_gone_hands_over_then_stops_everything_it_started(lab):
-    rt, host = lab, lab.host
+def test_the_last_vrrp_service_gone_hands_over_then_stops_everything_it_started(director):
+    rt, host = director, director.host
     host.daemons["master"] = ("eth1", 7)  # an operator's: never ipvs-ingress's to stop
     apply(rt)
     rt.reconcile()
@@ -300,7 +300,7 @@ def _final(rt) -> tuple:
 
 
 @needs_keepalived
-def test_a_kill_at_any_step_converges_on_the_next_passes(lab, tmp_path_factory, monkeypatch):
+def test_a_kill_at_any_step_converges_on_the_next_passes(director, tmp_path_factory, monkeypatch):
     """Set up, then tear down, killed after each side effect in turn; a new runtime (same
     files, same kernel, same keepalived) converges to what an uninterrupted run reaches."""
     crash_points = 0
@@ -380,8 +380,8 @@ def _fresh(root, monkeypatch, kernel=None, host=None):
 
 
 @needs_keepalived
-def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(lab):
-    rt, host = lab, lab.host
+def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(director):
+    rt, host = director, director.host
     apply(rt)
     rt.reconcile()
     settle(rt)
@@ -394,8 +394,8 @@ def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(lab):
 
 
 @needs_keepalived
-def test_status_command_says_who_holds_each_vip_the_daemons_and_ready(lab):
-    rt, host = lab, lab.host
+def test_status_command_says_who_holds_each_vip_the_daemons_and_ready(director):
+    rt, host = director, director.host
     apply(rt)
     apply(rt, vip=VIP2)
     rt.reconcile()
