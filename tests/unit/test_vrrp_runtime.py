@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -120,6 +124,13 @@ class FakeHost(vrrp.Host):
 
     def hostname(self):
         return "director one!"  # not a router_id as it is
+
+    heard: str | None = None  # a peer whose advert arrives while keepalived's start waits
+
+    def heard_master(self, peers, vrids, seconds):
+        self.now += seconds
+        self.calls.append(("listen", tuple(peers), tuple(vrids)))
+        return self.heard
 
     def monotonic(self):
         return self.now
@@ -450,3 +461,60 @@ def test_the_shipped_sources_load_in_their_order_as_the_director_loads_them():
     )
     assert done.returncode == 0, done.stderr[-400:]
     assert "'providers.vrrp'" in done.stdout and "'providers.keepalived'" in done.stdout
+
+
+@needs_keepalived
+def test_a_vip_bound_before_vrrp_stays_until_a_peer_is_master(director):
+    """The conversion: keepalived would remove the bound VIP at its start (BACKUP) and add it
+    back only once elected; so it starts only after a peer's advert, the VIP bound meanwhile."""
+    rt, host = director, director.host
+    apply(rt, vrrp_part=None)
+    rt.reconcile()
+    assert rt.kernel.addresses == {(2, VIP)}  # the runtime's, one director
+    apply(rt)  # the stack gained a second director
+    rt.reconcile()
+    settle(rt)
+    settle(rt)
+    assert ready(rt) == "1\n" and not host.running
+    assert rt.kernel.addresses == {(2, VIP)}  # still bound: clients reach it
+    assert ("listen", ("203.0.113.3",), (51,)) in host.calls
+    host.heard = "203.0.113.3"
+    settle(rt)
+    assert host.running
+    assert any(line == "keepalived starts: a master at 203.0.113.3" for line in rt.logged)
+
+
+@needs_keepalived
+def test_without_a_peer_keepalived_starts_after_the_bounded_wait(director):
+    rt, host = director, director.host
+    apply(rt, vrrp_part=None)
+    rt.reconcile()
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert not host.running
+    settle(rt, vrrp.CONVERT_WAIT)
+    assert host.running
+    assert any("no peer's advert in 15 s" in line for line in rt.logged)
+
+
+def test_a_vrrp_advert_is_heard_on_a_raw_socket():
+    """The real kernel path, on loopback only: a VRRPv3 advert (version 3, type 1, vrid 51,
+    priority 100) sent to 127.0.0.1 is heard; one of another vrid, or priority 0, is not."""
+    if os.geteuid() != 0:
+        pytest.skip("raw sockets need root")
+    host = vrrp.Host()
+
+    def send(vrid, priority):
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, 112) as out:
+            for _ in range(10):
+                out.sendto(bytes([0x31, vrid, priority, 1, 0, 10, 0, 0, 203, 0, 113, 201]), ("127.0.0.1", 0))  # fmt: skip
+                time.sleep(0.02)
+
+    for vrid, priority, want in ((51, 100, "127.0.0.1"), (52, 100, None), (51, 0, None)):
+        sender = threading.Timer(0.1, send, (vrid, priority))
+        sender.start()
+        try:
+            assert host.heard_master(["127.0.0.1"], [51], 0.6) == want, (vrid, priority)
+        finally:
+            sender.join()
