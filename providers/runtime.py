@@ -63,9 +63,18 @@ Log: one line per change on stdout (journald), e.g.
 atomically every pass; `ipvs-ingress status` (the installer's command for
 `python3 -m providers.runtime status`) prints it with the live table.
 
+HA (issue 10; providers/vrrp.py): services recorded with `vrrp` have their VIP held by keepalived,
+never bound or unbound by the runtime (so never "VIP not bound" drift). Each pass renders
+/etc/ipvs-ingress/keepalived.conf from them, keeps both IPVS sync daemons running, writes the ready
+file keepalived tracks ("1" only when the table equals the record and the backup sync daemon has
+run 3 s), starts ipvs-ingress-keepalived.service once ready, reloads it on a change, and stops it
+(after handing the VIPs over) with the last VRRP service.
+
 Uninstall (after `pulumi destroy` of the stacks that use the director):
     systemctl disable --now ipvs-ingress.service
+    systemctl stop ipvs-ingress-keepalived.service  # if a VRRP service was left: hands over
     rm -f /etc/systemd/system/ipvs-ingress.service /usr/local/sbin/ipvs-ingress
+    rm -f /etc/systemd/system/ipvs-ingress-keepalived.service
     systemctl daemon-reload
     rm -rf /usr/local/lib/ipvs-ingress /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
 """
@@ -87,7 +96,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import agent, api, health, model, ownership, probe_services, probing
+from providers import agent, api, health, model, ownership, probe_services, probing, vrrp
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -109,7 +118,7 @@ DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
-    "health.py", "probing.py", "probe_services.py",
+    "health.py", "probing.py", "probe_services.py", "keepalived.py", "vrrp.py",
 )  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -313,10 +322,13 @@ def observe(
                 s.real_servers = keeper.report(s.spec, s.health)
     vips = []
     on = _bound_by_interface(kernel, owners)
+    # keepalived's (HA): never bound by the runtime, whatever else the record says of it (a
+    # stack converting between one director and several has both kinds for a moment).
+    held = {e.get("vip") for e in owners.services.values() if e.get("vrrp")}
     for address, entry in sorted(owners.addresses.items()):
         interface = entry["interface"]
         bound = None if on[interface] is None else address in on[interface]
-        wanted = any(s.spec.vip == address for s in kept)
+        wanted = address not in held and any(s.spec.vip == address for s in kept)
         vips.append(Vip(address, interface, wanted, bound))
     return View(services, vips, missing, kernel.forwarding_on())
 
@@ -430,6 +442,7 @@ class Runtime:
         probers: Mapping[str, probing.Prober] | None = None,
         probes_path: str | None = None,
         sysctl_root: str = probe_services.SYSCTL_ROOT,
+        vrrp_manager: vrrp.Vrrp | None = None,
     ):
         self.kernel = kernel
         self.state_path = state_path or ownership.STATE_PATH
@@ -452,6 +465,8 @@ class Runtime:
         self.health = probing.HealthKeeper(
             health_path or probing.HEALTH_PATH, probers, self.log, clock
         )
+        # HA: keepalived, the sync daemons and the ready file (providers/vrrp.py).
+        self.vrrp = vrrp_manager or vrrp.Vrrp(log=self.log, bound=self._bound)
         self.wake = threading.Event()  # set when health changed what the kernel should hold
         self.deferred_passes = 0
         self.deferred_in_a_row = 0
@@ -478,6 +493,12 @@ class Runtime:
             maxlen=KEEP_REPAIRS,
         )
 
+    def _bound(self, interface: str) -> set[str] | None:
+        try:
+            return self.kernel.bound_addresses(self.kernel.ifindex(interface))
+        except AgentError:  # no such interface (yet)
+            return None
+
     def reload_config(self) -> Config:
         signature = _signature(self.config_path)
         if signature != self._config_signature:
@@ -500,6 +521,9 @@ class Runtime:
             self.view = None
         else:
             self._sync_probes(self._configure_health(owners, config), notes)
+            # Before the table is judged: a teardown lets keepalived drop a VIP that this
+            # pass then binds (a stack back to one director).
+            self._vrrp(lambda: self.vrrp.converge(owners), notes)
             seen = mark(self.kernel, owners, config, self.restoring, self.health.generation)
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
             # While a provider applies, its changes move the mark, and reading the whole table
@@ -539,11 +563,29 @@ class Runtime:
             for v in view.vips:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
+            # Ready (keepalived may hold the VIPs) only when the kernel equals the record for
+            # every VRRP service, repaired or not (repair off: its drift is not in view.drift).
+            # A pending one is a provider's apply in flight, not drift: judging it would hand
+            # the VIPs over at every `pulumi up` that changes a table.
+            in_sync = not view.drift and not any(
+                s.ops
+                for s in view.services
+                if s.key in vrrp_keys(owners) and s.spec and s.state != "pending"
+            )
+            self._vrrp(lambda: self.vrrp.finish(in_sync), notes)
         self._settle_notes(notes)
         self.last_reconcile = self.clock()
         self.pass_seconds = time.monotonic() - began
         self.write_status()
         return lines
+
+    def _vrrp(self, step: Callable[[], None], notes: dict) -> None:
+        try:
+            step()
+        except (OSError, AgentError) as err:  # e.g. /etc read-only: said, retried next pass
+            notes["vrrp"] = f"VRRP: {_one_line(err)}"
+        for name, line in self.vrrp.problems.items():
+            notes[f"vrrp {name}"] = line
 
     def _configure_health(self, owners: Ownership, config: Config) -> None:
         """The keeper probes every recorded service with a spec and a health check, kept or
@@ -689,6 +731,7 @@ class Runtime:
             "notes": sorted(self.notes.values()),
             "probeServices": self.probes.status(),
             "probesSent": self.health.sent,
+            "vrrp": self.vrrp.status() if self.vrrp.vips else None,
         }
 
     def write_status(self) -> None:
@@ -697,6 +740,10 @@ class Runtime:
         with open(tmp, "w") as f:
             f.write(json.dumps(self.status(), sort_keys=True))
         os.replace(tmp, self.status_path)  # readers see the old file or the new, never half
+
+
+def vrrp_keys(owners: Ownership) -> set[str]:
+    return {k for k, e in owners.services.items() if e.get("vrrp")}
 
 
 def _service_status(s: Service) -> dict:
@@ -997,9 +1044,12 @@ def print_status(
     out=None,
     now: Callable[[], float] = time.time,
     health_path: str | None = None,
+    vrrp_host: vrrp.Host | None = None,
+    ready_file: str = vrrp.keepalived.READY_FILE,
 ) -> int:
     """Desired against live per service (read now), the runtime's last reconcile and repairs,
-    its version and the owning stacks. Exit 0 when the runtime runs and everything it keeps is
+    its version and the owning stacks; with VRRP services, which VIPs this director holds now,
+    the sync daemons and the ready file. Exit 0 when the runtime runs and everything it keeps is
     in sync, 1 otherwise. Changes nothing."""
     out = out or sys.stdout
     write = lambda line="": out.write(line + "\n")  # noqa: E731
@@ -1041,6 +1091,7 @@ def print_status(
     for v in view.vips:
         where = "bound" if v.bound else ("NOT BOUND" if v.bound is False else "interface missing")
         write(f"VIP {v.address} on {v.interface}: {where}{'' if v.kept else ' (not kept)'}")
+    _write_vrrp(owners, kernel, vrrp_host or vrrp.Host(), ready_file, write)
     repairs = [r for r in (saved or {}).get("repairs", []) if _is_repair(r)]
     write(f"last repairs: {'none' if not repairs else ''}")
     for r in repairs[-10:]:
@@ -1049,6 +1100,30 @@ def print_status(
     for note in (saved or {}).get("notes", []):
         write(f"note: {note}")
     return 0 if running and not view.drift else 1
+
+
+def _write_vrrp(owners: Ownership, kernel, host: vrrp.Host, ready_file: str, write) -> None:
+    """Read now: per VRRP VIP whether this director holds it, keepalived, sync daemons, ready."""
+    services = vrrp.wanted(owners)
+    if not services:
+        return
+    manager = vrrp.Vrrp(host=host)
+    active = manager._unit_active()
+    ready = vrrp._read(ready_file)
+    write(f"VRRP: keepalived {'running' if active else 'NOT RUNNING'} ({vrrp.UNIT_NAME}), ready {ready if ready is not None else 'missing'}")  # fmt: skip
+    for vip, interface, vrid in sorted({(e["vip"], e["interface"], e["vrrp"]["virtualRouterId"]) for _k, e in services}):  # fmt: skip
+        try:
+            held = vip in kernel.bound_addresses(kernel.ifindex(interface))
+        except AgentError:
+            held = False
+        where = "held by this director (master)" if held else "not held here (backup)"
+        write(f"VIP {vip} on {interface} (VRRP router {vrid}): {where}")
+    daemons = manager.read_daemons()
+    if daemons is None:
+        write("sync daemons: unreadable (ipvsadm --list --daemon failed)")
+    else:
+        running = [f"{r} on {i} syncid {n}" for r, (i, n) in sorted(daemons.items())]
+        write(f"sync daemons: {', '.join(running) or 'NONE RUNNING'}")
 
 
 def _one_line(err: Exception, limit: int = 120) -> str:
