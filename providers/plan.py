@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from components.config import ConfigError, load_stack_file
+from components.ingress import director_label, vrrp_part
 from providers import model
 from providers.transport import DirectorError, RuntimeSession
 
@@ -51,25 +52,33 @@ def _one_line(err: BaseException) -> str:
 def plan_stack(
     stack_config: object, private_key: str, owner: str = ""
 ) -> list[tuple[str, list[str]]]:
-    """(virtual service key, changes) for every virtual service of the stack `owner`."""
+    """(virtual service key, changes) for every virtual service of the stack `owner`; with
+    several directors (ipvs-ingress:directors) every director's, the key prefixed by it."""
     cfg = load_stack_file(stack_config)
-    session = RuntimeSession(cfg.director, private_key, install=False)
-    try:
-        return _plans(session, cfg, owner)
-    finally:
-        session.close()
+    out: list[tuple[str, list[str]]] = []
+    for d in cfg.directors:
+        session = RuntimeSession(d.director, private_key, install=False)
+        try:
+            plans = _plans(session, cfg, d, owner)
+        finally:
+            session.close()
+        where = f"{director_label(d.director)}: " if cfg.vrrp else ""
+        out += [(f"{where}{key}", changes) for key, changes in plans]
+    return out
 
 
-def _plans(session: RuntimeSession, cfg, owner: str) -> list[tuple[str, list[str]]]:
+def _plans(session: RuntimeSession, cfg, d, owner: str) -> list[tuple[str, list[str]]]:
+    vrrp = {"vrrp": vrrp_part(cfg, d)} if cfg.vrrp else {}
     return [
         (
             spec.key,
             session.request(
                 "plan",
                 spec=model.spec_to_dict(dataclasses.replace(spec, owner=owner)),
-                interface=cfg.director.interface,
+                interface=d.director.interface,
                 repair=cfg.repair,  # a change of ipvs-ingress:repair alone is shown too
                 health=dict(cfg.health[spec.key]),  # and of the health check
+                **vrrp,  # and of the director's part in the VRRP group
             )["changes"],
         )
         for spec in cfg.virtual_services

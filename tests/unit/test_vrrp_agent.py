@@ -190,3 +190,53 @@ def test_a_record_with_a_malformed_vrrp_is_refused_as_corrupt(kernel):
     with pytest.raises(agent.AgentError) as err:
         apply(kernel, vrrp=VRRP)
     assert err.value.code == "corrupt-state"
+
+
+def test_the_dry_run_asks_every_director_with_its_own_vrrp_part(kernel, monkeypatch):
+    """providers.plan with ipvs-ingress:directors: each director's runtime is asked with its own
+    interface and its own part of the group; the keys say which director answered."""
+    from pathlib import Path
+
+    import yaml
+
+    from providers import plan
+
+    with open(Path(__file__).parents[2] / "stacks" / "Pulumi.dev.yaml") as f:
+        stack = yaml.safe_load(f)["config"]
+    first = stack.pop("ipvs-ingress:director")
+    second = {**first, "host": "203.0.113.3", "interface": "eth1"}
+    stack["ipvs-ingress:directors"] = [{**first, "priority": 150}, {**second, "priority": 100}]
+    stack["ipvs-ingress:vrrp"] = {"virtualRouterId": 7}
+    sent = []
+
+    class Session:
+        def __init__(self, director):
+            self.host = director.host
+
+        def request(self, op, **fields):
+            sent.append((self.host, op, fields["interface"], fields.get("vrrp")))
+            if self.host == "203.0.113.2":  # this one holds the table already
+                return apply(kernel, vrrp=fields["vrrp"], op="plan", interface="eth0")
+            return {"changes": [f"add service on {self.host}"]}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(plan, "RuntimeSession", lambda d, _k, install: Session(d))
+    part = {"virtualRouterId": 7, "advertSeconds": 0.1}
+    mine = {**part, "priority": 150, "address": "203.0.113.2", "peers": ["203.0.113.3"]}
+    apply(kernel, vrrp=mine)
+    got = plan.plan_stack(stack, "unused", OWNER)
+    assert got == [
+        (f"203.0.113.2: {KEY}", []),
+        (f"203.0.113.3: {KEY}", ["add service on 203.0.113.3"]),
+    ]
+    assert sent == [
+        ("203.0.113.2", "plan", "eth0", mine),
+        (
+            "203.0.113.3",
+            "plan",
+            "eth1",
+            {**part, "priority": 100, "address": "203.0.113.3", "peers": ["203.0.113.2"]},
+        ),
+    ]
