@@ -17,24 +17,22 @@ made for the test.
 
 Figures are printed with MET/MISSED against the issue's goals (TCG on a shared host: timings are
 not asserted); asserted: exactly one holder of the VIP after every step, and the download
-survives the crash of the primary with connection sync on. Marked `slow_lab` (two VMs, one of
+survives the crash of the primary with connection sync on, and after a split brain (the
+directors' link cut, tests/lab/drill.py `split`) is healed every VIP is on one director. Marked `slow_lab` (two VMs, one of
 them booted twice): `-m slow_lab` runs it alone.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import shlex
-import subprocess
 import time
-from collections import Counter
 
 import pytest
 
 from providers import keepalived
 from tests.conftest import _say, own_lab
-from tests.lab import harness, nodes
+from tests.lab import drill, harness, nodes
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
 
@@ -44,9 +42,6 @@ CONF = "/etc/ipvs-ingress/keepalived.conf"
 UNIT = "ipvs-ingress-keepalived"
 STANDIN_DIR = "/run/ipvs-ingress-standin"
 STANDIN_UNIT = "ipvs-ingress-runtime-standin"
-RATE = 20  # requests/s, the issue's figure
-SETTLE = 15.0  # s: bounded wait for a VIP to land where expected
-DOWNLOAD = "/slow/{seconds}"  # tests/lab/node_server.py: 1 KiB per 0.1 s
 
 
 @pytest.fixture(scope="module")
@@ -132,145 +127,36 @@ def _log(lab: harness.Lab, n: int) -> str:
     return got.stdout
 
 
-# -- watching -----------------------------------------------------------------------------------
-
-
-def _await_holder(lab: harness.Lab, n: int, since: float) -> float:
-    """Seconds from `since` until director n alone holds the VIP (polled over ssh, so an upper
-    bound by ~0.2 s); fails with both directors' keepalived logs after SETTLE s."""
-    deadline = time.time() + SETTLE
-    while time.time() < deadline:
-        if lab.vip_holders() == {lab.vip: [n]}:
-            return time.time() - since
-        time.sleep(0.1)
-    logs = {m: _log(lab, m) for m in lab.live_directors()}
-    raise AssertionError(f"VIP not on director {n} alone: {lab.vip_holders()}; logs {logs}")
-
-
-def _one_holder(lab: harness.Lab, n: int) -> None:
-    holders = lab.vip_holders()
-    assert holders == {lab.vip: [n]}, (holders, {m: _log(lab, m) for m in lab.live_directors()})
-
-
-def _figures(results: list[dict], event: float) -> tuple[int, str, float]:
-    """(requests, failed, gap): failed says how many and how ("6 of 129 failed (6 timeout)");
-    gap is the longest time between two consecutive successes' completions from 1 s before
-    the event on, i.e. the client-visible outage (>= 1/RATE)."""
-    bad = Counter(r["outcome"] for r in results if r["outcome"] != "ok")
-    how = ", ".join(f"{n} {outcome}" for outcome, n in sorted(bad.items()))
-    failed = f"{sum(bad.values())} of {len(results)} failed" + (f" ({how})" if how else "")
-    done = sorted(r["start"] + r["took"] for r in results if r["outcome"] == "ok")
-    done = [t for t in done if t >= event - 1.0]
-    gap = max((b - a for a, b in zip(done, done[1:], strict=False)), default=float("inf"))
-    return len(results), failed, gap
-
-
-def _under_load(
-    lab: harness.Lab, event, after: float = 3.0
-) -> tuple[int, str, float, float, object]:
-    """Run `event()` under the paced client (2 s of load before it, `after` s after it
-    returned); (requests, failed, gap, event time, what event returned)."""
-    with nodes.load(lab, lab.vip, 80, rate=RATE, timeout=1.0, max_seconds=90) as load:
-        time.sleep(2.0)
-        at = time.time()
-        value = event(at)
-        time.sleep(after)
-        stop = time.time()
-        time.sleep(1.5)  # the last requests (1 s timeout) finish
-        results = [r for r in load.results() if r["start"] <= stop]
-    return (*_figures(results, at), at, value)
-
-
-_DOWNLOAD_CLIENT = """
-import http.client, json, sys, time
-host, path = sys.argv[1], sys.argv[2]
-got, stalls, error, length = 0, [], None, None
-last = start = time.time()
-try:
-    conn = http.client.HTTPConnection(host, 80, timeout=10)
-    conn.request("GET", path)
-    reply = conn.getresponse()
-    length = int(reply.getheader("Content-Length"))
-    while True:
-        chunk = reply.read1(65536)
-        now = time.time()
-        if not chunk:
-            break
-        if now - last > 0.3:
-            stalls.append([last, now - last])
-        last, got = now, got + len(chunk)
-except Exception as exc:
-    error = repr(exc)
-print(json.dumps({"bytes": got, "length": length, "error": error, "stalls": stalls,
-                  "took": time.time() - start}))
-"""
-
-
-class Download:
-    """A slow download through the VIP from the client namespace, running in the background."""
-
-    def __init__(self, lab: harness.Lab, seconds: int) -> None:
-        self.lab = lab
-        argv = [harness.HOST_PYTHON, "-c", _DOWNLOAD_CLIENT, lab.vip, DOWNLOAD.format(seconds=seconds)]  # fmt: skip
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.client_ns, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self.tracked = lab._state.add_proc(self.proc.pid, "vrrp download")
-        self.seconds = seconds
-
-    def result(self) -> dict:
-        try:
-            out, err = self.proc.communicate(timeout=self.seconds + 30)
-        finally:
-            self.proc.kill()
-            self.lab._state.procs.remove(self.tracked)
-            self.lab._state.save()
-        got = json.loads(out) if out.strip() else {"error": err, "bytes": 0, "length": None}
-        got["survived"] = got["error"] is None and got["bytes"] == got["length"]
-        return got
-
-
-def _download_line(got: dict, event: float) -> str:
-    stall = max((gap for at, gap in got.get("stalls", []) if at + gap >= event), default=0.0)
-    state = "survived" if got["survived"] else f"CUT ({got['error']})"
-    return f"download {state}, {got['bytes']}/{got['length']} bytes, stall {stall * 1000:.0f} ms"
-
-
-def _count(failed: str) -> int:
-    return int(failed.split()[0])
-
-
-def _goal(ok: bool) -> str:
-    return "MET" if ok else "MISSED"
-
-
 # -- the drill ------------------------------------------------------------------------------------
+
+
+def _await(lab: harness.Lab, n: int | None, since: float) -> float:
+    return drill.await_holder(lab, n, since, logs=lambda m: _log(lab, m))
+
+
+def _one_holder(lab: harness.Lab, n: int | None = None) -> dict[str, list[int]]:
+    return drill.one_holder(lab, n, logs=lambda m: _log(lab, m))
 
 
 def test_generated_vrrp_config_fails_over_under_load(two, request):
     lab = two
     say = lambda line: _say(request, f"vrrp: {line}")  # noqa: E731
+    goal = drill.goal
     for n in (1, 2):
         _setup(lab, n)
-    took = _await_holder(lab, 1, time.time())
+    took = _await(lab, 1, time.time())
     say(f"first election: director 1 (priority 150) holds {lab.vip} {took:.2f}s after setup")
     assert nodes.attempts(lab, lab.vip, 80, count=3)[0]["outcome"] == "ok"
 
     # keepalived stopped on the primary: it leaves with a priority 0 advert.
     def stop(at: float) -> float:
         lab.director(f"systemctl stop {UNIT}", n=1)
-        return _await_holder(lab, 2, at)
+        return _await(lab, 2, at)
 
-    total, failed, gap, at, moved = _under_load(lab, stop)
+    fig, at, moved = drill.under_load(lab, stop)
     say(
-        f"keepalived stopped on director 1: {failed}, client gap"
-        f" {gap * 1000:.0f} ms, VIP on director 2 within {moved:.2f}s (polled)"
-        f" (goal 0-1 failed: {_goal(_count(failed) <= 1)})"
+        f"keepalived stopped on director 1: {fig}, VIP on director 2 within {moved:.2f}s"
+        f" (polled) (goal 0-1 failed: {goal(fig.failed <= 1)})"
     )
     lab.director(_start_keepalived(), n=1)
     time.sleep(2.0)  # 20 adverts: nopreempt keeps director 2 master
@@ -279,13 +165,12 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     # The runtime's "out of sync": the ready file says 0 on the master.
     def not_ready(at: float) -> float:
         lab.director(_ready("0"), n=2)
-        return _await_holder(lab, 1, at)
+        return _await(lab, 1, at)
 
-    total, failed, gap, at, moved = _under_load(lab, not_ready)
+    fig, at, moved = drill.under_load(lab, not_ready)
     say(
         f"ready file 0 on director 2 (master): VIP on director 1 within {moved:.2f}s (polled),"
-        f" {failed}, client gap {gap * 1000:.0f} ms"
-        f" (goal 0-1 failed: {_goal(_count(failed) <= 1)})"
+        f" {fig} (goal 0-1 failed: {goal(fig.failed <= 1)})"
     )
     lab.director(_ready("1"), n=2)
     time.sleep(2.0)
@@ -294,38 +179,36 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     # The runtime killed on the master: keepalived's process tracker puts it in FAULT.
     def kill(at: float) -> float:
         lab.director(f"systemctl kill -s KILL {STANDIN_UNIT}", n=1)
-        return _await_holder(lab, 2, at)
+        return _await(lab, 2, at)
 
-    total, failed, gap, at, moved = _under_load(lab, kill)
+    fig, at, moved = drill.under_load(lab, kill)
     say(
         f"runtime stand-in killed on director 1: VIP on director 2 within {moved:.2f}s (polled),"
-        f" {failed}, client gap {gap * 1000:.0f} ms"
-        f" (goal 0-1 failed: {_goal(_count(failed) <= 1)})"
+        f" {fig} (goal 0-1 failed: {goal(fig.failed <= 1)})"
     )
     lab.director(_start_standin(), n=1)
     lab.director(_ready("0"), n=2)  # hand the VIP back to director 1 for the crash drill
-    _await_holder(lab, 1, time.time())
+    _await(lab, 1, time.time())
     lab.director(_ready("1"), n=2)
     time.sleep(2.0)
     _one_holder(lab, 1)
 
     # Primary crash: kill -9 director 1's qemu, a download running through it.
-    download = Download(lab, seconds=20)
+    download = drill.Download(lab, seconds=20)
     time.sleep(1.0)
 
     def crash(at: float) -> float:
         lab.crash(1)
-        return _await_holder(lab, 2, at)
+        return _await(lab, 2, at)
 
-    total, failed, gap, at, moved = _under_load(lab, crash, after=4.0)
+    fig, at, moved = drill.under_load(lab, crash, after=4.0)
     _one_holder(lab, 2)
     got = download.result()
     say(
         f"primary crash (kill -9 director 1's VM): VIP on director 2 within {moved:.2f}s (polled),"
-        f" client gap {gap * 1000:.0f} ms"
-        f" (goal <= 500 ms: {_goal(gap <= 0.5)}), {failed}"
-        f" (goal <= 3: {_goal(_count(failed) <= 3)}), {_download_line(got, at)}"
-        f" (goal survives: {_goal(got['survived'])})"
+        f" {fig} (goal gap <= 500 ms: {goal(fig.gap <= 0.5)}; <= 3 failed:"
+        f" {goal(fig.failed <= 3)}), {drill.download_line(got, at)}"
+        f" (goal survives: {goal(got['survived'])})"
     )
     assert got["survived"], got  # connection sync on: the flow goes on through director 2
 
@@ -335,21 +218,65 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
     time.sleep(3.0)  # 30 adverts from director 2 at priority 100 against 150
     _one_holder(lab, 2)
     say(f"director 1 back ({booted:.1f}s boot) and set up: nopreempt, VIP stays on director 2")
-    download = Download(lab, seconds=15)
+    download = drill.Download(lab, seconds=15)
     time.sleep(2.0)  # the new flow's state reaches director 1's backup sync daemon
 
     def move_back(at: float) -> float:  # the operator's (and runtime's) lever: not ready, ready
         lab.director(_ready("0"), n=2)
-        moved = _await_holder(lab, 1, at)
+        moved = _await(lab, 1, at)
         lab.director(_ready("1"), n=2)
         return moved
 
-    total, failed, gap, at, moved = _under_load(lab, move_back)
+    fig, at, moved = drill.under_load(lab, move_back)
     got = download.result()
     _one_holder(lab, 1)
     say(
         f"failback by hand (ready 0 then 1 on director 2): VIP on director 1 within"
-        f" {moved:.2f}s, {failed}, client"
-        f" gap {gap * 1000:.0f} ms (goal 0-1 failed: {_goal(_count(failed) <= 1)}),"
-        f" {_download_line(got, at)} (goal survives: {_goal(got['survived'])})"
+        f" {moved:.2f}s, {fig} (goal 0-1 failed: {goal(fig.failed <= 1)}),"
+        f" {drill.download_line(got, at)} (goal survives: {goal(got['survived'])})"
+    )
+
+    split_brain(lab, say, logs=lambda m: _log(lab, m))
+
+
+def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
+    """Cut the link between the directors (clients and nodes still reach both) for `hold` s
+    under the paced client with a download running; print what happened (holders, who answers
+    ARP for the VIP, failed requests, the download) and assert that after healing every VIP is
+    on exactly one director."""
+    download = drill.Download(lab, seconds=int(hold) + 12)
+    time.sleep(1.0)
+    seen: dict = {}
+
+    def cut(at: float) -> None:
+        with drill.split(lab):
+            assert drill.isolated(lab) == [1, 2]
+            try:
+                seen["both"] = drill.await_holders(lab, lambda held: held == [1, 2], at, logs)
+            except AssertionError as exc:  # a fact to print, not a failure: say what was seen
+                seen["both"] = None
+                seen["why"] = str(exc)[:200]
+            seen["during"] = lab.vip_holders()
+            with lab.capture_on_client("arp") as cap:
+                lab.in_ns(lab.client_ns, ["ip", "neigh", "flush", "to", lab.vip])
+                seen["asked"] = nodes.attempts(lab, lab.vip, 80, count=3)
+            seen["arp"] = drill.arp_answerers(cap.lines, lab.vip)
+            time.sleep(max(0.0, at + hold - time.time()))
+        seen["healed"] = time.time()
+        seen["settled"] = drill.await_holder(lab, None, seen["healed"], logs)
+
+    fig, at, _ = drill.under_load(lab, cut, after=3.0)
+    assert drill.isolated(lab) == []
+    after = drill.one_holder(lab, logs=logs)  # the robust fact: one holder per VIP once healed
+    got = download.result()
+    replies = {drill.director_of_mac(m): c for m, c in seen["arp"]["reply"].items()}
+    garps = {drill.director_of_mac(m): c for m, c in seen["arp"]["gratuitous"].items()}
+    both = f"both held it within {seen['both']:.2f}s" if seen["both"] else f"not both: {seen}"
+    say(
+        f"split brain (directors' link cut {hold:.0f}s, clients reach both): {both}; during the"
+        f" split holders {seen['during']}, ARP replies for the VIP by director {replies},"
+        f" gratuitous ARP by director {garps}, client requests then"
+        f" {[r['outcome'] for r in seen['asked']]}; over the whole drill {fig},"
+        f" {drill.download_line(got, at)}; healed: one holder per VIP after"
+        f" {seen['settled']:.2f}s: {after}"
     )
