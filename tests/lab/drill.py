@@ -12,7 +12,8 @@ VRRP test and the real-path HA test.
   (`bridge link set dev tapN isolated on`): frames between the two directors are dropped (VRRP
   adverts, the sync daemons' multicast, ARP between them) while every other port, the clients,
   the nodes and the bridge itself (ssh), still reaches both. Healed when the block ends, also on
-  an error. `arp_answerers` reads which MACs answered ARP for the VIP in a capture.
+  an error. `arp_answerers` reads which MACs answered ARP for the VIP in a capture;
+  `split_brain(lab, say, logs)` is the whole drill (printed; asserts one holder once healed).
 """
 
 from __future__ import annotations
@@ -257,3 +258,45 @@ def arp_answerers(lines: list[str], vip: str) -> dict[str, Counter]:
 
 def director_of_mac(mac: str, count: int = harness.MAX_DIRECTORS) -> int | None:
     return next((n for n in range(1, count + 1) if vm.mac(n) == mac.lower()), None)
+
+
+def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
+    """Cut the link between the directors (clients and nodes still reach both) for `hold` s
+    under the paced client with a download running; print what happened (holders, who answers
+    ARP for the VIP, failed requests, the download) and assert that after healing every VIP is
+    on exactly one director."""
+    download = Download(lab, seconds=int(hold) + 12)
+    time.sleep(1.0)
+    seen: dict = {}
+
+    def cut(at: float) -> None:
+        with split(lab):
+            assert isolated(lab) == [1, 2]
+            try:
+                seen["both"] = await_holders(lab, lambda held: held == [1, 2], at, logs)
+            except AssertionError as exc:  # a fact to print, not a failure
+                seen["both"], seen["why"] = None, str(exc)[:300]
+            seen["during"] = lab.vip_holders()
+            with lab.capture_on_client("arp") as cap:
+                lab.in_ns(lab.client_ns, ["ip", "neigh", "flush", "to", lab.vip])
+                seen["asked"] = nodes.attempts(lab, lab.vip, 80, count=3)
+            seen["arp"] = arp_answerers(cap.lines, lab.vip)
+            time.sleep(max(0.0, at + hold - time.time()))
+        seen["healed"] = time.time()
+        seen["settled"] = await_holder(lab, None, seen["healed"], logs)
+
+    fig, at, _ = under_load(lab, cut, after=3.0)
+    assert isolated(lab) == []
+    after = one_holder(lab, logs=logs)  # the robust fact: one holder per VIP once healed
+    got = download.result()
+    replies = {director_of_mac(m): c for m, c in seen["arp"]["reply"].items()}
+    garps = {director_of_mac(m): c for m, c in seen["arp"]["gratuitous"].items()}
+    both = f"both held it within {seen['both']:.2f}s" if seen["both"] else f"not both: {seen}"
+    say(
+        f"split brain (directors' link cut {hold:.0f}s, clients reach both): {both}; during the"
+        f" split holders {seen['during']}, ARP replies for the VIP by director {replies},"
+        f" gratuitous ARP by director {garps}, client requests then"
+        f" {[r['outcome'] for r in seen['asked']]}; over the whole drill {fig},"
+        f" {download_line(got, at)}; healed: one holder per VIP after"
+        f" {seen['settled']:.2f}s: {after}"
+    )

@@ -236,47 +236,4 @@ def test_generated_vrrp_config_fails_over_under_load(two, request):
         f" {drill.download_line(got, at)} (goal survives: {goal(got['survived'])})"
     )
 
-    split_brain(lab, say, logs=lambda m: _log(lab, m))
-
-
-def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
-    """Cut the link between the directors (clients and nodes still reach both) for `hold` s
-    under the paced client with a download running; print what happened (holders, who answers
-    ARP for the VIP, failed requests, the download) and assert that after healing every VIP is
-    on exactly one director."""
-    download = drill.Download(lab, seconds=int(hold) + 12)
-    time.sleep(1.0)
-    seen: dict = {}
-
-    def cut(at: float) -> None:
-        with drill.split(lab):
-            assert drill.isolated(lab) == [1, 2]
-            try:
-                seen["both"] = drill.await_holders(lab, lambda held: held == [1, 2], at, logs)
-            except AssertionError as exc:  # a fact to print, not a failure: say what was seen
-                seen["both"] = None
-                seen["why"] = str(exc)[:200]
-            seen["during"] = lab.vip_holders()
-            with lab.capture_on_client("arp") as cap:
-                lab.in_ns(lab.client_ns, ["ip", "neigh", "flush", "to", lab.vip])
-                seen["asked"] = nodes.attempts(lab, lab.vip, 80, count=3)
-            seen["arp"] = drill.arp_answerers(cap.lines, lab.vip)
-            time.sleep(max(0.0, at + hold - time.time()))
-        seen["healed"] = time.time()
-        seen["settled"] = drill.await_holder(lab, None, seen["healed"], logs)
-
-    fig, at, _ = drill.under_load(lab, cut, after=3.0)
-    assert drill.isolated(lab) == []
-    after = drill.one_holder(lab, logs=logs)  # the robust fact: one holder per VIP once healed
-    got = download.result()
-    replies = {drill.director_of_mac(m): c for m, c in seen["arp"]["reply"].items()}
-    garps = {drill.director_of_mac(m): c for m, c in seen["arp"]["gratuitous"].items()}
-    both = f"both held it within {seen['both']:.2f}s" if seen["both"] else f"not both: {seen}"
-    say(
-        f"split brain (directors' link cut {hold:.0f}s, clients reach both): {both}; during the"
-        f" split holders {seen['during']}, ARP replies for the VIP by director {replies},"
-        f" gratuitous ARP by director {garps}, client requests then"
-        f" {[r['outcome'] for r in seen['asked']]}; over the whole drill {fig},"
-        f" {drill.download_line(got, at)}; healed: one holder per VIP after"
-        f" {seen['settled']:.2f}s: {after}"
-    )
+    drill.split_brain(lab, say, logs=lambda m: _log(lab, m))
