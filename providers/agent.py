@@ -345,6 +345,65 @@ def _health(raw, protocol: str) -> dict | None:
     return health
 
 
+def _vrrp(raw, vip: str) -> dict | None:
+    """A request's `vrrp` (absent: one director, the VIP is ours to bind), checked by the
+    model's own rules and normalized, or one line naming what is wrong before anything is done."""
+    if raw is None:
+        return None
+    vrrp, problems = model.check_vrrp(raw, model.plain_ip(vip))
+    if problems or vrrp is None:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        first = problems[0] if problems else f"vrrp: {model._short(raw)} is not known yet"
+        raise AgentError("bad-request", f"{first}{more}")
+    return vrrp
+
+
+# One keepalived per director renders every VRRP service of it from one router (address,
+# priority, interface) and one set of timers (providers/keepalived.render: one Director and one
+# Settings), so these must agree between all of them; peers only within a virtual router.
+_DIRECTOR_WIDE = ("address", "priority", "advertSeconds", "preemptDelaySeconds")
+
+
+def vrrp_conflict(owners: Ownership, spec, interface: str, vrrp: dict | None) -> str | None:
+    """One line naming the field if `vrrp` for `spec` disagrees with another recorded service on
+    this director, else None. Services of one VIP are all VRRP's or none (across stacks; within
+    one stack, the moment of its conversion is allowed: the runtime leaves such a VIP to
+    keepalived)."""
+    for key, entry in sorted(owners.services.items()):
+        if key == spec.key:
+            continue
+        theirs = entry.get("vrrp")
+        whose = f"{key} (stack {entry.get('owner') or 'unnamed'})"
+        if entry.get("vip") == spec.vip:
+            if (theirs is None) != (vrrp is None) and entry.get("owner") != spec.owner:
+                held = "is held by VRRP" if theirs else "is bound without VRRP"
+                return f"vrrp: {spec.vip} {held} for {whose} on this director: give every service of one VIP the same directors"  # fmt: skip
+            if theirs and vrrp and theirs["virtualRouterId"] != vrrp["virtualRouterId"]:
+                return f"vrrp.virtualRouterId: {vrrp['virtualRouterId']} differs from {theirs['virtualRouterId']} of {whose} on the same VIP: a VIP is in one virtual router; use {theirs['virtualRouterId']}"  # fmt: skip
+        if not (theirs and vrrp):
+            continue
+        for field in _DIRECTOR_WIDE:
+            if theirs.get(field) != vrrp.get(field):
+                return f"vrrp.{field}: {model._short(vrrp.get(field))} differs from {model._short(theirs.get(field))} of {whose}: one keepalived per director has one {field}; use {model._short(theirs.get(field))}"  # fmt: skip
+        if entry.get("interface") != interface:
+            return f"director.interface: {interface} differs from {entry.get('interface')} of {whose}: VRRP runs on one interface per director; use {entry.get('interface')}"  # fmt: skip
+        same = theirs["virtualRouterId"] == vrrp["virtualRouterId"]
+        if same and theirs["peers"] != vrrp["peers"]:
+            return f"vrrp.peers: {model._short(vrrp['peers'])} differ from {model._short(theirs['peers'])} of {whose} in virtual router {vrrp['virtualRouterId']}: one virtual router has one set of directors; use the same directors or another virtualRouterId"  # fmt: skip
+    return None
+
+
+def _vrrp_line(vrrp: dict | None) -> str:
+    if vrrp is None:
+        return "none (this director binds the VIP)"
+    preempt = vrrp.get("preemptDelaySeconds")
+    return (
+        f"vrid {vrrp['virtualRouterId']} priority {vrrp['priority']} peers {','.join(vrrp['peers'])}"
+        f" advert {vrrp['advertSeconds']:g}s"
+        + (f" preempt after {preempt}s" if preempt is not None else " nopreempt")
+    )
+
+
 def _health_line(health: dict | None) -> str:
     """A recorded health check in a dry run's list, e.g. "vip every 1s, rise 2 fall 2"."""
     if health is None or health["check"] == "none":
@@ -433,7 +492,7 @@ class Agent:
             iface = entry.get("interface") or interface or ""
             repair, health = entry.get("repair", True), entry.get("health")
             spec = dataclasses.replace(spec, owner=owner)
-            owners.record(key, spec, iface, "applied", "", repair, health)
+            owners.record(key, spec, iface, "applied", "", repair, health, entry.get("vrrp"))
             owners.services[key].pop("spec")  # the live table is not this stack's intent
             # The VIP is not claimed, bound or not: whoever bound it (keepalived, an operator)
             # may not be ipvs-ingress, and a destroy removes only addresses recorded as ours.
@@ -448,6 +507,7 @@ class Agent:
         if not isinstance(repair, bool):
             raise AgentError("bad-request", f"repair: {model._short(repair)} is not true or false")
         health = _health(request.get("health"), spec.protocol)
+        vrrp = _vrrp(request.get("vrrp"), spec.vip)
         with director_lock():
             owners = Ownership.load()  # a corrupt record refuses before anything is touched
             k = self.kernel
@@ -480,35 +540,48 @@ class Agent:
                     "owned",
                     f"vip: {spec.key} was recorded by an ipvs-ingress too old to name its stack: run pulumi refresh in the stack that holds it (it adopts it), or choose another VIP/port",
                 )
+            conflict = vrrp_conflict(owners, spec, interface, vrrp)
+            if conflict:
+                raise AgentError("vrrp-conflict", conflict)
             # Health's weights (a drained real server at 0) when the runtime keeps them.
             ops = model.plan(live, HEALTH.effective(spec, health) if HEALTH else spec)
             # A VIP we bound on another interface (director.interface changed) moves with it.
             recorded = owners.addresses.get(spec.vip, {}).get("interface")
             move_from = recorded if recorded not in (None, interface) else None
-            bind = not k.has_address(index, spec.vip)  # a VIP bound by anyone else is not claimed
+            # HA (vrrp): keepalived holds the VIP, the agent never binds or unbinds it. A VIP
+            # we bound is handed over in place (released from the record, still bound), so
+            # keepalived finds it where clients reach it; back to one director, the VIP
+            # keepalived held is claimed as ours, so the runtime keeps it once keepalived lets go.
+            release = vrrp is not None and recorded == interface
+            entry = owners.services.get(spec.key)
+            claim = vrrp is None and bool(entry and entry.get("vrrp")) and recorded is None
+            # A VIP bound by anyone else is not claimed.
+            bind = vrrp is None and not k.has_address(index, spec.vip)
             if dry_run:
-                entry = owners.services.get(spec.key)
                 turned = entry is not None and entry.get("repair", True) != repair
                 checks = entry is not None and entry.get("health") != health
+                roles = entry is not None and entry.get("vrrp") != vrrp
                 changes = (
                     [f"load {' '.join(missing)}"] * bool(missing)
                     + ["set net.ipv4.ip_forward=1"] * (not k.forwarding_on())
                     + [o.describe(spec) for o in ops]
                     + [f"unbind {spec.vip} from {move_from}"] * bool(move_from)
                     + [f"bind {spec.vip} on {interface}"] * bind
+                    + [f"hand {spec.vip} over to keepalived (VRRP), bound as it is"] * release
+                    + [f"take {spec.vip} back from keepalived (VRRP)"] * claim
                     + [f"record repair {'on' if repair else 'off'} (no kernel change)"] * turned
                     + [f"record health {_health_line(health)} (no kernel change)"] * checks
+                    + [f"record vrrp {_vrrp_line(vrrp)} (keepalived's config)"] * roles
                 )
                 return {"changes": changes, "live": live.to_dict() if live else None}
-            self._apply(
-                owners, spec, interface, live, ops, move_from, bind, former, (repair, health)
-            )
+            moves = (move_from, bind, release, claim)
+            self._apply(owners, spec, interface, live, ops, moves, former, (repair, health, vrrp))
             now = k.get_service(spec.protocol, spec.vip, spec.port)
         return {
             "live": now.to_dict() if now else None,
             "changes": [o.describe(spec) for o in ops],
             "touched": len(ops) + int(bind) + int(bool(move_from)),
-            "vipBound": True,
+            "vipBound": self._bound(interface, spec.vip),
             "ipForward": k.forwarding_on(),
             **_recorded(owners.services.get(spec.key) or {}),
         }
@@ -538,14 +611,16 @@ class Agent:
                             f"realServers[{i}].address: {rs.address} is the {which[addr]} address of {net} on {interface}, not a node: list the nodes' own addresses",
                         )
 
-    def _apply(self, owners, spec, interface, live, ops, move_from, bind, former, kept) -> None:
+    def _apply(self, owners, spec, interface, live, ops, moves, former, kept) -> None:
         """The changes, each preceded by its record on disk (write-ahead). `kept`: the request's
-        (repair, health), recorded for the runtime; a change of them alone is a change of the
-        record alone: no kernel object is touched."""
+        (repair, health, vrrp), recorded for the runtime; a change of them alone is a change of
+        the record alone: no kernel object is touched. `moves`: (move_from, bind, release,
+        claim) of the VIP; release and claim change only the record of who holds it."""
         k, entry = self.kernel, owners.services.get(spec.key)
-        repair, health = kept
+        repair, health, vrrp = kept
+        move_from, bind, release, claim = moves
         settled = (
-            not (ops or move_from or bind)
+            not (ops or move_from or bind or release or claim)
             and k.forwarding_on()
             and entry is not None
             and entry.get("state") == "applied"
@@ -553,14 +628,17 @@ class Agent:
             and entry.get("interface") == interface
             and entry.get("repair", True) == repair
             and entry.get("health") == health
+            and entry.get("vrrp") == vrrp
         )
         if settled:
             return
         # A renamed stack's record keeps the old name too: that stack's state still holds it
         # until this reply lands, so its refresh and destroy must still find the service.
-        owners.record(spec.key, spec, interface, "pending", former, repair, health)
-        if bind and not move_from:
+        owners.record(spec.key, spec, interface, "pending", former, repair, health, vrrp)
+        if (bind and not move_from) or claim:
             owners.addresses[spec.vip] = {"interface": interface}
+        if release:  # keepalived's from now on: bound as it is, never removed by us
+            owners.addresses.pop(spec.vip, None)
         owners.save()
         k.ensure_forwarding()
         try:
@@ -577,7 +655,7 @@ class Agent:
             k.del_address(k.ifindex(move_from), spec.vip)
             if bind:
                 owners.addresses[spec.vip] = {"interface": interface}
-            else:  # someone else has it bound on the new interface: it is not ours there
+            else:  # someone else (or keepalived) has it on the new interface: not ours there
                 owners.addresses.pop(spec.vip, None)
             owners.save()
         if bind:

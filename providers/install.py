@@ -6,7 +6,8 @@ another version. Every step can be killed and the next run converges from there:
 - the sources go to <install dir>/versions/<version>/providers/ (a temporary folder renamed
   into place, so a version folder is whole or absent),
 - <install dir>/current is swapped to it with one rename (atomic),
-- the unit is written the same way, then `systemctl daemon-reload` if it changed, and the
+- the unit is written the same way (and keepalived's, ipvs-ingress-keepalived.service, which only
+  the runtime starts), then `systemctl daemon-reload` if either changed, and the
   operators' command /usr/local/sbin/ipvs-ingress (`ipvs-ingress status`),
 - `systemctl enable` and `systemctl restart`, unless the runtime already answers with this
   version. The unit is Type=notify, so the restart returns once the new runtime finished its
@@ -29,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from providers import agent, api, ownership, runtime
+from providers import agent, api, ownership, runtime, vrrp
 from providers.ownership import AgentError
 
 UNIT_PATH = f"/etc/systemd/system/{runtime.UNIT_NAME}"
@@ -49,6 +50,8 @@ class Director:
 
     install_dir = runtime.INSTALL_DIR
     unit_path = UNIT_PATH
+    # keepalived under the project's own unit, started by the runtime (providers/vrrp.py)
+    keepalived_unit_path = vrrp.UNIT_PATH
     command_path = COMMAND_PATH
     systemd_run = SYSTEMD_RUN
     python = sys.executable or "/usr/bin/python3"  # the one that passed the pyroute2 check
@@ -96,6 +99,8 @@ def install(sources: dict[str, bytes], d: Director | None = None) -> dict:
         _switch(d, version)
         _write_command(d)
         unit_changed = _write_unit(d)
+        # Written (not enabled, not started): the runtime starts it when a VRRP service exists.
+        unit_changed = _replace(d.keepalived_unit_path, vrrp.unit_text().encode(), 0o644) or unit_changed  # fmt: skip
         if unit_changed:
             _check(d, "daemon-reload")
         _check(d, "enable", "--quiet", runtime.UNIT_NAME)

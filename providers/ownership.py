@@ -118,11 +118,14 @@ class Ownership:
         former="",
         repair=True,
         health=None,
+        vrrp=None,
     ):
         """`repair`: the stack's ipvs-ingress:repair, whether the director runtime keeps the
         kernel equal to this entry between applies (records from before it have none: true).
         `health`: how the runtime checks the real servers (model.check_health's normalized
-        form); None is no check, written as no field, as in records from before it."""
+        form); None is no check, written as no field, as in records from before it.
+        `vrrp`: this director's part in the VRRP group holding the VIP (model.check_vrrp's
+        normalized form); None: one director, the VIP is bound by ipvs-ingress itself."""
         self.services[key] = {
             "owner": spec.owner or None,
             "vip": spec.vip,
@@ -133,6 +136,8 @@ class Ownership:
         }
         if health is not None:
             self.services[key]["health"] = health
+        if vrrp is not None:  # HA: keepalived holds the VIP; the runtime renders its config
+            self.services[key]["vrrp"] = vrrp
         if former and former != spec.owner:  # until the stack's state has the new name
             self.services[key]["formerOwner"] = former
 
@@ -162,6 +167,7 @@ def _well_formed(data) -> bool:
         and _key_of(k, e["vip"])
         and _fields_ok(e)
         and _health_ok(k, e)
+        and _vrrp_ok(e)
         for k, e in services.items()
     ) and all(
         _canonical_ip(vip) and isinstance(e, dict) and isinstance(e.get("interface"), str)
@@ -224,6 +230,17 @@ def _health_ok(key: str, entry: dict) -> bool:
 def _health_text_ok(text: str, protocol: str) -> bool:
     health, problems = model.check_health(json.loads(text), protocol)
     return not problems and health == json.loads(text)
+
+
+def _vrrp_ok(entry: dict) -> bool:
+    """No `vrrp`, or model.check_vrrp's normalized form of itself (the runtime renders it)."""
+    if "vrrp" not in entry:
+        return True
+    vrrp = entry["vrrp"]
+    if not isinstance(vrrp, dict):
+        return False
+    checked, problems = model.check_vrrp(vrrp, model.plain_ip(entry["vip"]))
+    return not problems and checked == vrrp
 
 
 @contextmanager

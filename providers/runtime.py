@@ -87,7 +87,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from providers import agent, api, health, model, ownership, probe_services, probing
+from providers import agent, api, health, model, ownership, probe_services, probing, vrrp
 from providers.agent import Kernel
 from providers.ownership import AgentError, Ownership, director_lock
 
@@ -109,7 +109,7 @@ DEFER_MAX_PASSES = 3
 # The director side, as the provider ships it: the runtime's version is a hash of exactly these.
 SOURCE_FILES = (
     "__init__.py", "model.py", "ownership.py", "agent.py", "runtime.py", "api.py", "install.py",
-    "health.py", "probing.py", "probe_services.py",
+    "health.py", "probing.py", "probe_services.py", "keepalived.py", "vrrp.py",
 )  # fmt: skip
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -313,10 +313,13 @@ def observe(
                 s.real_servers = keeper.report(s.spec, s.health)
     vips = []
     on = _bound_by_interface(kernel, owners)
+    # keepalived's (HA): never bound by the runtime, whatever else the record says of it (a
+    # stack converting between one director and several has both kinds for a moment).
+    held = {e.get("vip") for e in owners.services.values() if e.get("vrrp")}
     for address, entry in sorted(owners.addresses.items()):
         interface = entry["interface"]
         bound = None if on[interface] is None else address in on[interface]
-        wanted = any(s.spec.vip == address for s in kept)
+        wanted = address not in held and any(s.spec.vip == address for s in kept)
         vips.append(Vip(address, interface, wanted, bound))
     return View(services, vips, missing, kernel.forwarding_on())
 
@@ -430,6 +433,7 @@ class Runtime:
         probers: Mapping[str, probing.Prober] | None = None,
         probes_path: str | None = None,
         sysctl_root: str = probe_services.SYSCTL_ROOT,
+        vrrp_manager: vrrp.Vrrp | None = None,
     ):
         self.kernel = kernel
         self.state_path = state_path or ownership.STATE_PATH
@@ -452,6 +456,8 @@ class Runtime:
         self.health = probing.HealthKeeper(
             health_path or probing.HEALTH_PATH, probers, self.log, clock
         )
+        # HA: keepalived, the sync daemons and the ready file (providers/vrrp.py).
+        self.vrrp = vrrp_manager or vrrp.Vrrp(log=self.log, bound=self._bound)
         self.wake = threading.Event()  # set when health changed what the kernel should hold
         self.deferred_passes = 0
         self.deferred_in_a_row = 0
@@ -478,6 +484,12 @@ class Runtime:
             maxlen=KEEP_REPAIRS,
         )
 
+    def _bound(self, interface: str) -> set[str] | None:
+        try:
+            return self.kernel.bound_addresses(self.kernel.ifindex(interface))
+        except AgentError:  # no such interface (yet)
+            return None
+
     def reload_config(self) -> Config:
         signature = _signature(self.config_path)
         if signature != self._config_signature:
@@ -500,6 +512,9 @@ class Runtime:
             self.view = None
         else:
             self._sync_probes(self._configure_health(owners, config), notes)
+            # Before the table is judged: a teardown lets keepalived drop a VIP that this
+            # pass then binds (a stack back to one director).
+            self._vrrp(lambda: self.vrrp.converge(owners), notes)
             seen = mark(self.kernel, owners, config, self.restoring, self.health.generation)
             full = self.steady != seen or self.view is None or time.monotonic() >= self.full_due
             # While a provider applies, its changes move the mark, and reading the whole table
@@ -539,11 +554,25 @@ class Runtime:
             for v in view.vips:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
+            # Ready (keepalived may hold the VIPs) only when every VRRP service is kept and the
+            # kernel equals the record: a pending or left one is not known to be in place.
+            in_sync = not view.drift and all(
+                s.kept and s.in_sync for s in view.services if s.key in vrrp_keys(owners)
+            )
+            self._vrrp(lambda: self.vrrp.finish(in_sync), notes)
         self._settle_notes(notes)
         self.last_reconcile = self.clock()
         self.pass_seconds = time.monotonic() - began
         self.write_status()
         return lines
+
+    def _vrrp(self, step: Callable[[], None], notes: dict) -> None:
+        try:
+            step()
+        except (OSError, AgentError) as err:  # e.g. /etc read-only: said, retried next pass
+            notes["vrrp"] = f"VRRP: {_one_line(err)}"
+        for name, line in self.vrrp.problems.items():
+            notes[f"vrrp {name}"] = line
 
     def _configure_health(self, owners: Ownership, config: Config) -> None:
         """The keeper probes every recorded service with a spec and a health check, kept or
@@ -689,6 +718,7 @@ class Runtime:
             "notes": sorted(self.notes.values()),
             "probeServices": self.probes.status(),
             "probesSent": self.health.sent,
+            "vrrp": self.vrrp.status() if self.vrrp.vips else None,
         }
 
     def write_status(self) -> None:
@@ -697,6 +727,10 @@ class Runtime:
         with open(tmp, "w") as f:
             f.write(json.dumps(self.status(), sort_keys=True))
         os.replace(tmp, self.status_path)  # readers see the old file or the new, never half
+
+
+def vrrp_keys(owners: Ownership) -> set[str]:
+    return {k for k, e in owners.services.items() if e.get("vrrp")}
 
 
 def _service_status(s: Service) -> dict:

@@ -36,6 +36,7 @@ class Systemd(install.Director):
     def __init__(self, root: Path, booted: bool = True, fail_restart_of: str | None = None):
         self.install_dir = str(root / "usr/local/lib/ipvs-ingress")
         self.unit_path = str(root / "etc/systemd/system/ipvs-ingress.service")
+        self.keepalived_unit_path = str(root / "etc/systemd/system/ipvs-ingress-keepalived.service")
         self.command_path = str(root / "usr/local/sbin/ipvs-ingress")
         self.systemd_run = str(root / "run/systemd/system")
         if booted:
