@@ -29,7 +29,7 @@ import pytest
 from pulumi.runtime.proto import provider_pb2
 
 from components.config import load_stack_file
-from providers import keepalived, runtime
+from providers import keepalived, runtime, vrrp
 from tests.conftest import _say, own_lab
 from tests.lab import drill, harness
 from tests.lab.__main__ import lab_stack
@@ -38,7 +38,7 @@ from tests.provider.grpc_client import ProviderServer
 pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
 
 OWNER = "ipvs-ingress/lab"
-KEEPALIVED_UNIT = "ipvs-ingress-keepalived.service"  # CONTRACTS-10 section 5
+KEEPALIVED_UNIT = vrrp.UNIT_NAME
 READY_WAIT = 60.0  # s: a (re)booted director's runtime restores its table and says ready
 
 
@@ -80,7 +80,8 @@ class Applier:
                 assert list(diff.replaces) == [], (name, diff)  # an update, never a replace
                 if diff.changes == provider_pb2.DiffResponse.DIFF_SOME:
                     outs = self.srv.update(id_, outs, inputs)
-                    self.log.append(f"update {name}" + (" (alias)" if old_name != name else ""))
+                    alias = f" (alias of {old_name})" if old_name != name else ""
+                    self.log.append(f"update {name}{alias} [{', '.join(diff.diffs)}]")
             new[name] = (id_, inputs, outs)
         for name, (id_, _inputs, outs) in self.state.items():
             self.srv.delete(id_, outs)
