@@ -20,14 +20,6 @@ except pulumi.ConfigTypeError as err:
     fix = "write it as YAML structure under config: in the stack file (see README.md)"
     raise pulumi.RunError(f"{err.key}: {_short(err.value)} is not JSON: {fix}") from None
 
-if cfg.vrrp:
-    # Parsed and checked (so a stack can be prepared), but this version would configure only
-    # the first director and bind the VIPs there: refuse before anything is changed.
-    raise pulumi.RunError(
-        f"{path('directors')}: this version applies one director only (VRRP with keepalived is "
-        f"not wired yet): use {path('director')} for now"
-    )
-
 private_key = None
 if cfg.bootstrap:
     private_key = config.get_secret(SECRET_KEY)
@@ -57,5 +49,7 @@ pulumi.export("vips", [vip.address for vip in cfg.vips])
 pulumi.export("urls", list(cfg.urls))
 pulumi.export("virtualServices", ingress.ipvsadm)
 pulumi.export("realServerHealth", ingress.health)
+if ingress.vip_holders is not None:  # several directors: which holds each VIP (VRRP)
+    pulumi.export("vipHolders", ingress.vip_holders)
 if web is not None:  # director side only: no Service, so no `service` output at all
     pulumi.export("service", web.service_name)

@@ -1,8 +1,10 @@
 """Prepare the director over SSH with pulumi-command (director.bootstrap: true).
 
 Three small commands, so a preview shows which part changes: packages, kernel modules at boot,
-and the ip_forward sysctl. Each script is idempotent, so re-running one (an update, or a replace
-after the scheduler list changed) is harmless.
+and the ip_forward sysctl; a fourth for a director of several (ipvs-ingress:directors): keepalived.
+Each script is idempotent, so re-running one (an update, or a replace after the scheduler list
+changed) is harmless. No config value reaches a shell unquoted: the scripts are fixed text, the
+scheduler names (checked against a fixed list) are quoted all the same.
 """
 
 from __future__ import annotations
@@ -59,8 +61,35 @@ def modules_script(schedulers: tuple[str, ...]) -> str:
     lines = "".join(f"{m}\n" for m in names)
     return (
         f"printf %s {shlex.quote(lines)} > {MODULES_FILE}\n"
-        f'for m in {" ".join(names)}; do modprobe "$m"; done\n'
+        f'for m in {" ".join(map(shlex.quote, names))}; do modprobe "$m"; done\n'
     )
+
+
+KEEPALIVED_UNIT = "keepalived.service"  # the distribution's: never used, the runtime has its own
+# keepalived from the distribution (issue 10: an existing engine), installed only if missing. The
+# distribution's unit would run it on /etc/keepalived with its own lifetime: the director's
+# runtime runs it as ipvs-ingress-keepalived.service on its own generated config instead, so the
+# distribution's is disabled and stopped (a package install may have started it).
+_KEEPALIVED = f"""\
+if ! command -v keepalived >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q --no-install-recommends keepalived
+  elif command -v dnf >/dev/null 2>&1; then
+    dnf install -y -q keepalived
+  else
+    echo "ipvs-ingress: no apt-get or dnf on the director: install keepalived" >&2
+    exit 1
+  fi
+fi
+if command -v systemctl >/dev/null 2>&1 && systemctl cat {KEEPALIVED_UNIT} >/dev/null 2>&1; then
+  systemctl disable --now {KEEPALIVED_UNIT}
+fi
+"""
+
+
+def keepalived_script() -> str:
+    return _KEEPALIVED
 
 
 def sysctl_script() -> str:
@@ -84,9 +113,15 @@ class DirectorBootstrap(pulumi.ComponentResource):
         director: Director,
         schedulers: tuple[str, ...],
         private_key: pulumi.Input[str],
+        keepalived: bool = False,
+        former: str | None = None,
         opts: pulumi.ResourceOptions | None = None,
     ):
+        """keepalived: also install keepalived (a director of several). former: the name this
+        bootstrap had before (one director <-> several): its commands keep their URNs."""
         super().__init__("ipvs-ingress:index:DirectorBootstrap", name, None, opts)
+        self.director = director
+        self._above = opts.parent if opts is not None else None
         connection = remote.ConnectionArgs(
             host=director.host,
             port=director.port,
@@ -102,6 +137,8 @@ class DirectorBootstrap(pulumi.ComponentResource):
             "kernel-modules": (modules_script(schedulers), f"rm -f {MODULES_FILE}"),
             "ip-forward": (sysctl_script(), f"rm -f {SYSCTL_FILE}"),
         }
+        if keepalived:  # kept installed on delete (teardown: README); its unit stays disabled
+            steps["keepalived"] = (keepalived_script(), None)
         self.commands = [
             remote.Command(
                 f"{name}-{step}",
@@ -109,8 +146,18 @@ class DirectorBootstrap(pulumi.ComponentResource):
                 create=as_root(director, script),
                 update=as_root(director, script),
                 delete=as_root(director, delete) if delete else None,
-                opts=child,
+                opts=pulumi.ResourceOptions.merge(child, self._renamed(former, step)),
             )
             for step, (script, delete) in steps.items()
         ]
         self.register_outputs({})
+
+    def _renamed(self, former: str | None, step: str) -> pulumi.ResourceOptions:
+        """The alias of a command under the bootstrap's former name (its own name and its
+        parent's both changed, so the parent's alias alone does not cover it)."""
+        if former is None:
+            return pulumi.ResourceOptions()
+        parent = pulumi.create_urn(former, "ipvs-ingress:index:DirectorBootstrap", self._above)
+        return pulumi.ResourceOptions(
+            aliases=[pulumi.Alias(name=f"{former}-{step}", parent=parent)]
+        )

@@ -30,8 +30,8 @@ from providers.model import _short as _short
 PROJECT = "ipvs-ingress"
 GUARD_KEYS = ("guardExternalIPs", "externalIPPool")
 KEYS = (
-    "app", "vips", "realServers", "director", "directors", *GUARD_KEYS, "kubernetes", "repair",
-    "health",
+    "app", "vips", "realServers", "director", "directors", "vrrp", *GUARD_KEYS, "kubernetes",
+    "repair", "health",
 )  # fmt: skip
 # Read as raw text (Config.get, not get_object): `yes` is then "not a boolean", not bad JSON.
 TEXT_KEYS = ("guardExternalIPs", "kubernetes", "repair")
@@ -54,6 +54,8 @@ DIRECTOR_KEYS = ("host", "port", "user", "hostKey", "interface", "bootstrap", "p
 HA_DIRECTOR_KEYS = (*DIRECTOR_KEYS, "priority", "address")
 MIN_HA_DIRECTORS = 2
 PRIORITY_RANGE = (1, 254)  # VRRP: 255 is the address owner, which never yields the VIPs
+# ipvs-ingress:vrrp: the settings every director of the group shares (model.check_vrrp's rules).
+VRRP_SETTINGS = ("virtualRouterId", "advertSeconds", "preemptDelaySeconds")
 
 PORT_KEYS = ("port", "protocol", "targetPort")
 MAX_REPLICAS = 1000
@@ -138,6 +140,9 @@ class StackConfig:
     # Every director: ipvs-ingress:directors in config order, or the single director as a
     # one-element tuple. `director` and `bootstrap` above are the first one's and "any".
     directors: tuple[DirectorConfig, ...] = ()
+    # ipvs-ingress:vrrp, normalized with its defaults (model.VRRP_DEFAULTS): {virtualRouterId,
+    # advertSeconds, preemptDelaySeconds (absent: no preemption)}; empty for one director.
+    vrrp_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def vrrp(self) -> bool:
@@ -222,6 +227,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
     directors, raw_director = _all_directors(report, values)
     specs = _virtual_services(report, vips, real_servers, raw_director)
     _vrrp_family(report, directors, vips)
+    vrrp_settings = _vrrp_settings(report, values.get("vrrp"), directors, values.get("directors"))
     targets = _target_ports(report, vips, app.container_port)
     guard = _guard(report, values)
     kubernetes = _kubernetes(report, values.get("kubernetes"), guard)
@@ -249,6 +255,7 @@ def load(values: Mapping[str, Any]) -> StackConfig:
         repair=repair,
         health=health,
         directors=directors,
+        vrrp_settings=vrrp_settings,
     )
 
 
@@ -531,6 +538,34 @@ def _vrrp_family(report: _Report, directors: tuple[DirectorConfig, ...], vips: l
     known = [a for a in canonical if a is not None]
     if known and all(_family(a) != family for a in known):
         report.add(path("vips"), f"has no IPv{family} VIP, but the directors' addresses are IPv{family}: VRRPv3 announces at least one VIP of its own family; add one, or give the directors IPv{6 if family == 4 else 4} addresses")  # fmt: skip
+
+
+def _vrrp_settings(
+    report: _Report, raw: Any, directors: tuple[DirectorConfig, ...], several: Any
+) -> dict[str, Any]:
+    """ipvs-ingress:vrrp, checked by the provider's own rules (model.check_vrrp) so preview and
+    check agree; {} (the engine's default for the unset key) is unset."""
+    name = path("vrrp")
+    raw = None if raw == {} else raw
+    if raw is not None and several in (None, []):
+        report.add(name, f"{_short(raw)} is set but {path('directors')} is not: VRRP settings apply to two or more directors; remove {name} or list the directors under {path('directors')}")  # fmt: skip
+        return {}
+    if len(directors) < MIN_HA_DIRECTORS:
+        return {}
+    shape = f"{{{', '.join(VRRP_SETTINGS)}}}, each optional"
+    given = report.object(name, {} if raw is None else raw, VRRP_SETTINGS, shape)
+    if given is None:
+        return {}
+    settings = {k: v for k, v in given.items() if k in VRRP_SETTINGS}
+    # The director's own part is filled in with a placeholder that passes: only the shared
+    # settings' problems are this key's (the directors' are reported under ipvs-ingress:directors).
+    probe = {**settings, "priority": 100, "address": "192.0.2.1", "peers": ["192.0.2.2"]}
+    normalized, problems = model.check_vrrp(probe, None, prefix=name)
+    fields = tuple(f"{name}.{k}" for k in VRRP_SETTINGS)
+    report.problems.extend(p for p in problems if p.field in fields)
+    if normalized is None:
+        return {}
+    return {k: normalized[k] for k in VRRP_SETTINGS if k in normalized}
 
 
 def _virtual_services(

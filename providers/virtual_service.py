@@ -113,7 +113,8 @@ class VirtualServiceProvider(ResourceProvider):
         director, spec = model.parse_virtual_service(props)
         result = self._apply(director, spec, props, adopt=False)
         return CreateResult(
-            f"{director.host}:{director.port}/{spec.key}", _outputs(director, spec, result)
+            f"{director.host}:{director.port}/{spec.key}",
+            _outputs(director, spec, result, model.vrrp_of(props)),
         )
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
@@ -121,18 +122,20 @@ class VirtualServiceProvider(ResourceProvider):
         # A renamed stack or project: the director records the service under the old name.
         former = olds.get("owner") if isinstance(olds.get("owner"), str) else ""
         result = self._apply(director, spec, news, adopt=True, former=former)
-        return UpdateResult(_outputs(director, spec, result))
+        return UpdateResult(_outputs(director, spec, result, model.vrrp_of(news)))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        director, spec = model.parse_virtual_service(_normalized(props))
-        result = self._session(director).request("read", **_where(director, spec))
+        inputs = _normalized(props)
+        director, spec = model.parse_virtual_service(inputs)
+        result = self._session(director).request("read", **_where(director, spec, inputs))
         if result["live"] is None or not result["owned"]:
             return ReadResult("", {})  # gone from the director: the engine drops it from state
-        return ReadResult(id_, _outputs(director, spec, result))
+        return ReadResult(id_, _outputs(director, spec, result, model.vrrp_of(inputs)))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        director, spec = model.parse_virtual_service(_normalized(props))
-        self._session(director).request("delete", **_where(director, spec))
+        inputs = _normalized(props)
+        director, spec = model.parse_virtual_service(inputs)
+        self._session(director).request("delete", **_where(director, spec, inputs))
 
     def _apply(
         self,
@@ -143,7 +146,7 @@ class VirtualServiceProvider(ResourceProvider):
         former="",
     ) -> dict:
         session = self._session(director)
-        health = model.health_of(props)
+        health, vrrp = model.health_of(props), model.vrrp_of(props)
         result = session.request(
             "apply",
             spec=model.spec_to_dict(spec),
@@ -152,6 +155,8 @@ class VirtualServiceProvider(ResourceProvider):
             repair=model.repair_of(props),  # recorded: whether the director's runtime repairs it
             # Recorded too: how the runtime checks the real servers (none sent: no check).
             **({"health": health} if health is not None else {}),
+            # Several directors: keepalived holds the VIP, the runtime renders its group from it.
+            **({"vrrp": vrrp} if vrrp is not None else {}),
             **({"formerOwner": former} if former and former != spec.owner else {}),
         )
         log.info(
@@ -196,8 +201,10 @@ def _parsed_inputs(props: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _props(director: model.Director, spec: model.VirtualServiceSpec, inputs: Mapping) -> dict:
-    """The normalized inputs of a parsed service: its spec, `repair` and `health`."""
-    return model.to_props(director, spec, model.repair_of(inputs), model.health_of(inputs))
+    """The normalized inputs of a parsed service: its spec, `repair`, `health` and `vrrp`."""
+    return model.to_props(
+        director, spec, model.repair_of(inputs), model.health_of(inputs), model.vrrp_of(inputs)
+    )
 
 
 def _delete_first(replaces: list[str]) -> bool:
@@ -279,9 +286,12 @@ def _one_line(reason: str) -> str:
     return f"{text[:keep]} ... {text[-keep:]}"
 
 
-def _where(director: model.Director, spec: model.VirtualServiceSpec) -> dict:
-    """A read or delete request: the service, this stack as its owner, adopting if unrecorded."""
+def _where(director: model.Director, spec: model.VirtualServiceSpec, inputs: Mapping) -> dict:
+    """A read or delete request: the service, this stack as its owner, adopting if unrecorded,
+    and its `vrrp` part (keepalived, not the agent, holds such a VIP)."""
+    vrrp = model.vrrp_of(inputs)
     return {
+        **({"vrrp": vrrp} if vrrp is not None else {}),
         "protocol": spec.protocol,
         "vip": spec.vip,
         "port": spec.port,
@@ -291,7 +301,12 @@ def _where(director: model.Director, spec: model.VirtualServiceSpec) -> dict:
     }
 
 
-def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: dict) -> dict:
+def _outputs(
+    director: model.Director,
+    spec: model.VirtualServiceSpec,
+    result: dict,
+    vrrp: dict | None = None,
+) -> dict:
     """Inputs as applied, plus what the director reports after the change or on refresh.
 
     `realServers`, `scheduler` and `persistenceSeconds` are the kernel's values, so a refresh
@@ -302,15 +317,24 @@ def _outputs(director: model.Director, spec: model.VirtualServiceSpec, result: d
     missing, pending or not this spec is drift too, as is a recorded `repair` other than the
     input's (shown as a change of `repair`). So a stack with repair off still sees its drift.
     `health` is the recorded health check too (none recorded: no `health`, a change of it).
+    With `vrrp` (several directors) keepalived holds the VIP on one director at a time: a
+    director without it is in sync; `vipHeld` says whether this one held it (None: the director
+    did not say). `vrrp` is the recorded one when the reply carries it, else the input's.
     """
     recorded_health = result.get("health")
     if recorded_health is not None:  # the record's, as the agent checked it: normalized again
         recorded_health = model.check_health(recorded_health, spec.protocol)[0]
-    outs = model.to_props(director, spec, result.get("repair", True) is not False, recorded_health)
-    bound, forward = bool(result.get("vipBound")), bool(result.get("ipForward"))
+    if "vrrp" in result:
+        vrrp = None if result["vrrp"] is None else model.check_vrrp(result["vrrp"])[0]
+    repair = result.get("repair", True) is not False
+    outs = model.to_props(director, spec, repair, recorded_health, vrrp)
+    held = result.get("vipBound")
+    bound, forward = bool(held), bool(result.get("ipForward"))
     desired = [str(line) for line in result.get("desired") or []]
     recorded = desired == model.ipvsadm_lines(spec) and result.get("recordState") == "applied"
     outs.update(vipBound=bound, ipForward=forward, desired=desired)
+    outs["vipHeld"] = held if isinstance(held, bool) else None
+    bound = bound or vrrp is not None  # the backup holds no VIP, and is in sync
     live = result.get("live")
     if live is None:
         outs.update(realServers=[], ipvsadm=[], inSync=False)
@@ -381,6 +405,8 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
     protocol: pulumi.Output[str]
     ipvsadm: pulumi.Output[list[str]]
     desired: pulumi.Output[list[str]]
+    vipHeld: pulumi.Output[bool | None]  # noqa: N815 (the output's name)
+    realServerHealth: pulumi.Output[list[dict]]  # noqa: N815 (the output's name)
 
     def __init__(
         self, name: str, props: dict[str, Any], opts: pulumi.ResourceOptions | None = None
@@ -391,7 +417,15 @@ class VirtualService(Resource, module="ipvs", name="VirtualService"):
             {
                 **props,
                 **dict.fromkeys(
-                    ("ipvsadm", "desired", "inSync", "vipBound", "ipForward", "realServerHealth")
+                    (
+                        "ipvsadm",
+                        "desired",
+                        "inSync",
+                        "vipBound",
+                        "vipHeld",
+                        "ipForward",
+                        "realServerHealth",
+                    )
                 ),
             },
             opts,

@@ -145,6 +145,8 @@ class Registration:
     dependencies: list[str]
     delete_before_replace: bool
     raw: str  # the serialized request object, secrets still wrapped
+    aliases: list[str] = field(default_factory=list)  # each as the URN it names
+    urn: str = ""  # by the engine's format (urn_of)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class ProgramMocks(pulumi.runtime.Mocks):
             # What the provider returns after applying: the table read back from the kernel.
             state["ipvsadm"] = director_table(args.inputs)
             state["realServerHealth"] = HEALTH_REPORTS.get(args.name) or fresh_health(args.inputs)
+            state["vipHeld"] = VIP_HELD.get(args.name)  # unset: the director did not say
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
@@ -175,6 +178,8 @@ class ProgramMocks(pulumi.runtime.Mocks):
 
 # A test's own health reports by VirtualService name (what a director's runtime would say).
 HEALTH_REPORTS: dict[str, list[dict]] = {}
+# A test's own answer by VirtualService name: whether that director held the VIP.
+VIP_HELD: dict[str, bool] = {}
 
 
 def fresh_health(inputs: dict[str, Any]) -> list[dict]:
@@ -215,6 +220,7 @@ class RecordingMonitor(mocks.MockMonitor):
         self.run = run
 
     def RegisterResource(self, request):  # noqa: N802 (gRPC method name)
+        response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             from google.protobuf import json_format
 
@@ -228,9 +234,30 @@ class RecordingMonitor(mocks.MockMonitor):
                     dependencies=list(request.dependencies),
                     delete_before_replace=request.deleteBeforeReplace,
                     raw=json_format.MessageToJson(request.object),
+                    aliases=[alias_urn(request, a) for a in request.aliases],
+                    urn=urn_of(request.parent, request.type, request.name),
                 )
             )
-        return super().RegisterResource(request)
+        return response
+
+
+def alias_urn(request, alias) -> str:
+    """The URN an alias spec names (unset parts: the resource's own)."""
+    if alias.urn:
+        return alias.urn
+    spec = alias.spec
+    parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+    return urn_of(parent, spec.type or request.type, spec.name or request.name)
+
+
+def urn_of(parent: str, typ: str, name: str) -> str:
+    """A resource's URN by the engine's format, written out here rather than taken from the SDK
+    or the mock monitor (which prefixes the root stack's type to its children's, as the engine
+    does not): urn:pulumi:<stack>::<project>::<parent's type>$<type>::<name>."""
+    stack, project, parent_type, _name = parent.split("::")
+    parent_type = parent_type.removeprefix("pulumi:pulumi:Stack$")
+    qualified = typ if parent_type == "pulumi:pulumi:Stack" else f"{parent_type}${typ}"
+    return f"{stack}::{project}::{qualified}::{name}"
 
 
 def _ints(value: Any) -> Any:

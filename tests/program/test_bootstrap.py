@@ -16,6 +16,7 @@ SCRIPTS = {
     "packages": bootstrap.packages_script(),
     "modules": bootstrap.modules_script(("wlc", "sh", "wlc")),
     "sysctl": bootstrap.sysctl_script(),
+    "keepalived": bootstrap.keepalived_script(),
 }
 
 
@@ -70,3 +71,100 @@ def test_pyroute2_version_check(version, ok, tmp_path):
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); {check}"]
     )
     assert (result.returncode == 0) is ok
+
+
+# --- keepalived for a director of several (issue 10), run against stub commands ---------------
+
+
+def _stub(folder, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text(f'#!/bin/sh\necho "{name} $*" >> "$LOG"\n{body}\n')
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A PATH of stub package managers and systemctl that log their arguments: installing
+    keepalived makes a `keepalived` command and the distribution's unit appear."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sh").symlink_to("/bin/sh")  # the command is `sh -euc ...`, found on PATH
+    install = (
+        f"printf '#!/bin/sh\\n' > {bin_}/keepalived && /bin/chmod +x {bin_}/keepalived"
+        f" && : > {tmp_path}/unit"
+    )
+    _stub(bin_, "apt-get", f'case "$1" in install) {install};; esac')
+    _stub(bin_, "dnf", f'case "$1" in install) {install};; esac')
+    _stub(bin_, "systemctl", f'[ "$1" != cat ] || [ -e {tmp_path}/unit ]')
+    return tmp_path
+
+
+def run_keepalived(folder) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = folder / "log"
+    log.write_text("")
+    root = Director(host=DIRECTOR.host, host_key=DIRECTOR.host_key, user="root")
+    # The command exactly as the Command resource runs it, with only the stubs on PATH.
+    result = subprocess.run(
+        ["/bin/sh", "-c", bootstrap.as_root(root, bootstrap.keepalived_script())],
+        env={"PATH": str(folder / "bin"), "LOG": str(log)},
+        capture_output=True,
+        text=True,
+    )
+    return result, log.read_text().splitlines()
+
+
+def test_keepalived_is_installed_with_apt_once_and_the_distributions_unit_stays_off(stubs):
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0, result.stderr
+    assert calls == [
+        "apt-get update -q",
+        "apt-get install -y -q --no-install-recommends keepalived",
+        "systemctl cat keepalived.service",
+        "systemctl disable --now keepalived.service",
+    ]
+    # Again (an update): nothing installed, the unit disabled and stopped again.
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0 and calls == [
+        "systemctl cat keepalived.service",
+        "systemctl disable --now keepalived.service",
+    ]
+
+
+def test_keepalived_is_installed_with_dnf_where_there_is_no_apt(stubs):
+    (stubs / "bin" / "apt-get").unlink()
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0, result.stderr
+    assert calls[0] == "dnf install -y -q keepalived"
+    assert calls[-1] == "systemctl disable --now keepalived.service"
+
+
+def test_keepalived_without_a_package_manager_is_one_line_and_nonzero(stubs):
+    for name in ("apt-get", "dnf"):
+        (stubs / "bin" / name).unlink()
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 1 and calls == []
+    assert result.stderr == "ipvs-ingress: no apt-get or dnf on the director: install keepalived\n"
+
+
+def test_no_unit_to_disable_without_systemd_or_without_the_distributions_unit(stubs):
+    (stubs / "bin" / "systemctl").unlink()
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0 and "systemctl" not in " ".join(calls)
+    _stub(stubs / "bin", "systemctl", f'[ "$1" != cat ] || [ -e {stubs}/no-unit ]')
+    result, calls = run_keepalived(stubs)  # keepalived is there now, its unit file is not
+    assert result.returncode == 0 and calls == ["systemctl cat keepalived.service"]
+
+
+def test_a_failing_disable_fails_the_command(stubs):
+    _stub(stubs / "bin", "systemctl", '[ "$1" = cat ]')  # the unit exists, disable fails
+    _stub(stubs / "bin", "keepalived", "")
+    result, calls = run_keepalived(stubs)
+    assert result.returncode != 0 and calls[-1] == "systemctl disable --now keepalived.service"
+
+
+def test_scheduler_names_reach_the_shell_quoted():
+    # Checked against a fixed list before, and quoted all the same (no config value unquoted).
+    script = bootstrap.modules_script(("wlc",))
+    assert "for m in ip_vs ip_vs_wlc; do" in script
+    hostile = bootstrap.modules_script(("x; touch /tmp/pwned",))
+    assert "for m in ip_vs 'ip_vs_x; touch /tmp/pwned'; do" in hostile

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 
-import pulumi
 import pytest
 
 from components.config import ConfigError, DirectorConfig, load
 from providers.model import Director
-from tests.program.conftest import HOST_KEY, run_program
+from tests.program.conftest import HOST_KEY
 
 PINNED = " ".join(HOST_KEY.split()[:2])
 BASE = {
@@ -180,14 +179,6 @@ def test_the_engines_defaults_for_unset_keys_mean_unset():
     assert text.startswith("ipvs-ingress:director.host: None is not a host name")
 
 
-def test_a_stack_with_directors_is_refused_by_the_program_until_vrrp_is_wired():
-    # Parsed and checked, but the resources are still one director's: nothing half-applied.
-    with pytest.raises(pulumi.RunError) as err:
-        run_program(PAIR)
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("ipvs-ingress:directors: this version")
-
-
 def test_the_dev_stacks_commented_example_parses_as_a_pair():
     import yaml
 
@@ -276,4 +267,86 @@ def test_fuzz_directors_end_in_a_config_or_one_line_and_accepted_ones_match_the_
         assert [(d.address, d.priority) for d in cfg.directors] == expected
         accepted += 1
     assert 50 < accepted < FUZZ_CASES - 50  # both outcomes were exercised
+    record(fuzz_cases=FUZZ_CASES)
+
+
+# --- fuzz: ipvs-ingress:vrrp, the settings the directors share ----------------------------------
+
+_VRIDS = [1, 51, 255, 7.0, 0, 256, -3, 51.5, True, "51", None, float("nan"), [51]]
+_ADVERTS = [0.01, 0.1, 0.05, 1, 2.5, 40.95, 0.005, 40.96, 41, 0, -0.1, 0.333, True, "0.1", None, float("inf")]  # fmt: skip
+_DELAYS = [0, 30, 1000, 30.0, 1001, -1, 2.5, False, "30", None, {}]
+
+
+def _whole(value, lo: int, hi: int) -> int | None:
+    if type(value) not in (int, float) or value != value or value in (float("inf"), float("-inf")):
+        return None
+    return int(value) if value == int(value) and lo <= value <= hi else None
+
+
+def _vrrp_oracle(raw, directors: bool) -> dict | None:
+    """The normalized settings, or None if the stack must be refused: from the contract's
+    ranges, with decimal arithmetic for the 0.01 s steps (not the model's float tolerance)."""
+    from decimal import Decimal
+
+    if raw is None or raw == {}:
+        return {"virtualRouterId": 51, "advertSeconds": 0.1} if directors else {}
+    if not directors or not isinstance(raw, dict):
+        return None
+    if set(raw) - {"virtualRouterId", "advertSeconds", "preemptDelaySeconds"}:
+        return None
+    out = {"virtualRouterId": 51, "advertSeconds": 0.1}
+    if raw.get("virtualRouterId") is not None:
+        out["virtualRouterId"] = _whole(raw["virtualRouterId"], 1, 255)
+    advert = raw.get("advertSeconds")
+    if advert is not None:
+        ok = type(advert) in (int, float) and advert == advert and abs(advert) != float("inf")
+        hundredths = Decimal(repr(advert)) * 100 if ok else None
+        ok = ok and hundredths == hundredths.to_integral_value() and 1 <= hundredths <= 4095
+        out["advertSeconds"] = float(hundredths) / 100 if ok else None
+    if raw.get("preemptDelaySeconds") is not None:
+        out["preemptDelaySeconds"] = _whole(raw["preemptDelaySeconds"], 0, 1000)
+    return None if None in out.values() else out
+
+
+def test_fuzz_vrrp_settings_end_in_a_config_or_one_line_and_match_the_oracle():
+    import random
+
+    from tests.hostile import record
+
+    rng = random.Random(20261210)
+    accepted = refused = 0
+    for _ in range(FUZZ_CASES):
+        directors = rng.random() < 0.85
+        roll = rng.random()
+        if roll < 0.05:
+            raw = rng.choice([None, {}, "fast", [51], 51])
+        else:
+            raw = {}
+            if rng.random() < 0.7:
+                good = rng.random() < 0.7
+                raw["virtualRouterId"] = rng.randint(1, 255) if good else rng.choice(_VRIDS)
+            if rng.random() < 0.7:
+                good = rng.random() < 0.7
+                raw["advertSeconds"] = rng.randint(1, 4095) / 100 if good else rng.choice(_ADVERTS)
+            if rng.random() < 0.4:
+                good = rng.random() < 0.7
+                raw["preemptDelaySeconds"] = rng.randint(0, 1000) if good else rng.choice(_DELAYS)
+            if rng.random() < 0.05:
+                raw[rng.choice(["priority", "advert", "virtualRouterID"])] = 1
+        values = copy.deepcopy(PAIR if directors else SINGLE)
+        if raw is not None:
+            values["vrrp"] = raw
+        expected = _vrrp_oracle(raw, directors)
+        try:
+            cfg = load(values)
+        except ConfigError as err:
+            text = str(err)
+            assert "\n" not in text and len(text) <= 300, text
+            assert text.startswith("ipvs-ingress:vrrp"), text
+            assert expected is None, (raw, text)
+            refused += 1
+            continue
+        assert cfg.vrrp_settings == expected, raw
+        accepted += 1
+    assert accepted > 200 and refused > 200  # both outcomes were exercised
     record(fuzz_cases=FUZZ_CASES)

@@ -70,8 +70,13 @@ def test_only_app_the_guard_kubernetes_repair_and_health_are_optional(project):
         "kubernetes",
         "repair",
         "health",
+        "vrrp",
     }
     assert config["app"]["default"] == {}
+    # The engine passes vrrp's default {} to a one-director stack too: it means unset, no problem.
+    assert config["vrrp"] == {**config["vrrp"], "type": "object", "default": {}}
+    single = yaml.safe_load(STACKS[0].read_text())["config"]
+    assert load_stack_file({**single, "ipvs-ingress:vrrp": {}}) == load_stack_file(single)
     assert (config["director"]["default"], config["directors"]["default"]) == ({}, [])
     assert config["health"] == {**config["health"], "type": "object", "default": {}}
     assert config["kubernetes"] == {**config["kubernetes"], "type": "boolean", "default": True}

@@ -6,7 +6,8 @@ real agent on test_agent_logic's in-memory kernel, in place of the SSH session.
 Everything the engine does goes through gRPC as usual; only `POOL.session` is replaced, so the
 provider's create/read/update/delete reach agent.Agent directly, every request and reply
 crossing JSON as on the wire. The kernel lives in DIR/kernel.json between requests (a test
-edits it for out-of-band drift), the record in DIR/state.json. When DIR/health.json exists
+edits it for out-of-band drift), the record in DIR/state.json, every request as it arrived in
+DIR/requests.jsonl (what the provider sends, e.g. a service's `vrrp`). When DIR/health.json exists
 (a test wrote it: the runtime's drains), the agent runs as inside the runtime process: with a
 probing.HealthKeeper loaded from it and configured from the record as the runtime's pass does.
 """
@@ -48,6 +49,7 @@ class Session:
     def __init__(self, folder: Path):
         self.kernel_path = folder / "kernel.json"
         self.health_path = folder / "health.json"
+        self.requests_path = folder / "requests.jsonl"
 
     def _health(self) -> probing.HealthKeeper | None:
         if not self.health_path.exists():
@@ -62,6 +64,8 @@ class Session:
         return keeper
 
     def request(self, op: str, **fields) -> dict:
+        with self.requests_path.open("a") as log:
+            log.write(json.dumps({"op": op, **fields}) + "\n")
         kernel = load_kernel(self.kernel_path)
         agent.HEALTH = self._health()
         try:

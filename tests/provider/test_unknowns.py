@@ -53,6 +53,15 @@ def full_props() -> dict:
             "depoolThreshold": 0.5,
             "kubeProxyPort": 10256,
         }
+    if "vrrp" in model.INPUT_KEYS:  # issue 10: a director's part in the VRRP group, every key
+        props["vrrp"] = {
+            "virtualRouterId": 51,
+            "priority": 150,
+            "address": "203.0.113.2",
+            "peers": ["203.0.113.3"],
+            "advertSeconds": 0.1,
+            "preemptDelaySeconds": 30,
+        }
     return props
 
 
@@ -95,6 +104,7 @@ def test_every_property_is_covered():
         + ("owner" in model.INPUT_KEYS)
         + ("repair" in model.INPUT_KEYS)
         + 11 * ("health" in model.INPUT_KEYS)  # health, its 8 keys and http's 2
+        + 8 * ("vrrp" in model.INPUT_KEYS)  # vrrp, its 6 keys and peers[0]
         and ("realServers", 1, "weight") in PATHS
     )
 
