@@ -197,6 +197,19 @@ def one_holder(
     return holders
 
 
+def watch_holders(lab: harness.Lab, seconds: float) -> list[str]:
+    """The VIP holders read every ~0.2 s for `seconds` (bounded), as the list of changes:
+    ["+0.0s {vip: [2]}", "+2.3s {vip: [1, 2]}", ...] (one entry when nothing moved)."""
+    start, seen, last = time.time(), [], None
+    while time.time() - start < seconds:
+        now = lab.vip_holders()
+        if now != last:
+            seen.append(f"+{time.time() - start:.1f}s {now}")
+            last = now
+        time.sleep(0.2)
+    return seen
+
+
 def _holders(lab: harness.Lab, vips: list[str] | None) -> dict[str, list[int]]:
     if vips is None:
         return lab.vip_holders()

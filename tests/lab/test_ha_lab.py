@@ -9,7 +9,8 @@ One module-scoped lab, the steps in one order (each starts from where the last l
     1. one-director stack applied, then the stack with both directors (director 1's resources
        updated with `vrrp`, director 2's created) under the paced client
     2. keepalived stopped on the holder (its runtime starts it again, as a backup)
-    3. the runtime killed (kill -9) on the holder
+    3. the runtime killed (kill -9) on the holder; then the holder's ready file set to 0 (the
+       runtime's "out of sync")
     4. primary crash (kill -9 of its VM) with a long download; the VM started again, the stack
        re-applied, its runtime restores it
     5. failback: keepalived stopped on the holder once the other is back and ready
@@ -39,6 +40,10 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
 
 OWNER = "ipvs-ingress/lab"
 KEEPALIVED_UNIT = vrrp.UNIT_NAME
+# keepalived stopped the way `systemctl stop` stops it (SIGTERM to its main process: it leaves
+# with priority 0 adverts), without a stop job: the runtime starts keepalived again whenever it
+# finds it inactive, and its start job cancels a pending stop job ("Job ... canceled", seen).
+STOP_KEEPALIVED = f"systemctl kill -s TERM --kill-who=main {KEEPALIVED_UNIT}"
 READY_WAIT = 60.0  # s: a (re)booted director's runtime restores its table and says ready
 
 
@@ -81,7 +86,7 @@ class Applier:
                 if diff.changes == provider_pb2.DiffResponse.DIFF_SOME:
                     outs = self.srv.update(id_, outs, inputs)
                     alias = f" (alias of {old_name})" if old_name != name else ""
-                    self.log.append(f"update {name}{alias} [{', '.join(diff.diffs)}]")
+                    self.log.append(f"update {name}{alias}")
             new[name] = (id_, inputs, outs)
         for name, (id_, _inputs, outs) in self.state.items():
             self.srv.delete(id_, outs)
@@ -122,6 +127,18 @@ def _log(lab: harness.Lab, n: int) -> str:
         check=False,
     )
     return got.stdout[-1500:]
+
+
+def _transitions(lab: harness.Lab, n: int) -> list[str]:
+    """keepalived's state changes and VIP moves on director n (its journal, short)."""
+    got = lab.director(
+        f"journalctl -q -o short-precise -u {KEEPALIVED_UNIT} | grep Keepalived_vrrp"
+        " | grep -E 'Entering|VIP|removing|Removing|received' | tail -n 8"
+        r" | sed -E 's/^\S+ \S+ (\S+) \S+ \S+ /\1 /'",
+        n=n,
+        check=False,
+    )
+    return got.stdout.splitlines()
 
 
 def _logs(lab: harness.Lab):
@@ -170,6 +187,7 @@ def test_ha_real_path(two, request):
         _add_second_director(lab, stack, say, goal)
         _stop_keepalived(lab, say, goal)
         _kill_runtime(lab, say, goal)
+        _not_ready(lab, say, goal)
         _crash_primary(lab, stack, say, goal)
         _failback(lab, say, goal)
         drill.split_brain(lab, say, logs=_logs(lab))
@@ -205,6 +223,7 @@ def _add_second_director(lab, stack: Applier, say, goal) -> None:
     drill.await_holder(lab, None, time.time(), _logs(lab))
     held = {name: outs[name].get("vipHeld") for name in outs}
     say(f"holder {_holder(lab)}; vipHeld per resource at the apply {held}")
+    say(f"director 1's keepalived since: {_transitions(lab, 1)}")
     _tables_identical(lab, say, "adding the second director")
 
 
@@ -212,13 +231,13 @@ def _stop_keepalived(lab, say, goal) -> None:
     holder = _holder(lab)
 
     def stop(at: float) -> float:
-        lab.director(f"systemctl stop {KEEPALIVED_UNIT}", n=holder)
+        lab.director(STOP_KEEPALIVED, n=holder)
         return drill.await_holder(lab, _other(holder), at, _logs(lab))
 
     fig, at, moved = drill.under_load(lab, stop)
     say(
-        f"keepalived stopped on director {holder} (holder): VIP on director {_other(holder)}"
-        f" within {moved:.2f}s (polled), {fig} (goal 0-1 failed: {goal(fig.failed <= 1)})"
+        f"keepalived stopped (SIGTERM) on director {holder} (holder): VIP on director"
+        f" {_other(holder)} within {moved:.2f}s (polled), {fig} (goal 0-1 failed: {goal(fig.failed <= 1)})"
     )
     back = _await_ready(lab, holder, at)  # its runtime starts keepalived again (a backup)
     time.sleep(1.0)
@@ -245,6 +264,28 @@ def _kill_runtime(lab, say, goal) -> None:
     say(f"director {holder}'s runtime back (systemd restart) and ready {back:.1f}s later")
 
 
+def _not_ready(lab, say, goal) -> None:
+    """The holder's ready file says "0" (what its runtime writes when the table is out of sync):
+    keepalived's track_file gives the VIP up. Written by hand, atomically as the runtime does;
+    the runtime writes "1" again at its next pass and nopreempt keeps the VIP where it went."""
+    holder = _holder(lab)
+    tmp = keepalived.READY_FILE + ".drill"
+    zero = f"printf '0\\n' > {tmp} && mv -f {tmp} {keepalived.READY_FILE}"
+
+    def not_ready(at: float) -> float:
+        lab.director(zero, n=holder)
+        return drill.await_holder(lab, _other(holder), at, _logs(lab))
+
+    fig, at, moved = drill.under_load(lab, not_ready)
+    say(
+        f"ready file 0 on director {holder} (holder): VIP on director {_other(holder)} within"
+        f" {moved:.2f}s (polled), {fig} (goal 0-1 failed: {goal(fig.failed <= 1)})"
+    )
+    _await_ready(lab, holder, at)
+    time.sleep(1.0)
+    drill.one_holder(lab, _other(holder), _logs(lab))
+
+
 def _crash_primary(lab, stack: Applier, say, goal) -> None:
     holder = _holder(lab)
     download = drill.Download(lab, seconds=20)
@@ -268,7 +309,8 @@ def _crash_primary(lab, stack: Applier, say, goal) -> None:
     ready = _await_ready(lab, holder, time.time())
     stack.log.clear()
     stack.apply(lab_stack(lab.describe()))  # `pulumi up` again: nothing to change
-    time.sleep(1.0)
+    seen = drill.watch_holders(lab, seconds=6.0)
+    say(f"holders seen over 6 s after director {holder}'s return: {seen}")
     drill.one_holder(lab, _other(holder), _logs(lab))
     say(
         f"director {holder} booted again in {booted:.1f}s, its runtime restored it and was ready"
@@ -286,7 +328,7 @@ def _failback(lab, say, goal) -> None:
     time.sleep(2.0)  # the flow's state reaches the other director's backup sync daemon
 
     def move_back(at: float) -> float:
-        lab.director(f"systemctl stop {KEEPALIVED_UNIT}", n=holder)
+        lab.director(STOP_KEEPALIVED, n=holder)
         return drill.await_holder(lab, back_to, at, _logs(lab))
 
     fig, at, moved = drill.under_load(lab, move_back)
