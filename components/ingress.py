@@ -1,4 +1,8 @@
-"""The ingress: one IPVS virtual service per (VIP, port, protocol) on the director.
+"""The ingress: one IPVS virtual service per (VIP, port, protocol) on each director.
+
+With ipvs-ingress:directors every director holds the same table (a VirtualService per director
+and service, each with that director's part in the VRRP group), and keepalived on the directors
+holds each VIP on one of them; the outputs say which.
 
 The VirtualService resources carry no key material: the provider reads `sshPrivateKey` from the
 stack config itself, so the key never lands in their inputs, state or outputs. Only the optional
@@ -129,7 +133,7 @@ class Ingress(pulumi.ComponentResource):
             for vs_name, d, props in declared
         ]
         labels = [director_label(d.director) for _name, d, _props in declared]
-        specs = [spec for _d in cfg.directors for spec in cfg.virtual_services]
+        specs = [spec for _d in cfg.directors for spec in cfg.virtual_services]  # as declared
         tables = pulumi.Output.all(*(vs.ipvsadm for vs in self.virtual_services))
         reports = pulumi.Output.all(*(vs.realServerHealth for vs in self.virtual_services))
         self.vip_holders = None

@@ -314,14 +314,17 @@ class Kernel:
 def _recorded(entry: dict) -> dict:
     """What the record holds for a service, for read and apply replies: `desired`, its spec as
     ipvsadm lines ([] when none is recorded: unknown, or adopted without one), `repair` (absent
-    in records from before the setting: true), `recordState` (pending: an apply was cut) and
-    `health` (the recorded health check; absent when none is)."""
+    in records from before the setting: true), `recordState` (pending: an apply was cut),
+    `health` (the recorded health check; absent when none is) and `vrrp` (the recorded VRRP
+    part, None for a VIP this director binds itself; absent without a record)."""
     try:
         desired = model.ipvsadm_lines(model.spec_from_dict(entry["spec"]))
     except (KeyError, TypeError, ValueError):  # none recorded, or unreadable: nothing desired
         desired = []
     state = entry.get("state", "applied") if entry else None
     health = {"health": entry["health"]} if "health" in entry else {}  # none recorded: absent
+    # The recorded VRRP part (None: this director binds the VIP itself); absent: no record.
+    health.update({"vrrp": entry.get("vrrp")} if entry else {})
     reply = {"desired": desired, "repair": entry.get("repair", True), "recordState": state, **health}  # fmt: skip
     if HEALTH is not None and desired:
         spec = model.spec_from_dict(entry["spec"])

@@ -554,10 +554,14 @@ class Runtime:
             for v in view.vips:
                 if v.kept and v.bound is None:
                     notes[f"vip {v.address}"] = f"VIP {v.address}: interface {v.interface!r} does not exist (yet): retrying every {config.interval:g} s"  # fmt: skip
-            # Ready (keepalived may hold the VIPs) only when every VRRP service is kept and the
-            # kernel equals the record: a pending or left one is not known to be in place.
-            in_sync = not view.drift and all(
-                s.kept and s.in_sync for s in view.services if s.key in vrrp_keys(owners)
+            # Ready (keepalived may hold the VIPs) only when the kernel equals the record for
+            # every VRRP service, repaired or not (repair off: its drift is not in view.drift).
+            # A pending one is a provider's apply in flight, not drift: judging it would hand
+            # the VIPs over at every `pulumi up` that changes a table.
+            in_sync = not view.drift and not any(
+                s.ops
+                for s in view.services
+                if s.key in vrrp_keys(owners) and s.spec and s.state != "pending"
             )
             self._vrrp(lambda: self.vrrp.finish(in_sync), notes)
         self._settle_notes(notes)
@@ -1031,9 +1035,12 @@ def print_status(
     out=None,
     now: Callable[[], float] = time.time,
     health_path: str | None = None,
+    vrrp_host: vrrp.Host | None = None,
+    ready_file: str = vrrp.keepalived.READY_FILE,
 ) -> int:
     """Desired against live per service (read now), the runtime's last reconcile and repairs,
-    its version and the owning stacks. Exit 0 when the runtime runs and everything it keeps is
+    its version and the owning stacks; with VRRP services, which VIPs this director holds now,
+    the sync daemons and the ready file. Exit 0 when the runtime runs and everything it keeps is
     in sync, 1 otherwise. Changes nothing."""
     out = out or sys.stdout
     write = lambda line="": out.write(line + "\n")  # noqa: E731
@@ -1075,6 +1082,7 @@ def print_status(
     for v in view.vips:
         where = "bound" if v.bound else ("NOT BOUND" if v.bound is False else "interface missing")
         write(f"VIP {v.address} on {v.interface}: {where}{'' if v.kept else ' (not kept)'}")
+    _write_vrrp(owners, kernel, vrrp_host or vrrp.Host(), ready_file, write)
     repairs = [r for r in (saved or {}).get("repairs", []) if _is_repair(r)]
     write(f"last repairs: {'none' if not repairs else ''}")
     for r in repairs[-10:]:
@@ -1083,6 +1091,30 @@ def print_status(
     for note in (saved or {}).get("notes", []):
         write(f"note: {note}")
     return 0 if running and not view.drift else 1
+
+
+def _write_vrrp(owners: Ownership, kernel, host: vrrp.Host, ready_file: str, write) -> None:
+    """Read now: per VRRP VIP whether this director holds it, keepalived, sync daemons, ready."""
+    services = vrrp.wanted(owners)
+    if not services:
+        return
+    manager = vrrp.Vrrp(host=host)
+    active = manager._unit_active()
+    ready = vrrp._read(ready_file)
+    write(f"VRRP: keepalived {'running' if active else 'NOT RUNNING'} ({vrrp.UNIT_NAME}), ready {ready if ready is not None else 'missing'}")  # fmt: skip
+    for vip, interface, vrid in sorted({(e["vip"], e["interface"], e["vrrp"]["virtualRouterId"]) for _k, e in services}):  # fmt: skip
+        try:
+            held = vip in kernel.bound_addresses(kernel.ifindex(interface))
+        except AgentError:
+            held = False
+        where = "held by this director (master)" if held else "not held here (backup)"
+        write(f"VIP {vip} on {interface} (VRRP router {vrid}): {where}")
+    daemons = manager.read_daemons()
+    if daemons is None:
+        write("sync daemons: unreadable (ipvsadm --list --daemon failed)")
+    else:
+        running = [f"{r} on {i} syncid {n}" for r, (i, n) in sorted(daemons.items())]
+        write(f"sync daemons: {', '.join(running) or 'NONE RUNNING'}")
 
 
 def _one_line(err: Exception, limit: int = 120) -> str:

@@ -61,7 +61,7 @@ _HERE = Path(__file__).parent
 # The director's sources in import order (each module's imports come before it).
 _MODULES = (
     "__init__", "model", "health", "ownership", "agent", "probing", "probe_services", "api",
-    "runtime", "install", "keepalived", "vrrp",
+    "keepalived", "vrrp", "runtime", "install",
 )  # fmt: skip
 _SOURCES = [
     (

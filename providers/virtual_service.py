@@ -178,15 +178,22 @@ class VirtualServiceProvider(ResourceProvider):
         return POOL.session(director, key)
 
 
+_OWN_CHECKS = ("health", "vrrp")  # left out of the parse of stored props: see _normalized
+
+
 def _normalized(props: dict[str, Any]) -> dict[str, Any]:
     """Input-shaped, normalized view of stored props (numbers from gRPC arrive as floats), for
     read and delete. Without `health`: neither sends it (read's outputs carry the recorded
     one), so a malformed one in state never blocks a refresh or a destroy."""
-    inputs = {k: props[k] for k in model.INPUT_KEYS if k in props and k != "health"}
+    inputs = {k: props[k] for k in model.INPUT_KEYS if k in props and k not in _OWN_CHECKS}
     try:
-        return _props(*model.parse_virtual_service(inputs), inputs)
+        out = _props(*model.parse_virtual_service(inputs), inputs)
     except model.InvalidSpec:
-        return inputs
+        out = inputs
+    # `vrrp` is sent when it is sound; one that is not never blocks a refresh or a destroy.
+    vrrp = props.get("vrrp")
+    vrrp = model.check_vrrp(vrrp)[0] if vrrp is not None and not _has_unknown(vrrp) else None
+    return {**out, **({"vrrp": vrrp} if vrrp is not None else {})}
 
 
 def _parsed_inputs(props: dict[str, Any]) -> dict[str, Any] | None:

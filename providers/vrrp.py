@@ -60,7 +60,11 @@ def unit_text(conf: str = CONF_PATH, binary: str = keepalived.KEEPALIVED) -> str
     """keepalived under the project's own unit; its config and pid files are the project's."""
     pids = " ".join(
         f"{flag}={PID_DIR}/keepalived{suffix}.pid"
-        for flag, suffix in (("--pid", ""), ("--vrrp_pid", "-vrrp"), ("--checkers_pid", "-checkers"))  # fmt: skip
+        for flag, suffix in (
+            ("--pid", ""),
+            ("--vrrp_pid", "-vrrp"),
+            ("--checkers_pid", "-checkers"),
+        )  # fmt: skip
     )
     return f"""[Unit]
 Description=ipvs-ingress: keepalived holding the VIPs by VRRP (started by ipvs-ingress.service)
@@ -220,10 +224,9 @@ class Vrrp:
         if not self.vips:
             return
         since = self._state().get("backupSince")
-        settled = (
-            isinstance(since, int | float) and self.host.monotonic() - since >= SYNC_SETTLE
-        )
-        both = all(r in self.daemons for r in ROLES)
+        settled = isinstance(since, int | float) and self.host.monotonic() - since >= SYNC_SETTLE
+        # Both on the VRRP interface (an operator's daemon elsewhere syncs no peer).
+        both = all(self.daemons.get(r) == (self.interface, SYNC_ID) for r in ROLES)
         ready = "1" if in_sync and both and settled and "config" not in self.problems else "0"
         if ready != _read(self.ready_file):
             _atomic(self.ready_file, f"{ready}\n".encode(), 0o644)

@@ -56,7 +56,7 @@ def test_a_pair_is_parsed_in_order_with_priorities_and_addresses():
             Director("203.0.113.3", PINNED, interface="ens3"), False, 100, "203.0.113.3"
         ),
     )
-    assert cfg.director == cfg.directors[0].director  # what today's resources still use
+    assert cfg.director == cfg.directors[0].director  # the first one (the plan CLI uses it)
     assert [s.key for s in cfg.virtual_services] == ["tcp/203.0.113.201:80"]
 
 

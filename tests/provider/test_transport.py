@@ -210,7 +210,7 @@ def test_the_runtime_is_installed_once_then_every_run_only_attaches(director_wit
     assert (first.handshakes, first.installs, first.attaches) == (1, 1, 1)
     assert sshd.execs == 1 and len(installed) == 1
     # The installer got every director source, the same the version is computed from.
-    assert set(installed[0]) == {"providers"} | {f"providers.{m}" for m in ("model", "health", "ownership", "agent", "probing", "probe_services", "api", "runtime", "install")}  # fmt: skip
+    assert set(installed[0]) == {"providers"} | {f"providers.{m}" for m in ("model", "health", "ownership", "agent", "probing", "probe_services", "api", "runtime", "install", "keepalived", "vrrp")}  # fmt: skip
     first.close()
     for _ in range(2):  # two later `pulumi` runs: a handshake and a channel, no process
         later = transport.RuntimeSession(director, private_key)

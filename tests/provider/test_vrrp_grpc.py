@@ -232,3 +232,15 @@ def test_a_recorded_vrrp_in_the_reply_is_shown_over_the_inputs():
 
 def checked_locally() -> dict:
     return vs.VirtualServiceProvider().check({}, {**INPUTS, "vrrp": VRRP}).inputs
+
+
+def test_a_malformed_vrrp_in_state_never_blocks_a_refresh_or_a_destroy(director):
+    id_, outs = director.create(checked(director, vrrp=VRRP))
+    broken = {**outs, "vrrp": {**NORMALIZED, "priority": 999}}  # e.g. hand-edited state
+    rid, live = director.read(id_, broken)
+    assert rid == id_ and live["ipvsadm"] == TABLE
+    director.delete(id_, broken)
+    assert [(r["op"], r.get("vrrp")) for r in requests(director)][1:] == [
+        ("read", None),
+        ("delete", None),
+    ]

@@ -58,6 +58,7 @@ def test_read_reports_ownership_vip_binding_and_forwarding(kernel):
         ],
         "repair": True,
         "recordState": "applied",
+        "vrrp": None,  # one director: the VIP is this director's to bind (issue 10)
     }
     kernel.addresses.clear()
     kernel.forwarding = False

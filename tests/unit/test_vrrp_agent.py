@@ -56,9 +56,16 @@ def test_with_vrrp_the_vip_is_never_bound_and_vrrp_is_recorded(kernel):
     again = apply(kernel, vrrp=VRRP)
     assert again["vipBound"] is True and again["touched"] == 0
     read = agent.Agent(kernel).handle(
-        {"op": "read", "protocol": "tcp", "vip": VIP, "port": 80, "owner": OWNER, "interface": "eth0"}  # fmt: skip
+        {
+            "op": "read",
+            "protocol": "tcp",
+            "vip": VIP,
+            "port": 80,
+            "owner": OWNER,
+            "interface": "eth0",
+        }  # fmt: skip
     )
-    assert read["vipBound"] is True
+    assert read["vipBound"] is True and read["vrrp"] == VRRP
 
 
 def test_delete_with_vrrp_leaves_the_vip_to_keepalived(kernel):
@@ -74,10 +81,13 @@ def test_delete_with_vrrp_leaves_the_vip_to_keepalived(kernel):
 def test_plan_says_what_the_vrrp_change_does(kernel):
     apply(kernel)  # one director: the VIP bound by ipvs-ingress
     changes = apply(kernel, vrrp=VRRP, op="plan")["changes"]
-    assert changes == [
-        f"hand {VIP} over to keepalived (VRRP), bound as it is",
-        "record vrrp vrid 51 priority 150 peers 203.0.113.3 advert 0.1s nopreempt (keepalived's config)",  # fmt: skip
-    ]
+    assert (
+        changes
+        == [
+            f"hand {VIP} over to keepalived (VRRP), bound as it is",
+            "record vrrp vrid 51 priority 150 peers 203.0.113.3 advert 0.1s nopreempt (keepalived's config)",  # fmt: skip
+        ]
+    )
 
 
 def test_converting_to_vrrp_keeps_the_vip_bound_and_gives_it_away(kernel):
@@ -180,4 +190,3 @@ def test_a_record_with_a_malformed_vrrp_is_refused_as_corrupt(kernel):
     with pytest.raises(agent.AgentError) as err:
         apply(kernel, vrrp=VRRP)
     assert err.value.code == "corrupt-state"
-
