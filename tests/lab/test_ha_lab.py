@@ -9,12 +9,12 @@ One module-scoped lab, the steps in one order (each starts from where the last l
     1. one-director stack applied, then the stack with both directors (director 1's resources
        updated with `vrrp`, director 2's created) under the paced client
     2. keepalived stopped on the holder (its runtime starts it again, as a backup)
-    3. the runtime killed (kill -9) on the holder; then the holder's ready file set to 0 (the
-       runtime's "out of sync")
-    4. primary crash (kill -9 of its VM) with a long download; the VM started again, the stack
-       re-applied, its runtime restores it
+    3. the runtime killed (kill -9) on the holder (director 2): the VIP back on director 1
+    4. primary crash (kill -9 of director 1's VM, the higher priority) with a long download; the
+       VM started again, the stack re-applied, its runtime restores it; no preemption
     5. failback: keepalived stopped on the holder once the other is back and ready
-    6. split brain: the directors' link cut (tests/lab/drill.py `split`), then healed
+    6. the holder's ready file set to 0 (what the runtime writes when out of sync)
+    7. split brain: the directors' link cut (tests/lab/drill.py `split`), then healed
 Figures are printed with MET/MISSED against the issue's goals (TCG on a shared host: timings
 are not asserted). Asserted: exactly one holder per VIP after every step, `ipvsadm -Sn` equal on
 both directors after every apply, the download surviving a crash with sync on, and the preview
@@ -187,9 +187,9 @@ def test_ha_real_path(two, request):
         _add_second_director(lab, stack, say, goal)
         _stop_keepalived(lab, say, goal)
         _kill_runtime(lab, say, goal)
-        _not_ready(lab, say, goal)
         _crash_primary(lab, stack, say, goal)
         _failback(lab, say, goal)
+        _not_ready(lab, say, goal)
         drill.split_brain(lab, say, logs=_logs(lab))
         _tables_identical(lab, say, "the split brain")
     finally:
@@ -197,9 +197,28 @@ def test_ha_real_path(two, request):
             stack.destroy()
         finally:
             stack.close()
-    for n in (1, 2):
-        assert lab.ipvsadm_sn(n).strip() == "", n
-    assert lab.vip_holders() == {lab.vip: []}
+    # The health check's probe services and keepalived go within a runtime pass or two.
+    left = _await_empty(lab)
+    assert left == {}, left
+
+
+def _await_empty(lab: harness.Lab, timeout: float = 20.0) -> dict:
+    """{director: what is left} until no director has an IPVS table, a running keepalived or
+    the VIP (bounded); {} when all went."""
+    deadline = time.time() + timeout
+    while True:
+        left = {}
+        for n in lab.live_directors():
+            table = lab.ipvsadm_sn(n).strip()
+            active = lab.director(f"systemctl is-active {KEEPALIVED_UNIT}", n=n, check=False)
+            if table or active.stdout.strip() == "active":
+                left[n] = {"table": table, "keepalived": active.stdout.strip()}
+        held = {vip: n for vip, n in lab.vip_holders().items() if n}
+        if held:
+            left["vip"] = held
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(1.0)
 
 
 def _add_second_director(lab, stack: Applier, say, goal) -> None:
