@@ -283,20 +283,25 @@ def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
     seen: dict = {}
 
     def cut(at: float) -> None:
-        with split(lab):
-            assert isolated(lab) == [1, 2]
-            try:
-                seen["both"] = await_holders(lab, lambda held: held == [1, 2], at, logs)
-            except AssertionError as exc:  # a fact to print, not a failure
-                seen["both"], seen["why"] = None, str(exc)[:300]
-            seen["during"] = lab.vip_holders()
-            with lab.capture_on_client("arp") as cap:
+        # One capture from the cut to the settled heal: gratuitous ARP at the takeover during
+        # the split and after the heal, and the replies to the client's own request.
+        with lab.capture_on_client("arp") as cap:
+            with split(lab):
+                assert isolated(lab) == [1, 2]
+                try:
+                    seen["both"] = await_holders(lab, lambda held: held == [1, 2], at, logs)
+                except AssertionError as exc:  # a fact to print, not a failure
+                    seen["both"], seen["why"] = None, str(exc)[:300]
+                seen["during"] = lab.vip_holders()
                 lab.in_ns(lab.client_ns, ["ip", "neigh", "flush", "to", lab.vip])
                 seen["asked"] = nodes.attempts(lab, lab.vip, 80, count=3)
-            seen["arp"] = arp_answerers(cap.lines, lab.vip)
-            time.sleep(max(0.0, at + hold - time.time()))
-        seen["healed"] = time.time()
-        seen["settled"] = await_holder(lab, None, seen["healed"], logs)
+                time.sleep(max(0.0, at + hold - time.time()))
+            seen["healed"] = time.time()
+            seen["settled"] = await_holder(lab, None, seen["healed"], logs)
+            time.sleep(1.0)
+        seen["arp"] = arp_answerers(cap.lines, lab.vip)
+        neigh = lab.in_ns(lab.client_ns, ["ip", "-j", "neigh", "show", "to", lab.vip]).stdout
+        seen["client"] = [director_of_mac(e.get("lladdr", "")) for e in json.loads(neigh or "[]")]
 
     fig, at, _ = under_load(lab, cut, after=3.0)
     assert isolated(lab) == []
@@ -308,8 +313,8 @@ def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
     say(
         f"split brain (directors' link cut {hold:.0f}s, clients reach both): {both}; during the"
         f" split holders {seen['during']}, ARP replies for the VIP by director {replies},"
-        f" gratuitous ARP by director {garps}, client requests then"
+        f" gratuitous ARP (split and heal) by director {garps}, client requests then"
         f" {[r['outcome'] for r in seen['asked']]}; over the whole drill {fig},"
         f" {download_line(got, at)}; healed: one holder per VIP after"
-        f" {seen['settled']:.2f}s: {after}"
+        f" {seen['settled']:.2f}s: {after}, the client's ARP entry then: director {seen['client']}"
     )
