@@ -63,9 +63,18 @@ Log: one line per change on stdout (journald), e.g.
 atomically every pass; `ipvs-ingress status` (the installer's command for
 `python3 -m providers.runtime status`) prints it with the live table.
 
+HA (issue 10; providers/vrrp.py): services recorded with `vrrp` have their VIP held by keepalived,
+never bound or unbound by the runtime (so never "VIP not bound" drift). Each pass renders
+/etc/ipvs-ingress/keepalived.conf from them, keeps both IPVS sync daemons running, writes the ready
+file keepalived tracks ("1" only when the table equals the record and the backup sync daemon has
+run 3 s), starts ipvs-ingress-keepalived.service once ready, reloads it on a change, and stops it
+(after handing the VIPs over) with the last VRRP service.
+
 Uninstall (after `pulumi destroy` of the stacks that use the director):
     systemctl disable --now ipvs-ingress.service
+    systemctl stop ipvs-ingress-keepalived.service  # if a VRRP service was left: hands over
     rm -f /etc/systemd/system/ipvs-ingress.service /usr/local/sbin/ipvs-ingress
+    rm -f /etc/systemd/system/ipvs-ingress-keepalived.service
     systemctl daemon-reload
     rm -rf /usr/local/lib/ipvs-ingress /etc/ipvs-ingress /run/ipvs-ingress /var/lib/ipvs-ingress
 """

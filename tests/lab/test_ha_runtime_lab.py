@@ -6,8 +6,8 @@ Steps, under the paced client (20 requests/s, 1 s timeout; figures printed, TCG 
 asserted):
 1. director 1 alone (no vrrp: the runtime binds the VIP), then the conversion: director 1
    updated with vrrp and director 2 created with it: the gap the conversion costs (keepalived
-   2.2.7 removes a VIP that is already bound when it starts in BACKUP, and adds it back as
-   master: measured here);
+   2.2.7 removes a VIP that is already bound when it starts in BACKUP, so director 1's runtime
+   starts it only once director 2 is master: providers/vrrp.py);
 2. exactly one director holds the VIP, `ipvsadm -Sn` is identical on both, `ipvs-ingress status`
    says who holds it, the sync daemons and ready;
 3. the runtime killed (kill -9) on the holder: the other takes over (gap, failed requests);
@@ -76,6 +76,11 @@ def _await(lab, want: list[int], since: float, what: str) -> float:
     raise AssertionError(f"{what}: VIP on {_holders(lab)}, wanted {want}: {_logs(lab)}")
 
 
+def _keepalived_up(lab, n: int) -> bool:
+    got = lab.director(f"systemctl is-active {vrrp.UNIT_NAME}", n=n, check=False)
+    return got.stdout.strip() == "active"
+
+
 def _logs(lab) -> dict:
     return {
         n: lab.director(
@@ -135,11 +140,14 @@ def test_the_runtime_runs_vrrp_on_two_directors(two, request):
             assert problems == []
             made[1] = (made[1][0], srv.update(made[1][0], made[1][1], news))
             made[2] = srv.create(two_inputs)
-            deadline = time.time() + SETTLE
-            while time.time() < deadline and len(_holders(lab)) != 1:
-                time.sleep(0.1)
-            time.sleep(vrrp.SYNC_SETTLE + 3.0)  # keepalived starts once ready, then elects
-            return time.time() - at
+            # keepalived starts once ready; on director 1 (the VIP bound there) only once
+            # director 2 is master (it heard its advert), so the VIP moves without a gap.
+            deadline = time.time() + SETTLE + vrrp.CONVERT_WAIT
+            while time.time() < deadline and not all(_keepalived_up(lab, n) for n in (1, 2)):
+                time.sleep(0.5)
+            took = time.time() - at
+            time.sleep(1.0)  # elected
+            return took
 
         failed, gap, took = _under_load(lab, convert, after=2.0)
         holder = _holders(lab)

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -121,6 +125,13 @@ class FakeHost(vrrp.Host):
     def hostname(self):
         return "director one!"  # not a router_id as it is
 
+    heard: str | None = None  # a peer whose advert arrives while keepalived's start waits
+
+    def heard_master(self, peers, vrids, seconds):
+        self.now += seconds
+        self.calls.append(("listen", tuple(peers), tuple(vrids)))
+        return self.heard
+
     def monotonic(self):
         return self.now
 
@@ -132,7 +143,7 @@ class FakeHost(vrrp.Host):
 
 
 @pytest.fixture
-def lab(tmp_path, monkeypatch):
+def director(tmp_path, monkeypatch):
     monkeypatch.setattr(ownership, "STATE_PATH", str(tmp_path / "state.json"))
     monkeypatch.setattr(ownership, "LOCK_PATH", str(tmp_path / "run" / "lock"))
     kernel = MemoryKernel()
@@ -188,8 +199,8 @@ def settle(rt, seconds=vrrp.SYNC_SETTLE):
 
 
 @needs_keepalived
-def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(lab):
-    rt, host = lab, lab.host
+def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(director):
+    rt, host = director, director.host
     apply(rt)
     assert rt.kernel.addresses == set()  # the agent bound nothing
     rt.reconcile()
@@ -217,8 +228,8 @@ def test_a_vrrp_service_gets_keepalived_sync_daemons_and_ready_in_that_order(lab
 
 
 @needs_keepalived
-def test_groups_per_virtual_router_and_a_change_is_a_reload(lab):
-    rt, host = lab, lab.host
+def test_groups_per_virtual_router_and_a_change_is_a_reload(director):
+    rt, host = director, director.host
     apply(rt)
     rt.reconcile()
     settle(rt)
@@ -233,8 +244,8 @@ def test_groups_per_virtual_router_and_a_change_is_a_reload(lab):
     assert len(host.calls) == before
 
 
-def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(lab):
-    rt, host = lab, lab.host
+def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(director):
+    rt, host = director, director.host
     host.config_test = lambda text: "exit 1: (ipvs_ingress_51) interface eth0 does not exist"
     apply(rt)
     rt.reconcile()
@@ -246,8 +257,8 @@ def test_keepalived_t_refusing_the_file_installs_nothing_and_says_so(lab):
 
 
 @needs_keepalived
-def test_a_table_out_of_sync_is_not_ready(lab):
-    rt = lab
+def test_a_table_out_of_sync_is_not_ready(director):
+    rt = director
     (rt.paths / "runtime.json").write_text(json.dumps({"repair": {OWNER: False}}))
     apply(rt)
     rt.reconcile()
@@ -259,8 +270,8 @@ def test_a_table_out_of_sync_is_not_ready(lab):
 
 
 @needs_keepalived
-def test_the_last_vrrp_service_gone_hands_over_then_stops_everything_it_started(lab):
-    rt, host = lab, lab.host
+def test_the_last_vrrp_service_gone_hands_over_then_stops_everything_it_started(director):
+    rt, host = director, director.host
     host.daemons["master"] = ("eth1", 7)  # an operator's: never ipvs-ingress's to stop
     apply(rt)
     rt.reconcile()
@@ -300,7 +311,7 @@ def _final(rt) -> tuple:
 
 
 @needs_keepalived
-def test_a_kill_at_any_step_converges_on_the_next_passes(lab, tmp_path_factory, monkeypatch):
+def test_a_kill_at_any_step_converges_on_the_next_passes(director, tmp_path_factory, monkeypatch):
     """Set up, then tear down, killed after each side effect in turn; a new runtime (same
     files, same kernel, same keepalived) converges to what an uninterrupted run reaches."""
     crash_points = 0
@@ -380,8 +391,8 @@ def _fresh(root, monkeypatch, kernel=None, host=None):
 
 
 @needs_keepalived
-def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(lab):
-    rt, host = lab, lab.host
+def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(director):
+    rt, host = director, director.host
     apply(rt)
     rt.reconcile()
     settle(rt)
@@ -394,8 +405,8 @@ def test_back_to_one_director_the_runtime_binds_the_vip_keepalived_let_go(lab):
 
 
 @needs_keepalived
-def test_status_command_says_who_holds_each_vip_the_daemons_and_ready(lab):
-    rt, host = lab, lab.host
+def test_status_command_says_who_holds_each_vip_the_daemons_and_ready(director):
+    rt, host = director, director.host
     apply(rt)
     apply(rt, vip=VIP2)
     rt.reconcile()
@@ -450,3 +461,60 @@ def test_the_shipped_sources_load_in_their_order_as_the_director_loads_them():
     )
     assert done.returncode == 0, done.stderr[-400:]
     assert "'providers.vrrp'" in done.stdout and "'providers.keepalived'" in done.stdout
+
+
+@needs_keepalived
+def test_a_vip_bound_before_vrrp_stays_until_a_peer_is_master(director):
+    """The conversion: keepalived would remove the bound VIP at its start (BACKUP) and add it
+    back only once elected; so it starts only after a peer's advert, the VIP bound meanwhile."""
+    rt, host = director, director.host
+    apply(rt, vrrp_part=None)
+    rt.reconcile()
+    assert rt.kernel.addresses == {(2, VIP)}  # the runtime's, one director
+    apply(rt)  # the stack gained a second director
+    rt.reconcile()
+    settle(rt)
+    settle(rt)
+    assert ready(rt) == "1\n" and not host.running
+    assert rt.kernel.addresses == {(2, VIP)}  # still bound: clients reach it
+    assert ("listen", ("203.0.113.3",), (51,)) in host.calls
+    host.heard = "203.0.113.3"
+    settle(rt)
+    assert host.running
+    assert any(line == "keepalived starts: a master at 203.0.113.3" for line in rt.logged)
+
+
+@needs_keepalived
+def test_without_a_peer_keepalived_starts_after_the_bounded_wait(director):
+    rt, host = director, director.host
+    apply(rt, vrrp_part=None)
+    rt.reconcile()
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert not host.running
+    settle(rt, vrrp.CONVERT_WAIT)
+    assert host.running
+    assert any("no peer's advert in 15 s" in line for line in rt.logged)
+
+
+def test_a_vrrp_advert_is_heard_on_a_raw_socket():
+    """The real kernel path, on loopback only: a VRRPv3 advert (version 3, type 1, vrid 51,
+    priority 100) sent to 127.0.0.1 is heard; one of another vrid, or priority 0, is not."""
+    if os.geteuid() != 0:
+        pytest.skip("raw sockets need root")
+    host = vrrp.Host()
+
+    def send(vrid, priority):
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, 112) as out:
+            for _ in range(10):
+                out.sendto(bytes([0x31, vrid, priority, 1, 0, 10, 0, 0, 203, 0, 113, 201]), ("127.0.0.1", 0))  # fmt: skip
+                time.sleep(0.02)
+
+    for vrid, priority, want in ((51, 100, "127.0.0.1"), (52, 100, None), (51, 0, None)):
+        sender = threading.Timer(0.1, send, (vrid, priority))
+        sender.start()
+        try:
+            assert host.heard_master(["127.0.0.1"], [51], 0.6) == want, (vrid, priority)
+        finally:
+            sender.join()
