@@ -253,6 +253,7 @@ def split(lab: harness.Lab) -> Iterator[None]:
 
 _ARP_REPLY = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Reply (\S+) is-at ([0-9a-f:]{17})")  # fmt: skip
 _GARP = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Request who-has (\S+) tell (\S+),")  # fmt: skip
+_ANNOUNCE = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Announcement (\S+),")  # fmt: skip
 
 
 def arp_answerers(lines: list[str], vip: str) -> dict[str, Counter]:
@@ -265,6 +266,9 @@ def arp_answerers(lines: list[str], vip: str) -> dict[str, Counter]:
             out["reply"][m[3]] += 1
         m = _GARP.match(line)
         if m and m[2] == vip and m[3] == vip:
+            out["gratuitous"][m[1]] += 1
+        m = _ANNOUNCE.match(line)  # how tcpdump 4.99 prints some gratuitous requests
+        if m and m[2] == vip:
             out["gratuitous"][m[1]] += 1
     return out
 
@@ -300,6 +304,7 @@ def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
             seen["settled"] = await_holder(lab, None, seen["healed"], logs)
             time.sleep(1.0)
         seen["arp"] = arp_answerers(cap.lines, lab.vip)
+        seen["arp lines"] = len(cap.lines)
         neigh = lab.in_ns(lab.client_ns, ["ip", "-j", "neigh", "show", "to", lab.vip]).stdout
         seen["client"] = [director_of_mac(e.get("lladdr", "")) for e in json.loads(neigh or "[]")]
 
@@ -313,7 +318,8 @@ def split_brain(lab: harness.Lab, say, logs, hold: float = 4.0) -> None:
     say(
         f"split brain (directors' link cut {hold:.0f}s, clients reach both): {both}; during the"
         f" split holders {seen['during']}, ARP replies for the VIP by director {replies},"
-        f" gratuitous ARP (split and heal) by director {garps}, client requests then"
+        f" gratuitous ARP (split and heal) by director {garps} (of {seen['arp lines']} ARP"
+        f" packets seen by the client), client requests then"
         f" {[r['outcome'] for r in seen['asked']]}; over the whole drill {fig},"
         f" {download_line(got, at)}; healed: one holder per VIP after"
         f" {seen['settled']:.2f}s: {after}, the client's ARP entry then: director {seen['client']}"

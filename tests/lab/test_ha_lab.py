@@ -25,6 +25,7 @@ Marked `slow_lab` (two VMs, one booted twice): `-m slow_lab` runs it alone.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pulumi.runtime.proto import provider_pb2
@@ -56,7 +57,8 @@ def two(request):
 class Applier:
     """`pulumi up` for one stack, minus the engine: per resource of `service_props`, check, then
     create (new name), diff + update (a name, or the unsuffixed alias of a first director's
-    resource, seen before), and delete what the stack no longer declares."""
+    resource, seen before), and delete what the stack no longer declares; the operations run
+    in parallel, as the engine runs independent ones."""
 
     def __init__(self, lab: harness.Lab) -> None:
         self.lab = lab
@@ -66,33 +68,45 @@ class Applier:
         self.log: list[str] = []  # "create NAME", "update NAME", "delete NAME"
 
     def apply(self, stack: dict) -> dict[str, dict]:
+        """Check and diff every resource (the preview), then run the creates, updates and
+        deletes side by side, as the engine runs operations that do not depend on each other:
+        the directors' resources are independent."""
         from components.ingress import service_props  # issue 10 (helper P)
 
         cfg = load_stack_file(stack["config"])
         first = cfg.directors[0].director.host if cfg.directors else None
-        new: dict[str, tuple[str, dict, dict]] = {}
+        plan: list[tuple[str, str, tuple | None, dict]] = []  # (name, old name, old, inputs)
         for name, dc, props in service_props(cfg, OWNER):
             old_name = name if name in self.state else _unsuffixed(name, dc.director.host, first)
             old = self.state.pop(old_name, None) if old_name in self.state else None
             inputs, failures = self.srv.check(props, old[1] if old else None)
             assert failures == [], (name, failures)
-            if old is None:
-                id_, outs = self.srv.create(inputs)
-                self.log.append(f"create {name}")
-            else:
-                id_, _, outs = old
-                diff = self.srv.diff(id_, outs, inputs)
-                assert list(diff.replaces) == [], (name, diff)  # an update, never a replace
-                if diff.changes == provider_pb2.DiffResponse.DIFF_SOME:
-                    outs = self.srv.update(id_, outs, inputs)
-                    alias = f" (alias of {old_name})" if old_name != name else ""
-                    self.log.append(f"update {name}{alias}")
-            new[name] = (id_, inputs, outs)
-        for name, (id_, _inputs, outs) in self.state.items():
-            self.srv.delete(id_, outs)
-            self.log.append(f"delete {name}")
-        self.state = new
-        return {name: outs for name, (_id, _inputs, outs) in new.items()}
+            plan.append((name, old_name, old, inputs))
+        gone, self.state = self.state, {}
+        with ThreadPoolExecutor(max_workers=len(plan) + len(gone) or 1) as pool:
+            done = [pool.submit(self._one, *step) for step in plan]
+            done += [pool.submit(self._delete, name, *old) for name, old in gone.items()]
+            for future in done:
+                future.result()
+        return {name: outs for name, (_id, _inputs, outs) in self.state.items()}
+
+    def _one(self, name: str, old_name: str, old: tuple | None, inputs: dict) -> None:
+        if old is None:
+            id_, outs = self.srv.create(inputs)
+            self.log.append(f"create {name}")
+        else:
+            id_, _, outs = old
+            diff = self.srv.diff(id_, outs, inputs)
+            assert list(diff.replaces) == [], (name, diff)  # an update, never a replace
+            if diff.changes == provider_pb2.DiffResponse.DIFF_SOME:
+                outs = self.srv.update(id_, outs, inputs)
+                alias = f" (alias of {old_name})" if old_name != name else ""
+                self.log.append(f"update {name}{alias}")
+        self.state[name] = (id_, inputs, outs)
+
+    def _delete(self, name: str, id_: str, _inputs: dict, outs: dict) -> None:
+        self.srv.delete(id_, outs)
+        self.log.append(f"delete {name}")
 
     def destroy(self) -> list[str]:
         """Delete every resource; the errors (a director whose VM is down cannot answer)."""
