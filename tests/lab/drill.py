@@ -252,7 +252,7 @@ def split(lab: harness.Lab) -> Iterator[None]:
 
 
 _ARP_REPLY = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Reply (\S+) is-at ([0-9a-f:]{17})")  # fmt: skip
-_GARP = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Request who-has (\S+) tell (\S+),")  # fmt: skip
+_GARP = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Request who-has (\S+) (?:\([0-9a-fA-F:]{17}\) )?tell (\S+),")  # fmt: skip
 _ANNOUNCE = re.compile(r"^([0-9a-f:]{17}) > [0-9a-f:]{17}, ethertype ARP .*: Announcement (\S+),")  # fmt: skip
 
 

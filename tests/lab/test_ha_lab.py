@@ -331,9 +331,9 @@ def _not_ready(lab, say, goal) -> None:
 def _crash_primary(lab, stack: Applier, say, goal) -> None:
     holder = _holder(lab)
     download = drill.Download(lab, seconds=24)
-    # The flow is FLOW_AGE s old at the crash: IPVS's sync master sends a new connection's state
-    # within ~2 s (its buffer's flush time), and under TCG later still; a younger flow was reset
-    # in 2 of 6 runs with 3 s (seen), which is the sync's limit, not the failover's.
+    # The flow is FLOW_AGE s old at the crash. At 3 s old it was reset in 2 of 6 runs (seen);
+    # likely cause: IPVS's sync master sends a buffered connection state after up to ~2 s (its
+    # flush time) and later under TCG, so a flow that young may not have reached the backup.
     started = time.time()
     time.sleep(FLOW_AGE - 2.0)  # under_load runs 2 s of load before the crash
 

@@ -73,9 +73,12 @@ def test_arp_answerers_from_tcpdump_lines():
         f"{d2} > ff:ff:ff:ff:ff:ff{head}Request who-has 203.0.113.201 tell 203.0.113.201, length 28",
         f"{d1} > ff:ff:ff:ff:ff:ff{head}Request who-has 203.0.113.3 tell 203.0.113.2, length 28",
         f"{d1} > ff:ff:ff:ff:ff:ff{head}Announcement 203.0.113.201, length 28",
+        # keepalived's: the target MAC set to broadcast, which tcpdump shows in brackets
+        f"{d2} > ff:ff:ff:ff:ff:ff{head}Request who-has 203.0.113.201"
+        " (ff:ff:ff:ff:ff:ff) tell 203.0.113.201, length 28",
         "garbage",
     ]
     got = drill.arp_answerers(lines, "203.0.113.201")
     assert dict(got["reply"]) == {d1: 1, d2: 1}
-    assert dict(got["gratuitous"]) == {d2: 1, d1: 1}
+    assert dict(got["gratuitous"]) == {d2: 2, d1: 1}
     assert [drill.director_of_mac(m) for m in (d1, d2.upper(), cli)] == [1, 2, None]
