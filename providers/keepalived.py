@@ -66,7 +66,7 @@ needed; it is set anyway, so a script added by hand must be safe to run as root)
   The kernel's process events reach only the initial network namespace: keepalived run in
   another one logs "Failed to set/clear process event listen" and stays in FAULT (seen with
   2.2.7), so it runs in the director's own namespace, as the lab drill does
-  (tests/lab/test_vrrp_lab.py: killing the runtime's stand-in moved the VIP, 0 failed).
+  (tests/lab/test_ha_lab.py: killing the runtime moved the VIP, 0-1 failed).
 - keepalived 2.2.7 `-t` spins forever on some broken files (a track_file reference to an
   undefined tracker): `config_test` runs it with a timeout.
 """

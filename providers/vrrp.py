@@ -51,7 +51,7 @@ PID_DIR = keepalived.READY_DIR
 SYNC_ID = 0
 SYNC_SETTLE = 3.0  # seconds the backup daemon runs before ready (2 s flush + margin)
 HANDOVER_WAIT = 3.0  # seconds, bounded: ready 0 until the VIPs left, then keepalived stops
-CONVERT_WAIT = 15.0  # seconds a VIP bound before VRRP waits for a peer's master (see below)
+CONVERT_WAIT = 120.0  # seconds a VIP bound before VRRP waits for a peer's master (see below)
 LISTEN_SECONDS = 0.5  # per pass, for a peer's advert (sent every advert interval, 0.1 s)
 VRRP_PROTO = 112
 IPVSADM = "/usr/sbin/ipvsadm"
@@ -85,6 +85,10 @@ ExecStart={binary} --dont-fork --log-console --vrrp --use-file={conf} {pids}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=1
+# Adverts every 0.1 s must not wait behind the runtime (Nice=-10) on a busy director: a starved
+# keepalived made the directors flap ("forcing new election") once in the lab on one vCPU.
+CPUSchedulingPolicy=rr
+CPUSchedulingPriority=10
 """
 
 
@@ -284,7 +288,10 @@ class Vrrp:
         service gained vrrp (a director joined a one-director stack): while it stays bound
         here, traffic flows. So keepalived starts on this director only once a peer's advert
         says a master exists (it took the VIPs over with gratuitous ARP, and this keepalived
-        then starts as its backup), or after CONVERT_WAIT s without one (no peer up)."""
+        then starts as its backup), or after CONVERT_WAIT s without one (no peer up). The bound
+        is long: a new director's first `up` (runtime install, first pass) took 29-40 s in the
+        lab, and 15 s made the old director give its VIP up before the new one was there (8
+        failed requests); meanwhile this director serves as it did alone."""
         bound_here = set(self.vips) & (self.bound(self.interface or "") or set())
         if not bound_here:
             self.waiting_since = None

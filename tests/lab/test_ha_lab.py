@@ -17,8 +17,10 @@ One module-scoped lab, the steps in one order (each starts from where the last l
     7. split brain: the directors' link cut (tests/lab/drill.py `split`), then healed
 Figures are printed with MET/MISSED against the issue's goals (TCG on a shared host: timings
 are not asserted). Asserted: exactly one holder per VIP after every step, `ipvsadm -Sn` equal on
-both directors after every apply, the download surviving a crash with sync on, and the preview
-of adding a director being an update (no replace) of director 1's resources.
+both directors after every apply, the download surviving a crash with sync on, the preview
+of adding a director being an update (no replace) of director 1's resources, `ipvs-ingress
+status` on both (holder, sync daemons, ready), keepalived running realtime, and after the
+destroy nothing the runtimes started for VRRP left (unit, config, record, sync daemons).
 Marked `slow_lab` (two VMs, one booted twice): `-m slow_lab` runs it alone.
 """
 
@@ -234,8 +236,14 @@ def _await_empty(lab: harness.Lab, timeout: float = 20.0) -> dict:
         for n in lab.live_directors():
             table = lab.ipvsadm_sn(n).strip()
             active = lab.director(f"systemctl is-active {KEEPALIVED_UNIT}", n=n, check=False)
-            if table or active.stdout.strip() == "active":
-                left[n] = {"table": table, "keepalived": active.stdout.strip()}
+            # What the runtime started for VRRP goes too: its config, its record, the daemons.
+            files = lab.director(
+                f"ls {vrrp.CONF_PATH} {vrrp.STATE_PATH} 2>/dev/null; ipvsadm -L --daemon",
+                n=n,
+                check=False,
+            ).stdout.split()
+            if table or active.stdout.strip() == "active" or files:
+                left[n] = {"table": table, "keepalived": active.stdout.strip(), "files": files}
         held = {vip: n for vip, n in lab.vip_holders().items() if n}
         if held:
             left["vip"] = held
@@ -267,6 +275,23 @@ def _add_second_director(lab, stack: Applier, say, goal) -> None:
     say(f"holder {_holder(lab)}; vipHeld per resource at the apply {held}")
     say(f"director 1's keepalived since: {_transitions(lab, 1)}")
     _tables_identical(lab, say, "adding the second director")
+    _status_says_who_holds(lab)
+
+
+def _status_says_who_holds(lab: harness.Lab) -> None:
+    """`ipvs-ingress status` on each director: who holds the VIP, the sync daemons, ready; and
+    keepalived runs realtime (its unit), so adverts never wait behind the runtime."""
+    holder = _holder(lab)
+    for n in (1, 2):
+        status = lab.director("ipvs-ingress status", n=n, check=False).stdout
+        held = "held by this director" if n == holder else "not held here (backup)"
+        assert f"VIP {lab.vip} on {lab.interface} (VRRP router 51): {held}" in status, status
+        sync = f"sync daemons: backup on {lab.interface} syncid 0, master on {lab.interface} syncid 0"  # fmt: skip
+        assert sync in status and "ready 1" in status, status
+        policy = lab.director(
+            f"chrt -p $(systemctl show -p MainPID --value {KEEPALIVED_UNIT})", n=n, check=False
+        ).stdout
+        assert "SCHED_RR" in policy, policy
 
 
 def _stop_keepalived(lab, say, goal) -> None:
