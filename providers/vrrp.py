@@ -250,7 +250,7 @@ class Vrrp:
             self._save(record)  # ahead of anything started: a kill leaves it findable
         self.active = self._unit_active()
         self._config(this, groups, settings)
-        self._sync_daemons(this.interface, record)
+        self._sync_daemons(this.interface, self._state())  # with _config's reload mark
 
     def finish(self, in_sync: bool) -> None:
         """The ready file from this pass's judgement; keepalived started once it is ready."""
@@ -274,6 +274,9 @@ class Vrrp:
             else:
                 self.active = True
                 self.log(f"keepalived started ({UNIT_NAME})")
+                state = self._state()
+                if "reload" in state:  # a start loads the file as it is: nothing owed
+                    self._save({k: v for k, v in state.items() if k != "reload"})
 
     def _wait_for_a_peer(self) -> bool:
         """True while keepalived's start waits for a peer to take the VIPs over first.
@@ -309,17 +312,28 @@ class Vrrp:
             self.problems["config"] = f"keepalived.conf not written: {err}"
             return
         if _read(self.conf_path, raw=True) == text:
+            # A reload refused, or cut by a kill after the file was written: the file is as
+            # wanted, but the running keepalived has not loaded it yet.
+            if self.active and self._state().get("reload"):
+                self._reload()
             return
         said = self.host.config_test(text)
         if said is not None:
             self.problems["config"] = f"keepalived.conf not installed: keepalived -t: {said}"
             return
+        if self.active:  # write-ahead: the reload is owed until it succeeded
+            self._save({**self._state(), "reload": True})
         _atomic(self.conf_path, text.encode(), 0o600)
         self.log(f"keepalived.conf written ({len(groups)} group(s), VIPs {' '.join(self.vips)})")
         if self.active:
-            done = self.host.systemctl("reload", UNIT_NAME)
-            if done.returncode != 0:
-                self.problems["unit"] = f"keepalived: reload failed ({_last(done)})"
+            self._reload()
+
+    def _reload(self) -> None:
+        done = self.host.systemctl("reload", UNIT_NAME)
+        if done.returncode != 0:
+            self.problems["unit"] = f"keepalived: reload failed ({_last(done)}): retrying"
+            return
+        self._save({k: v for k, v in self._state().items() if k != "reload"})
 
     def _unit_active(self) -> bool:
         return self.host.systemctl("is-active", "--quiet", UNIT_NAME).returncode == 0

@@ -518,3 +518,45 @@ def test_a_vrrp_advert_is_heard_on_a_raw_socket():
             assert host.heard_master(["127.0.0.1"], [51], 0.6) == want, (vrid, priority)
         finally:
             sender.join()
+
+
+@needs_keepalived
+def test_a_reload_cut_or_refused_is_retried_on_the_next_pass(director):
+    """The new file is installed, then the reload fails (or the runtime is killed before it):
+    the next pass finds the file as it wants it, and must still make keepalived load it."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert host.running and set(host.parsed) == {51}
+    real = host.systemctl
+    refused = []
+
+    def refuse_reload(*args):
+        if args[0] == "reload" and not refused:
+            refused.append(args)
+            return subprocess.CompletedProcess(args, 1, "", "Job for unit failed")
+        return real(*args)
+
+    host.systemctl = refuse_reload
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 52}, vip=VIP2)
+    rt.reconcile()
+    assert refused and set(host.parsed) == {51}  # keepalived still runs the old file
+    rt.reconcile()
+    assert set(host.parsed) == {51, 52}  # retried: keepalived holds VIP2 too
+    assert (2, VIP2) in rt.kernel.addresses
+    # And cut by a kill between the file and the reload: a new runtime reloads it.
+    host.systemctl = real
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 53}, vip=VIP3)
+    host.crash_after = host.steps  # the reload is the next step
+    with pytest.raises(Crash):
+        rt.reconcile()
+    host.crash_after = None
+    assert set(host.parsed) == {51, 52}
+    again = vrrp.Vrrp(
+        host=host, conf_path=rt.vrrp.conf_path, state_path=rt.vrrp.state_path,
+        ready_file=rt.vrrp.ready_file, command=COMMAND, bound=rt._bound,
+    )  # fmt: skip
+    rt.vrrp = again
+    rt.reconcile()
+    assert set(host.parsed) == {51, 52, 53}
