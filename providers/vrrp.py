@@ -256,8 +256,14 @@ class Vrrp:
         """The ready file from this pass's judgement; keepalived started once it is ready."""
         if not self.vips:
             return
-        since = self._state().get("backupSince")
-        settled = isinstance(since, int | float) and self.host.monotonic() - since >= SYNC_SETTLE
+        state, now = self._state(), self.host.monotonic()
+        since = state.get("backupSince")
+        if isinstance(since, int | float) and since > now and "backup" in self.daemons:
+            # From an earlier boot (vrrp.json outlives it, the clock does not): a daemon found
+            # running now (started at boot by someone else) is timed from now.
+            since = now
+            self._save({**state, "backupSince": now})
+        settled = isinstance(since, int | float) and now - since >= SYNC_SETTLE
         # Both on the VRRP interface (an operator's daemon elsewhere syncs no peer).
         both = all(self.daemons.get(r) == (self.interface, SYNC_ID) for r in ROLES)
         ready = "1" if in_sync and both and settled and "config" not in self.problems else "0"

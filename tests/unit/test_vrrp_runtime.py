@@ -560,3 +560,29 @@ def test_a_reload_cut_or_refused_is_retried_on_the_next_pass(director):
     rt.vrrp = again
     rt.reconcile()
     assert set(host.parsed) == {51, 52, 53}
+
+
+@needs_keepalived
+def test_a_backup_daemon_found_running_after_a_reboot_is_timed_from_now(director):
+    """vrrp.json keeps backupSince, a monotonic time, across a reboot; after it, a sync daemon
+    started by the distribution's ipvsadm service at boot is found running. The time from the
+    previous boot (larger than any now) must not hold the ready file at 0 until the clock
+    passes it (days)."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n"
+    # A reboot: the clock starts again, keepalived is not running, the daemons run again.
+    state = json.loads((rt.paths / "vrrp.json").read_text())
+    (rt.paths / "vrrp.json").write_text(json.dumps({**state, "backupSince": host.now + 86400}))
+    host.now, host.running, host.parsed = 50.0, False, {}
+    rt.kernel.addresses.clear()
+    (rt.paths / "run" / "ready").unlink()
+    rt.vrrp = vrrp.Vrrp(
+        host=host, conf_path=rt.vrrp.conf_path, state_path=rt.vrrp.state_path,
+        ready_file=rt.vrrp.ready_file, command=COMMAND, bound=rt._bound,
+    )  # fmt: skip
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n" and host.running
