@@ -8,8 +8,9 @@ Director side, stdlib only (runs inside the runtime, providers/runtime.py). Each
   sync daemons are started. With no vrrp service left: the handover (below), then everything
   this module started is stopped and removed.
 - `finish(in_sync)`, after it: the ready file (keepalived.READY_FILE) is "1" only when the pass
-  found the table equal to the record, both sync daemons run, and the backup daemon has run for
-  SYNC_SETTLE seconds; else "0". keepalived is started only once ready is "1": the order on a
+  found the table equal to the record, both sync daemons run, the backup daemon has run for
+  SYNC_SETTLE seconds, and a keepalived.conf is installed (a newer one refused leaves the older
+  running, said in the notes); else "0". keepalived is started only once ready is "1": the order on a
   director is IPVS rules, sync daemons, then VRRP, so keepalived never starts into FAULT, and a
   VIP the runtime bound before (a one-director stack gaining a second director) stays bound
   until keepalived itself decides.
@@ -266,7 +267,12 @@ class Vrrp:
         settled = isinstance(since, int | float) and now - since >= SYNC_SETTLE
         # Both on the VRRP interface (an operator's daemon elsewhere syncs no peer).
         both = all(self.daemons.get(r) == (self.interface, SYNC_ID) for r in ROLES)
-        ready = "1" if in_sync and both and settled and "config" not in self.problems else "0"
+        # A new keepalived.conf that could not be installed leaves the one installed before
+        # running: it is refused alike on every director (the same stack renders the same
+        # file), so judging it would drop the VIPs on all of them. Only with none installed
+        # yet is there nothing to be ready for.
+        config = "config" not in self.problems or os.path.exists(self.conf_path)
+        ready = "1" if in_sync and both and settled and config else "0"
         if ready != _read(self.ready_file):
             _atomic(self.ready_file, f"{ready}\n".encode(), 0o644)
             self.log(f"VRRP ready: {ready}")

@@ -586,3 +586,22 @@ def test_a_backup_daemon_found_running_after_a_reboot_is_timed_from_now(director
     rt.reconcile()
     settle(rt)
     assert ready(rt) == "1\n" and host.running
+
+
+@needs_keepalived
+def test_a_new_file_keepalived_t_refuses_leaves_the_running_one_holding_the_vips(director):
+    """Both directors render the same file from the same stack, so `keepalived -t` refuses it
+    on both (e.g. a director's keepalived older than the template): the ready file must not
+    go to 0 for that, or both directors drop every VIP while the running config is sound."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n" and rt.kernel.addresses == {(2, VIP)}
+    host.config_test = lambda text: "exit 5: (ipvs_ingress_51) unknown keyword 'init_file'"
+    apply(rt, vip=VIP2)
+    settle(rt)
+    settle(rt)
+    assert ready(rt) == "1\n" and (2, VIP) in rt.kernel.addresses
+    notes = json.loads((rt.paths / "run" / "status.json").read_text())["notes"]
+    assert any("keepalived -t: exit 5" in n for n in notes)  # said, and retried each pass
