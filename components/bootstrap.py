@@ -147,17 +147,24 @@ class DirectorBootstrap(pulumi.ComponentResource):
         }
         if keepalived:  # kept installed on delete (teardown: README); its unit stays disabled
             steps["keepalived"] = (keepalived_script(), None)
-        self.commands = [
-            remote.Command(
-                f"{name}-{step}",
-                connection=connection,
-                create=as_root(director, script),
-                update=as_root(director, script),
-                delete=as_root(director, delete) if delete else None,
-                opts=pulumi.ResourceOptions.merge(child, self._renamed(former, step)),
+        self.commands = []
+        for step, (script, delete) in steps.items():
+            # keepalived's step runs the package manager too: after the packages' step, or one
+            # of the two fails on its lock (apt's /var/lib/dpkg/lock-frontend, dnf's).
+            after = self.commands[:1] if step == "keepalived" else []
+            opts = pulumi.ResourceOptions.merge(child, self._renamed(former, step))
+            self.commands.append(
+                remote.Command(
+                    f"{name}-{step}",
+                    connection=connection,
+                    create=as_root(director, script),
+                    update=as_root(director, script),
+                    delete=as_root(director, delete) if delete else None,
+                    opts=pulumi.ResourceOptions.merge(
+                        opts, pulumi.ResourceOptions(depends_on=after)
+                    ),
+                )
             )
-            for step, (script, delete) in steps.items()
-        ]
         self.register_outputs({})
 
     def _renamed(self, former: str | None, step: str) -> pulumi.ResourceOptions:
