@@ -212,6 +212,7 @@ class Vrrp:
         self.vrids: list[int] = []
         self.interface: str | None = None
         self.waiting_since: float | None = None  # keepalived's start waits for a peer (conversion)
+        self.leaving: set[str] = set()  # VIPs handed over for a delete: not ready until reloaded
 
     # -- records ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -246,6 +247,9 @@ class Vrrp:
         self.peers = sorted({p for g in groups for p in g.peers})
         self.vrids = sorted(g.virtual_router_id for g in groups)
         self.interface = this.interface
+        # A VIP handed over for its delete stays "not ready" while this record still has it
+        # (a pass that loaded the record before the delete); after, _config reloads without it.
+        self.leaving &= set(self.vips)
         record = {**state, "vips": self.vips, "interface": this.interface}
         if record != state:
             self._save(record)  # ahead of anything started: a kill leaves it findable
@@ -272,7 +276,7 @@ class Vrrp:
         # file), so judging it would drop the VIPs on all of them. Only with none installed
         # yet is there nothing to be ready for.
         config = "config" not in self.problems or os.path.exists(self.conf_path)
-        ready = "1" if in_sync and both and settled and config else "0"
+        ready = "1" if in_sync and both and settled and config and not self.leaving else "0"
         if ready != _read(self.ready_file):
             _atomic(self.ready_file, f"{ready}\n".encode(), 0o644)
             self.log(f"VRRP ready: {ready}")
@@ -315,6 +319,22 @@ class Vrrp:
             self.waiting_since = None
             return False
         return True
+
+    def hand_over(self, vip: str, held: Callable[[], bool]) -> None:
+        """For the agent, before it deletes the last service of `vip` here: if keepalived holds
+        it (master), ready 0 (FAULT: a priority 0 advert, the peer takes over at once) and wait,
+        bounded, until it left. The next pass reloads keepalived without the VIP and writes
+        ready again (nopreempt: the peer stays master). `held`: the agent's own view of the
+        address (its netlink socket, not the runtime's: another thread)."""
+        if not held() or not self._unit_active():
+            return
+        self.leaving.add(vip)
+        _atomic(self.ready_file, b"0\n", 0o644)
+        self.ready = "0"
+        self.log(f"VRRP ready: 0 (hands {vip} over before its last service is deleted)")
+        deadline = self.host.monotonic() + HANDOVER_WAIT
+        while self.host.monotonic() < deadline and held():
+            self.host.sleep(0.05)
 
     # -- keepalived.conf -------------------------------------------------------------------
     def _config(self, this, groups, settings) -> None:

@@ -605,3 +605,37 @@ def test_a_new_file_keepalived_t_refuses_leaves_the_running_one_holding_the_vips
     assert ready(rt) == "1\n" and (2, VIP) in rt.kernel.addresses
     notes = json.loads((rt.paths / "run" / "status.json").read_text())["notes"]
     assert any("keepalived -t: exit 5" in n for n in notes)  # said, and retried each pass
+
+
+@needs_keepalived
+def test_deleting_the_last_service_of_a_vip_this_director_holds_hands_it_over_first(
+    director, monkeypatch
+):
+    """A director removed from the stack (or a VIP from it): its services are deleted while
+    its keepalived may be master. Deleting the service first would leave the VIP answering
+    here with no service behind it (connections refused) until a later pass hands it over;
+    the VIP leaves first (ready 0: FAULT, a priority 0 advert, the peer takes it)."""
+    rt, host = director, director.host
+    monkeypatch.setattr(agent, "VRRP_HANDOVER", rt.vrrp.hand_over)
+    apply(rt)
+    apply(rt, port=443)
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 52}, vip=VIP2)
+    rt.reconcile()
+    settle(rt)
+    assert host.running and rt.kernel.addresses == {(2, VIP), (2, VIP2)}
+    at_delete = []
+    real = rt.kernel.apply
+
+    def watch(spec_, op):
+        if op.action == "del-service":
+            at_delete.append((spec_.vip, spec_.port, (2, spec_.vip) in rt.kernel.addresses))
+        return real(spec_, op)
+
+    monkeypatch.setattr(rt.kernel, "apply", watch)
+    delete(rt, VIP, 443)  # port 80 still serves the VIP: nothing handed over
+    assert at_delete == [(VIP, 443, True)] and ready(rt) == "1\n"
+    delete(rt, VIP, 80)  # the VIP's last service: it left this director before the delete
+    assert at_delete[-1] == (VIP, 80, False)
+    rt.reconcile()  # the next pass: keepalived reloaded without VIP, this director ready again
+    settle(rt)
+    assert ready(rt) == "1\n" and host.parsed[52]["vips"] == [VIP2] and 51 not in host.parsed
