@@ -208,7 +208,7 @@ def _taken_over(olds: dict[str, Any], news: dict[str, Any]) -> list[model.Proble
     return [
         model.Problem(
             "director.host",
-            f"{model._short(after)} would take over this service from {model._short(before)}, the stack's former ipvs-ingress:director, and {before} would lose it: list {before} first in ipvs-ingress:directors (to leave {before}, first set ipvs-ingress:director to the new one, then add the others)",  # fmt: skip
+            f"{model._short(after)} would replace former ipvs-ingress:director {model._short(before)} for this service, deleting it there: list {model._short(before)} first in ipvs-ingress:directors (or move ipvs-ingress:director first, then add directors)",  # fmt: skip
         )
     ]
 
