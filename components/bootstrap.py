@@ -9,6 +9,7 @@ scheduler names (checked against a fixed list) are quoted all the same.
 
 from __future__ import annotations
 
+import os
 import shlex
 
 import pulumi
@@ -66,12 +67,17 @@ def modules_script(schedulers: tuple[str, ...]) -> str:
 
 
 KEEPALIVED_UNIT = "keepalived.service"  # the distribution's: never used, the runtime has its own
+# Written before ipvs-ingress installs keepalived (write-ahead: a kill mid-install still counts):
+# only a keepalived ipvs-ingress installed has its distribution unit turned off. One that was
+# there before is the operator's, maybe running their own VRRP from /etc/keepalived: left alone.
+KEEPALIVED_MARK = "/var/lib/ipvs-ingress/keepalived-installed-by-ipvs-ingress"
 # keepalived from the distribution (issue 10: an existing engine), installed only if missing. The
 # distribution's unit would run it on /etc/keepalived with its own lifetime: the director's
 # runtime runs it as ipvs-ingress-keepalived.service on its own generated config instead, so the
 # distribution's is disabled and stopped (a package install may have started it).
-_KEEPALIVED = f"""\
+_KEEPALIVED = """\
 if ! command -v keepalived >/dev/null 2>&1; then
+  mkdir -p {folder} && : > {mark}
   if command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q && apt-get install -y -q --no-install-recommends keepalived
@@ -82,14 +88,16 @@ if ! command -v keepalived >/dev/null 2>&1; then
     exit 1
   fi
 fi
-if command -v systemctl >/dev/null 2>&1 && systemctl cat {KEEPALIVED_UNIT} >/dev/null 2>&1; then
-  systemctl disable --now {KEEPALIVED_UNIT}
+if [ -e {mark} ] && command -v systemctl >/dev/null 2>&1 && systemctl cat {unit} >/dev/null 2>&1; then
+  systemctl disable --now {unit}
 fi
 """
 
 
-def keepalived_script() -> str:
-    return _KEEPALIVED
+def keepalived_script(mark: str = KEEPALIVED_MARK) -> str:
+    return _KEEPALIVED.format(
+        folder=shlex.quote(os.path.dirname(mark)), mark=shlex.quote(mark), unit=KEEPALIVED_UNIT
+    )
 
 
 def sysctl_script() -> str:
@@ -139,17 +147,24 @@ class DirectorBootstrap(pulumi.ComponentResource):
         }
         if keepalived:  # kept installed on delete (teardown: README); its unit stays disabled
             steps["keepalived"] = (keepalived_script(), None)
-        self.commands = [
-            remote.Command(
-                f"{name}-{step}",
-                connection=connection,
-                create=as_root(director, script),
-                update=as_root(director, script),
-                delete=as_root(director, delete) if delete else None,
-                opts=pulumi.ResourceOptions.merge(child, self._renamed(former, step)),
+        self.commands = []
+        for step, (script, delete) in steps.items():
+            # keepalived's step runs the package manager too: after the packages' step, or one
+            # of the two fails on its lock (apt's /var/lib/dpkg/lock-frontend, dnf's).
+            after = self.commands[:1] if step == "keepalived" else []
+            opts = pulumi.ResourceOptions.merge(child, self._renamed(former, step))
+            self.commands.append(
+                remote.Command(
+                    f"{name}-{step}",
+                    connection=connection,
+                    create=as_root(director, script),
+                    update=as_root(director, script),
+                    delete=as_root(director, delete) if delete else None,
+                    opts=pulumi.ResourceOptions.merge(
+                        opts, pulumi.ResourceOptions(depends_on=after)
+                    ),
+                )
             )
-            for step, (script, delete) in steps.items()
-        ]
         self.register_outputs({})
 
     def _renamed(self, former: str | None, step: str) -> pulumi.ResourceOptions:

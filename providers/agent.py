@@ -35,6 +35,11 @@ from providers.ownership import AgentError, Ownership, director_lock
 # `pulumi up` never undoes a drain) and replies say each real server's health.
 HEALTH = None
 
+# The runtime's VRRP handover (providers/vrrp.Vrrp.hand_over) when this agent runs inside the
+# runtime process, which sets it at start; None elsewhere. A delete of the last service of a
+# VIP that keepalived holds here hands the VIP over before the service goes.
+VRRP_HANDOVER = None
+
 PROTOCOL_VERSION = 1
 MIN_PYROUTE2 = (0, 9, 5, 1)  # 0.9.5, final: _version_tuple form
 IP_VS_SVC_F_PERSISTENT = 0x1
@@ -678,6 +683,17 @@ class Agent:
         except Exception:  # it stays recorded as this stack's: the next apply converges from it
             pass
 
+    def _hand_over(self, owners: Ownership, key: str, entry: dict | None, vip: str) -> None:
+        """Before the last VRRP service of `vip` on this director goes (a director removed from
+        its stack, or the VIP): if keepalived holds the VIP here, it leaves first (bounded), so
+        clients never reach this director for a service it no longer has."""
+        if VRRP_HANDOVER is None or not (entry and entry.get("vrrp")):
+            return
+        if any(e.get("vip") == vip for k, e in owners.services.items() if k != key):
+            return  # another service still serves the VIP here
+        interface = entry.get("interface") or ""
+        VRRP_HANDOVER(vip, lambda: self._bound(interface, vip))
+
     def delete(self, request: dict) -> dict:
         protocol, vip, port = request["protocol"], request["vip"], int(request["port"])
         key = model.service_key(protocol, vip, port)
@@ -699,6 +715,7 @@ class Agent:
             if standing != "ours" and live is None:
                 return {"deleted": False, "reason": "not on the director"}
             if live is not None:
+                self._hand_over(owners, key, entry, vip)
                 k.apply(model.VirtualServiceSpec(vip, port, protocol), model.Op("del-service"))
             # Forget the service only once the kernel let go of it, so a failed delete retries.
             owners.services.pop(key, None)

@@ -1009,6 +1009,8 @@ def _main_run() -> int:
     runtime.reload_config()
     # The provider's applies in this process plan against health's weights: never undo a drain.
     agent.HEALTH = runtime.health
+    # A delete of the last service of a VIP keepalived holds here hands the VIP over first.
+    agent.VRRP_HANDOVER = runtime.vrrp.hand_over
     try:
         # Listening before the first pass: a provider that connects while the table is
         # restored waits on the director lock, it is not refused.

@@ -107,6 +107,14 @@ def load_private_key(text: str) -> paramiko.PKey:
     )
 
 
+# An install restarts the director's runtime, and while no runtime process runs keepalived there
+# gives up its VIPs (providers/keepalived.py: vrrp_track_process). Pulumi applies the resources
+# of a stack's directors in parallel: installing on two at once would leave a VIP on neither.
+# One at a time, each install returns once its new runtime answers (Type=notify), so the
+# director restarted first is back in VRRP (backup, ready) before the next one lets go.
+_INSTALLING = threading.Lock()
+
+
 class RuntimeSession:
     """One SSH connection to a director and one channel to its runtime on it; thread-safe."""
 
@@ -212,7 +220,8 @@ class RuntimeSession:
                     f"see 'journalctl -u {runtime.UNIT_NAME}' on the director"
                 )
             log.info("director %s: %s, installing runtime %s", d.label, found, VERSION)
-            self._install()
+            with _INSTALLING:  # one director's runtime restarts at a time (see _INSTALLING)
+                self._install()
             installed = True
         self.attaches += 1
         self.runtime_pid = greeting.get("pid")

@@ -76,9 +76,10 @@ class VirtualServiceProvider(ResourceProvider):
         return {k: v for k, v in self.__dict__.items() if k != "_private_key"}
 
     # -- pure: no SSH --
-    def check(self, _olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+    def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
         # Stored state from before owners existed has none; new inputs always carry one.
         problems = model.check_virtual_service(news, unknown=_is_unknown, need_owner=True)
+        problems += _taken_over(olds, news)
         if _is_unknown(news.get("director")):
             # A director that is computed is not yet known, not "not an object".
             problems = [p for p in problems if p.field != "director"]
@@ -179,6 +180,37 @@ class VirtualServiceProvider(ResourceProvider):
 
 
 _OWN_CHECKS = ("health", "vrrp")  # left out of the parse of stored props: see _normalized
+
+
+def _where_on(props: object) -> tuple[str, int] | None:
+    """(host, port) of a props' director, None when not known (unknown, absent, malformed)."""
+    d = props.get("director") if isinstance(props, Mapping) else None
+    host, port = (d.get("host"), d.get("port", 22)) if isinstance(d, Mapping) else (None, None)
+    if not isinstance(host, str) or _is_unknown(host) or isinstance(port, bool):
+        return None
+    return (host, int(port)) if isinstance(port, int | float) and port == int(port) else None
+
+
+def _taken_over(olds: dict[str, Any], news: dict[str, Any]) -> list[model.Problem]:
+    """A one-director resource (no vrrp) that the program now declares on another director with
+    vrrp: `director: X` became `directors: [Y, ..., X]`, and the first listed director's
+    resources carry the one-director names (components/ingress.py aliases). The engine would
+    replace X's services by Y's, then delete the old ones on X: the services X's own new
+    resources hold there. Refused; the fix is to list X first."""
+    if not isinstance(olds, Mapping) or olds.get("vrrp") is not None:
+        return []
+    if news.get("vrrp") is None or _is_unknown(news.get("vrrp")):
+        return []
+    was, now = _where_on(olds), _where_on(news)
+    if was is None or now is None or was == now:
+        return []
+    before, after = (f"{h}:{p}" if p != 22 else h for h, p in (was, now))
+    return [
+        model.Problem(
+            "director.host",
+            f"{model._short(after)} would replace former ipvs-ingress:director {model._short(before)} for this service, deleting it there: list {model._short(before)} first in ipvs-ingress:directors (or move ipvs-ingress:director first, then add directors)",  # fmt: skip
+        )
+    ]
 
 
 def _normalized(props: dict[str, Any]) -> dict[str, Any]:

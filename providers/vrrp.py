@@ -8,8 +8,9 @@ Director side, stdlib only (runs inside the runtime, providers/runtime.py). Each
   sync daemons are started. With no vrrp service left: the handover (below), then everything
   this module started is stopped and removed.
 - `finish(in_sync)`, after it: the ready file (keepalived.READY_FILE) is "1" only when the pass
-  found the table equal to the record, both sync daemons run, and the backup daemon has run for
-  SYNC_SETTLE seconds; else "0". keepalived is started only once ready is "1": the order on a
+  found the table equal to the record, both sync daemons run, the backup daemon has run for
+  SYNC_SETTLE seconds, and a keepalived.conf is installed (a newer one refused leaves the older
+  running, said in the notes); else "0". keepalived is started only once ready is "1": the order on a
   director is IPVS rules, sync daemons, then VRRP, so keepalived never starts into FAULT, and a
   VIP the runtime bound before (a one-director stack gaining a second director) stays bound
   until keepalived itself decides.
@@ -215,6 +216,7 @@ class Vrrp:
         self.vrids: list[int] = []
         self.interface: str | None = None
         self.waiting_since: float | None = None  # keepalived's start waits for a peer (conversion)
+        self.leaving: set[str] = set()  # VIPs handed over for a delete: not ready until reloaded
 
     # -- records ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -249,22 +251,36 @@ class Vrrp:
         self.peers = sorted({p for g in groups for p in g.peers})
         self.vrids = sorted(g.virtual_router_id for g in groups)
         self.interface = this.interface
+        # A VIP handed over for its delete stays "not ready" while this record still has it
+        # (a pass that loaded the record before the delete); after, _config reloads without it.
+        self.leaving &= set(self.vips)
         record = {**state, "vips": self.vips, "interface": this.interface}
         if record != state:
             self._save(record)  # ahead of anything started: a kill leaves it findable
         self.active = self._unit_active()
         self._config(this, groups, settings)
-        self._sync_daemons(this.interface, record)
+        self._sync_daemons(this.interface, self._state())  # with _config's reload mark
 
     def finish(self, in_sync: bool) -> None:
         """The ready file from this pass's judgement; keepalived started once it is ready."""
         if not self.vips:
             return
-        since = self._state().get("backupSince")
-        settled = isinstance(since, int | float) and self.host.monotonic() - since >= SYNC_SETTLE
+        state, now = self._state(), self.host.monotonic()
+        since = state.get("backupSince")
+        if isinstance(since, int | float) and since > now and "backup" in self.daemons:
+            # From an earlier boot (vrrp.json outlives it, the clock does not): a daemon found
+            # running now (started at boot by someone else) is timed from now.
+            since = now
+            self._save({**state, "backupSince": now})
+        settled = isinstance(since, int | float) and now - since >= SYNC_SETTLE
         # Both on the VRRP interface (an operator's daemon elsewhere syncs no peer).
         both = all(self.daemons.get(r) == (self.interface, SYNC_ID) for r in ROLES)
-        ready = "1" if in_sync and both and settled and "config" not in self.problems else "0"
+        # A new keepalived.conf that could not be installed leaves the one installed before
+        # running: it is refused alike on every director (the same stack renders the same
+        # file), so judging it would drop the VIPs on all of them. Only with none installed
+        # yet is there nothing to be ready for.
+        config = "config" not in self.problems or os.path.exists(self.conf_path)
+        ready = "1" if in_sync and both and settled and config and not self.leaving else "0"
         if ready != _read(self.ready_file):
             _atomic(self.ready_file, f"{ready}\n".encode(), 0o644)
             self.log(f"VRRP ready: {ready}")
@@ -278,6 +294,9 @@ class Vrrp:
             else:
                 self.active = True
                 self.log(f"keepalived started ({UNIT_NAME})")
+                state = self._state()
+                if "reload" in state:  # a start loads the file as it is: nothing owed
+                    self._save({k: v for k, v in state.items() if k != "reload"})
 
     def _wait_for_a_peer(self) -> bool:
         """True while keepalived's start waits for a peer to take the VIPs over first.
@@ -308,6 +327,22 @@ class Vrrp:
             return False
         return True
 
+    def hand_over(self, vip: str, held: Callable[[], bool]) -> None:
+        """For the agent, before it deletes the last service of `vip` here: if keepalived holds
+        it (master), ready 0 (FAULT: a priority 0 advert, the peer takes over at once) and wait,
+        bounded, until it left. The next pass reloads keepalived without the VIP and writes
+        ready again (nopreempt: the peer stays master). `held`: the agent's own view of the
+        address (its netlink socket, not the runtime's: another thread)."""
+        if not held() or not self._unit_active():
+            return
+        self.leaving.add(vip)
+        _atomic(self.ready_file, b"0\n", 0o644)
+        self.ready = "0"
+        self.log(f"VRRP ready: 0 (hands {vip} over before its last service is deleted)")
+        deadline = self.host.monotonic() + HANDOVER_WAIT
+        while self.host.monotonic() < deadline and held():
+            self.host.sleep(0.05)
+
     # -- keepalived.conf -------------------------------------------------------------------
     def _config(self, this, groups, settings) -> None:
         try:
@@ -316,17 +351,28 @@ class Vrrp:
             self.problems["config"] = f"keepalived.conf not written: {err}"
             return
         if _read(self.conf_path, raw=True) == text:
+            # A reload refused, or cut by a kill after the file was written: the file is as
+            # wanted, but the running keepalived has not loaded it yet.
+            if self.active and self._state().get("reload"):
+                self._reload()
             return
         said = self.host.config_test(text)
         if said is not None:
             self.problems["config"] = f"keepalived.conf not installed: keepalived -t: {said}"
             return
+        if self.active:  # write-ahead: the reload is owed until it succeeded
+            self._save({**self._state(), "reload": True})
         _atomic(self.conf_path, text.encode(), 0o600)
         self.log(f"keepalived.conf written ({len(groups)} group(s), VIPs {' '.join(self.vips)})")
         if self.active:
-            done = self.host.systemctl("reload", UNIT_NAME)
-            if done.returncode != 0:
-                self.problems["unit"] = f"keepalived: reload failed ({_last(done)})"
+            self._reload()
+
+    def _reload(self) -> None:
+        done = self.host.systemctl("reload", UNIT_NAME)
+        if done.returncode != 0:
+            self.problems["unit"] = f"keepalived: reload failed ({_last(done)}): retrying"
+            return
+        self._save({k: v for k, v in self._state().items() if k != "reload"})
 
     def _unit_active(self) -> bool:
         return self.host.systemctl("is-active", "--quiet", UNIT_NAME).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -89,6 +90,7 @@ def stubs(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     (bin_ / "sh").symlink_to("/bin/sh")  # the command is `sh -euc ...`, found on PATH
+    (bin_ / "mkdir").symlink_to(shutil.which("mkdir"))  # for the marker's folder
     install = (
         f"printf '#!/bin/sh\\n' > {bin_}/keepalived && /bin/chmod +x {bin_}/keepalived"
         f" && : > {tmp_path}/unit"
@@ -102,10 +104,11 @@ def stubs(tmp_path):
 def run_keepalived(folder) -> tuple[subprocess.CompletedProcess, list[str]]:
     log = folder / "log"
     log.write_text("")
+    mark = folder / "var" / "lib" / "ipvs-ingress" / "keepalived-installed-by-ipvs-ingress"
     root = Director(host=DIRECTOR.host, host_key=DIRECTOR.host_key, user="root")
     # The command exactly as the Command resource runs it, with only the stubs on PATH.
     result = subprocess.run(
-        ["/bin/sh", "-c", bootstrap.as_root(root, bootstrap.keepalived_script())],
+        ["/bin/sh", "-c", bootstrap.as_root(root, bootstrap.keepalived_script(str(mark)))],
         env={"PATH": str(folder / "bin"), "LOG": str(log)},
         capture_output=True,
         text=True,
@@ -157,7 +160,6 @@ def test_no_unit_to_disable_without_systemd_or_without_the_distributions_unit(st
 
 def test_a_failing_disable_fails_the_command(stubs):
     _stub(stubs / "bin", "systemctl", '[ "$1" = cat ]')  # the unit exists, disable fails
-    _stub(stubs / "bin", "keepalived", "")
     result, calls = run_keepalived(stubs)
     assert result.returncode != 0 and calls[-1] == "systemctl disable --now keepalived.service"
 
@@ -168,3 +170,28 @@ def test_scheduler_names_reach_the_shell_quoted():
     assert "for m in ip_vs ip_vs_wlc; do" in script
     hostile = bootstrap.modules_script(("x; touch /tmp/pwned",))
     assert "for m in ip_vs 'ip_vs_x; touch /tmp/pwned'; do" in hostile
+
+
+def test_an_operators_own_keepalived_and_its_unit_are_left_alone(stubs):
+    """keepalived was there before ipvs-ingress (the operator's, maybe running their own VRRP
+    from /etc/keepalived): its unit is not ipvs-ingress's to disable or stop."""
+    _stub(stubs / "bin", "keepalived", "")
+    (stubs / "unit").write_text("")  # the distribution's unit exists, the operator's
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0, result.stderr
+    assert not any(c.startswith(("systemctl disable", "systemctl stop")) for c in calls), calls
+    assert not any(c.startswith(("apt-get", "dnf")) for c in calls), calls
+
+
+def test_a_kill_after_the_install_still_disables_the_unit_on_the_next_run(stubs):
+    """Installed by ipvs-ingress but killed before the disable: the next run (keepalived now
+    present) still knows it installed it, and disables the distribution's unit."""
+    # The disable step fails: as if cut before it.
+    _stub(stubs / "bin", "systemctl", '[ "$1" != cat ] || exit 0; exit 9')
+    result, calls = run_keepalived(stubs)
+    assert result.returncode != 0 and any(c.startswith("apt-get install") for c in calls)
+    _stub(stubs / "bin", "systemctl", f'[ "$1" != cat ] || [ -e {stubs}/unit ]')
+    result, calls = run_keepalived(stubs)
+    assert result.returncode == 0, result.stderr
+    assert calls[-1] == "systemctl disable --now keepalived.service"
+    assert not any(c.startswith("apt-get install") for c in calls)

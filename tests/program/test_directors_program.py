@@ -308,3 +308,14 @@ def test_vrrp_without_directors_is_refused_in_one_line():
     assert str(err.value).startswith(
         "ipvs-ingress:vrrp: {'virtualRouterId': 9} is set but ipvs-ingress:directors is not"
     )
+
+
+def test_keepalived_is_installed_after_the_packages_step(pair_run):
+    """Both steps run apt-get (or dnf) on the director: run side by side, as the engine runs
+    independent resources, one fails on the package manager's lock ("Could not get lock
+    /var/lib/dpkg/lock-frontend") on a fresh director."""
+    commands = {r.name: r for r in pair_run.of_type(COMMAND)}
+    for host in ("203-0-113-2", "203-0-113-3"):
+        keepalived = commands[f"ingress-bootstrap-on-{host}-keepalived"]
+        waits = {u.rsplit("::", 1)[1] for u in keepalived.dependencies}
+        assert f"ingress-bootstrap-on-{host}-packages" in waits, waits

@@ -415,3 +415,54 @@ def test_an_answer_out_of_turn_is_refused(private_key):
     finally:
         server.close()
         listener.close()
+
+
+def test_runtime_installs_on_two_directors_never_overlap(private_key):
+    """An install restarts the director's runtime, and keepalived there gives up its VIPs while
+    no runtime process runs (vrrp_track_process): two directors of one stack restarted at once
+    (Pulumi applies their resources in parallel) would leave each VIP on neither. The provider
+    installs on one director at a time."""
+    inside, most, count = [0], [0], threading.Lock()
+
+    class Channel:
+        def settimeout(self, _seconds):
+            pass
+
+    class Session(transport.RuntimeSession):
+        installed = False
+
+        def _open_runtime(self):
+            if not self.installed:
+                return None
+            self._channel = Channel()
+            return {"ready": True, "version": transport.VERSION, "pid": 1}
+
+        def _drop_channel(self):
+            pass
+
+        def _install(self):  # the install's time on the director: the restart happens in it
+            with count:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.3)
+            with count:
+                inside[0] -= 1
+            self.installed = True
+
+    sessions = [
+        Session(model.Director(host=f"192.0.2.{n}", host_key=HOST_KEY), private_key) for n in (2, 3)
+    ]
+    start = threading.Barrier(len(sessions), timeout=10)
+
+    def attach(session):
+        start.wait()
+        session._attach()
+        session._stop_pings.set()
+
+    threads = [threading.Thread(target=attach, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert all(s.installed and s.attaches == 1 for s in sessions)
+    assert most[0] == 1

@@ -244,3 +244,32 @@ def test_a_malformed_vrrp_in_state_never_blocks_a_refresh_or_a_destroy(director)
         ("read", None),
         ("delete", None),
     ]
+
+
+def test_a_new_director_listed_first_does_not_take_over_the_old_directors_services(server):
+    """`director: X` becoming `directors: [Y, X]`: Y's resources carry the unsuffixed names of
+    X's (the first listed director's do), so the engine would replace X's services by Y's and
+    then delete the old ones on X, the very services X's own new resources hold: X would lose
+    its table while the stack's state says it has it. Refused at preview, in one line."""
+    base = {
+        "vips": [{"address": VIP, "ports": [{"port": 80}]}],
+        "realServers": [{"address": "203.0.113.11"}],
+    }
+    x = {"host": "203.0.113.2", "hostKey": PROGRAM_HOST_KEY}
+    y = {"host": "203.0.113.3", "hostKey": PROGRAM_HOST_KEY, "priority": 150}
+    ((name, _d, before),) = service_props(load({**base, "director": x}), "ipvs-ingress/dev")
+    pair = load({**base, "directors": [y, {**x, "priority": 100}]})
+    after = {n: p for n, _d, p in service_props(pair, "ipvs-ingress/dev")}
+    olds = checked(server, **before)
+    _inputs, failures = server.check(after[f"{name}-on-203-0-113-3"], olds)
+    assert len(failures) == 1 and failures[0][0] == "director.host", failures
+    reason = failures[0][1]
+    assert "203.0.113.2" in reason and "203.0.113.3" in reason and "\n" not in reason
+    assert "first" in reason  # the fix: list the former director first
+    # X listed first is the supported order: no failure.
+    pair = load({**base, "directors": [{**x, "priority": 100}, y]})
+    after = {n: p for n, _d, p in service_props(pair, "ipvs-ingress/dev")}
+    assert server.check(after[f"{name}-on-203-0-113-2"], olds)[1] == []
+    # A one-director stack moving to another director stays a replace, as before.
+    moved = checked(server, **{**before, "director": {**before["director"], "host": "203.0.113.9"}})
+    assert server.check(moved, olds)[1] == []

@@ -520,3 +520,124 @@ def test_a_vrrp_advert_is_heard_on_a_raw_socket():
             assert host.heard_master(["127.0.0.1"], [51], 0.6) == want, (vrid, priority)
         finally:
             sender.join()
+
+
+@needs_keepalived
+def test_a_reload_cut_or_refused_is_retried_on_the_next_pass(director):
+    """The new file is installed, then the reload fails (or the runtime is killed before it):
+    the next pass finds the file as it wants it, and must still make keepalived load it."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert host.running and set(host.parsed) == {51}
+    real = host.systemctl
+    refused = []
+
+    def refuse_reload(*args):
+        if args[0] == "reload" and not refused:
+            refused.append(args)
+            return subprocess.CompletedProcess(args, 1, "", "Job for unit failed")
+        return real(*args)
+
+    host.systemctl = refuse_reload
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 52}, vip=VIP2)
+    rt.reconcile()
+    assert refused and set(host.parsed) == {51}  # keepalived still runs the old file
+    rt.reconcile()
+    assert set(host.parsed) == {51, 52}  # retried: keepalived holds VIP2 too
+    assert (2, VIP2) in rt.kernel.addresses
+    # And cut by a kill between the file and the reload: a new runtime reloads it.
+    host.systemctl = real
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 53}, vip=VIP3)
+    host.crash_after = host.steps  # the reload is the next step
+    with pytest.raises(Crash):
+        rt.reconcile()
+    host.crash_after = None
+    assert set(host.parsed) == {51, 52}
+    again = vrrp.Vrrp(
+        host=host, conf_path=rt.vrrp.conf_path, state_path=rt.vrrp.state_path,
+        ready_file=rt.vrrp.ready_file, command=COMMAND, bound=rt._bound,
+    )  # fmt: skip
+    rt.vrrp = again
+    rt.reconcile()
+    assert set(host.parsed) == {51, 52, 53}
+
+
+@needs_keepalived
+def test_a_backup_daemon_found_running_after_a_reboot_is_timed_from_now(director):
+    """vrrp.json keeps backupSince, a monotonic time, across a reboot; after it, a sync daemon
+    started by the distribution's ipvsadm service at boot is found running. The time from the
+    previous boot (larger than any now) must not hold the ready file at 0 until the clock
+    passes it (days)."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n"
+    # A reboot: the clock starts again, keepalived is not running, the daemons run again.
+    state = json.loads((rt.paths / "vrrp.json").read_text())
+    (rt.paths / "vrrp.json").write_text(json.dumps({**state, "backupSince": host.now + 86400}))
+    host.now, host.running, host.parsed = 50.0, False, {}
+    rt.kernel.addresses.clear()
+    (rt.paths / "run" / "ready").unlink()
+    rt.vrrp = vrrp.Vrrp(
+        host=host, conf_path=rt.vrrp.conf_path, state_path=rt.vrrp.state_path,
+        ready_file=rt.vrrp.ready_file, command=COMMAND, bound=rt._bound,
+    )  # fmt: skip
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n" and host.running
+
+
+@needs_keepalived
+def test_a_new_file_keepalived_t_refuses_leaves_the_running_one_holding_the_vips(director):
+    """Both directors render the same file from the same stack, so `keepalived -t` refuses it
+    on both (e.g. a director's keepalived older than the template): the ready file must not
+    go to 0 for that, or both directors drop every VIP while the running config is sound."""
+    rt, host = director, director.host
+    apply(rt)
+    rt.reconcile()
+    settle(rt)
+    assert ready(rt) == "1\n" and rt.kernel.addresses == {(2, VIP)}
+    host.config_test = lambda text: "exit 5: (ipvs_ingress_51) unknown keyword 'init_file'"
+    apply(rt, vip=VIP2)
+    settle(rt)
+    settle(rt)
+    assert ready(rt) == "1\n" and (2, VIP) in rt.kernel.addresses
+    notes = json.loads((rt.paths / "run" / "status.json").read_text())["notes"]
+    assert any("keepalived -t: exit 5" in n for n in notes)  # said, and retried each pass
+
+
+@needs_keepalived
+def test_deleting_the_last_service_of_a_vip_this_director_holds_hands_it_over_first(
+    director, monkeypatch
+):
+    """A director removed from the stack (or a VIP from it): its services are deleted while
+    its keepalived may be master. Deleting the service first would leave the VIP answering
+    here with no service behind it (connections refused) until a later pass hands it over;
+    the VIP leaves first (ready 0: FAULT, a priority 0 advert, the peer takes it)."""
+    rt, host = director, director.host
+    monkeypatch.setattr(agent, "VRRP_HANDOVER", rt.vrrp.hand_over)
+    apply(rt)
+    apply(rt, port=443)
+    apply(rt, vrrp_part={**VRRP, "virtualRouterId": 52}, vip=VIP2)
+    rt.reconcile()
+    settle(rt)
+    assert host.running and rt.kernel.addresses == {(2, VIP), (2, VIP2)}
+    at_delete = []
+    real = rt.kernel.apply
+
+    def watch(spec_, op):
+        if op.action == "del-service":
+            at_delete.append((spec_.vip, spec_.port, (2, spec_.vip) in rt.kernel.addresses))
+        return real(spec_, op)
+
+    monkeypatch.setattr(rt.kernel, "apply", watch)
+    delete(rt, VIP, 443)  # port 80 still serves the VIP: nothing handed over
+    assert at_delete == [(VIP, 443, True)] and ready(rt) == "1\n"
+    delete(rt, VIP, 80)  # the VIP's last service: it left this director before the delete
+    assert at_delete[-1] == (VIP, 80, False)
+    rt.reconcile()  # the next pass: keepalived reloaded without VIP, this director ready again
+    settle(rt)
+    assert ready(rt) == "1\n" and host.parsed[52]["vips"] == [VIP2] and 51 not in host.parsed
