@@ -37,6 +37,11 @@ BACK_GOAL = INTERVAL * RISE + 1
 # own delay: allowed on top of the goals, which are printed with MET or MISSED.
 SLACK = 1.5
 RATE = 20
+# The client's timeout where a test asserts that nothing fails after a drain: a request the
+# drained node got would hang for good and fail at any timeout, while a stall of the emulated
+# director longer than 1 s (qemu TCG on a loaded CI host) must not read as a drain that failed.
+# Results are read only after every request started before the end has finished (settled).
+AFTER_DRAIN_TIMEOUT = 3.0
 
 # On the director: print the VIP service's weight per real server (from the kernel's own text)
 # each time it changes, at most every 20 ms, until stdin closes or `limit` seconds passed.
@@ -183,6 +188,12 @@ def healthy(hlab, service):
         watch.wait(lambda w: w == {N1: 1, N2: 1}, time.time(), 30)
 
 
+def settled(run, t_end: float) -> list[dict]:
+    """The requests started before t_end, once each has finished or timed out."""
+    time.sleep(AFTER_DRAIN_TIMEOUT + 0.5)
+    return [r for r in run.results() if r["start"] < t_end]
+
+
 def failed(results: list[dict], t0: float, t1: float) -> list[dict]:
     return [r for r in results if t0 <= r["start"] < t1 and r["outcome"] != "ok"]
 
@@ -203,7 +214,8 @@ ARP_AGAIN = {"unreachable": 3.0}
 @pytest.mark.parametrize("mode", ["server-stop", "unreachable"])
 def test_a_failing_node_is_drained_then_back_after_it_recovers(healthy, request, mode):
     lab = healthy
-    with table_watch(lab) as watch, nodes.load(lab, VIP, 80, RATE, timeout=1.0) as run:
+    load = nodes.load(lab, VIP, 80, RATE, timeout=AFTER_DRAIN_TIMEOUT)
+    with table_watch(lab) as watch, load as run:
         time.sleep(2.0)
         lab.nodes.fail(2, mode)
         t_fail = time.time()
@@ -214,7 +226,7 @@ def test_a_failing_node_is_drained_then_back_after_it_recovers(healthy, request,
         t_back = watch.wait(lambda w: w.get(N2) == 1, t_heal, 30)
         time.sleep(2.0)
         t_end = time.time()
-        results = run.results()
+        results = settled(run, t_end)
     drain, back = t_drained - t_fail, t_back - t_heal
     lost = failed(results, t_fail - 1.0, t_drained + 1.0)  # 1 s: a request's own timeout
     _say(
@@ -254,7 +266,8 @@ def test_a_missing_vip_rule_is_drained_by_the_vip_probe_not_by_kube_proxy_health
 ):
     lab = healthy
     assert nodes.attempts(lab, N2, nodes.HEALTHZ_PORT, path="/healthz")[0]["status"] == 200
-    with table_watch(lab) as watch, nodes.load(lab, VIP, 80, RATE, timeout=1.0) as run:
+    load = nodes.load(lab, VIP, 80, RATE, timeout=AFTER_DRAIN_TIMEOUT)
+    with table_watch(lab) as watch, load as run:
         time.sleep(1.0)
         lab.nodes.fail(2, "vip-rule-missing")
         t_fail = time.time()
@@ -262,7 +275,7 @@ def test_a_missing_vip_rule_is_drained_by_the_vip_probe_not_by_kube_proxy_health
         t_drained = watch.wait(lambda w: w.get(N2) == 0, t_fail, 20)
         time.sleep(3.0)
         t_end = time.time()
-        results = run.results()
+        results = settled(run, t_end)
     assert healthz["status"] == 200  # kube-proxy says the node is fine
     vip_lost = failed(results, t_fail - 1.0, t_drained + 1.0)
     late = failed(results, t_drained + 1.0, t_end)
@@ -335,9 +348,13 @@ def test_local_policy_the_pod_sees_the_client_and_a_node_without_a_pod_is_draine
         t_drained = watch.wait(lambda w: w.get(N2) == 0, t_fail, 20)
         time.sleep(1.0)
         lab.nodes.clear_peers()
+        t_load = time.time()
+        # 1 s here: with 3 s, 9-15 of 100 requests timed out in 2 of 3 runs after the tests
+        # before it (0 when run alone; with 1 s, 0 in 5 of 6 runs): cause not found yet.
         with nodes.load(lab, VIP, 80, RATE, timeout=1.0) as run:
             time.sleep(5.0)
             results = run.results()
+        weights = watch.weights_between(t_load, time.time())
     peers = lab.nodes.peers(1)
     lost = [r for r in results if r["outcome"] != "ok"]
     _say(
@@ -350,7 +367,7 @@ def test_local_policy_the_pod_sees_the_client_and_a_node_without_a_pod_is_draine
     # On a failure, the director's connection entries to the drained node say whether the
     # failed requests followed an old entry (same client port) instead of being scheduled.
     entries = lab.director(f"ipvsadm -Lcn | grep -F ' {N2}:80' || true", check=False).stdout
-    assert lost == [] and len(results) >= RATE * 4, (lost, entries)
+    assert lost == [] and len(results) >= RATE * 4, (len(lost), lost[:2], entries, weights)
     assert peers and set(peers) == {CLIENT}
     assert lab.nodes.peers(2) == []
 
