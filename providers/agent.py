@@ -94,6 +94,29 @@ def _load_pyroute2():
     return version, IPVS, IPRoute, IPVSDest, IPVSService, NetlinkError
 
 
+# In Direct Routing the director sees only the client's half of a connection, so FIN_WAIT is the
+# last state its entry reaches, and that entry lives 2 minutes. A client that reuses a source port
+# within them had its new connection follow the old entry to the old real server, even a drained
+# (weight 0) one: seen in the lab as requests reaching a drained or removed node. Bit 2 of
+# conn_reuse_mode makes IPVS schedule such a SYN anew (the kernel's documented setting for DR).
+# Best effort, like ip_forward a setting the director needs: a kernel without it changes nothing.
+CONN_REUSE_MODE = "/proc/sys/net/ipv4/vs/conn_reuse_mode"
+
+
+def reschedule_fin_wait(path: str = CONN_REUSE_MODE) -> bool:
+    """Set bit 2 of conn_reuse_mode (keeping the others); True if it was written."""
+    try:
+        with open(path) as f:
+            mode = int(f.read().strip())
+        if mode & 2:
+            return False
+        with open(path, "w") as f:
+            f.write(f"{mode | 2}\n")
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 class Kernel:
     """IPVS, addresses and routes through pyroute2's netlink API (never ipvsadm output)."""
 
@@ -158,6 +181,7 @@ class Kernel:
         if not self.forwarding_on():
             with open(self._FORWARD, "w") as f:
                 f.write("1\n")
+        reschedule_fin_wait()
 
     # -- interfaces, addresses, routes --
     def ifindex(self, name: str) -> int:

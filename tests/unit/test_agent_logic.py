@@ -467,3 +467,17 @@ def test_destinations_at_another_port_added_by_hand_converge(kernel):
     ]
     assert kernel.table() == [("203.0.113.11", 80, 1, 3), ("203.0.113.12", 80, 1, 3)]
     assert apply(kernel)["touched"] == 0
+
+
+def test_conn_reuse_mode_gains_bit_2_and_keeps_the_others(tmp_path):
+    """DR: a new SYN that matches an old FIN_WAIT entry must be scheduled anew (kernel docs,
+    conn_reuse_mode bit 2), or a client reusing a port reaches a drained real server."""
+    from providers.agent import reschedule_fin_wait
+
+    mode = tmp_path / "conn_reuse_mode"
+    mode.write_text("1\n")
+    assert reschedule_fin_wait(str(mode)) is True and mode.read_text() == "3\n"
+    assert reschedule_fin_wait(str(mode)) is False and mode.read_text() == "3\n"
+    mode.write_text("0\n")
+    assert reschedule_fin_wait(str(mode)) is True and mode.read_text() == "2\n"
+    assert reschedule_fin_wait(str(tmp_path / "absent")) is False  # no IPVS sysctl: nothing
